@@ -1,0 +1,15 @@
+"""rebasin: find and use the permutation symmetries of neural networks.
+
+Pipeline: frontend -> graph IR -> symmetry inference -> spec -> rewrite -> verify.
+"""
+
+from rebasin.errors import (ModelLoadError, RebasinError, SolverError, SpecMismatchError,
+                            UnsupportedModelError, VerificationError)
+from rebasin.graph.infer import infer_spec
+from rebasin.graph.rewrite import apply_permutation
+from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
+from rebasin.verify import verify
+
+__all__ = ["infer_spec", "apply_permutation", "verify", "Spec", "PermutationClass", "Member",
+           "BlockedAxis", "RebasinError", "ModelLoadError", "UnsupportedModelError",
+           "SpecMismatchError", "SolverError", "VerificationError"]

@@ -1,0 +1,158 @@
+"""Command line: ``rebasin infer-spec | permute | verify``.
+
+Errors from the package print one line on stderr and exit non-zero (``--debug`` shows the
+traceback). Model files are written atomically (temp file + rename) after verification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+from rebasin.errors import RebasinError, VerificationError
+
+
+def _write_atomic(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".rebasin-", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _save_model(model, path: str) -> None:
+    import onnx
+
+    def write(tmp):
+        large = model.ByteSize() > 2**31 - 1 if model.ByteSize() >= 0 else True
+        if large:
+            onnx.save(model, tmp, save_as_external_data=True,
+                      location=os.path.basename(path) + ".data")
+        else:
+            onnx.save(model, tmp)
+
+    _write_atomic(path, write)
+
+
+def _load_feeds(path):
+    if path is None:
+        return None
+    import numpy as np
+
+    from rebasin.errors import ModelLoadError
+
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read inputs {path}: {e}") from e
+
+
+def cmd_infer_spec(args) -> int:
+    from rebasin.graph.infer import infer_spec
+
+    t = time.perf_counter()
+    spec = infer_spec(args.model, strict=args.strict, feeds=_load_feeds(args.inputs))
+    dt = time.perf_counter() - t
+    text = spec.to_json() if args.json else spec.table() + f"\n(analysis {dt:.2f} s)"
+    if args.output:
+        _write_atomic(args.output, lambda tmp: open(tmp, "w").write(text + "\n"))
+        print(f"wrote {args.output}: {len(spec)} classes", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_permute(args) -> int:
+    import numpy as np
+
+    from rebasin.graph.infer import infer_spec
+    from rebasin.graph.rewrite import apply_permutation
+    from rebasin.spec import Spec
+    from rebasin.verify import verify
+
+    if args.spec:
+        with open(args.spec) as f:
+            spec = Spec.from_json(f.read())
+    else:
+        spec = infer_spec(args.model, strict=args.strict)
+    if args.random:
+        perms = spec.random_permutations(args.seed)
+    elif args.perms:
+        with open(args.perms) as f:
+            perms = {k: np.asarray(v) for k, v in json.load(f).items()}
+    else:
+        raise RebasinError("give --random or --perms FILE")
+    out = apply_permutation(args.model, spec, perms)
+    if not args.no_verify:
+        res = verify(args.model, out)
+        print(res)
+        if not res.equal:
+            raise VerificationError(f"permuted model differs from {args.model}: {res}")
+    _save_model(out, args.output)
+    print(f"wrote {args.output} ({len(perms)} classes permuted)")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from rebasin.verify import verify
+
+    res = verify(args.a, args.b, feeds=_load_feeds(args.inputs), rtol=args.rtol)
+    print(res)
+    return 0 if res.equal else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rebasin", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("infer-spec", help="print the permutation classes of a model")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("-o", "--output")
+    s.add_argument("--strict", action="store_true", help="error on ops without a rule")
+    s.add_argument("--inputs", help=".npz with model inputs for the shape run")
+    s.set_defaults(fn=cmd_infer_spec)
+    s = sub.add_parser("permute", help="apply permutations to a model (verified before writing)")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--random", action="store_true", help="a random permutation of every class")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--perms", help="JSON file: class name -> index list")
+    s.add_argument("--spec", help="spec JSON (inferred when absent)")
+    s.add_argument("--strict", action="store_true")
+    s.add_argument("--no-verify", action="store_true")
+    s.set_defaults(fn=cmd_permute)
+    s = sub.add_parser("verify", help="check two models compute the same function")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--inputs", help=".npz with model inputs (generated when absent)")
+    s.add_argument("--rtol", type=float, default=1e-4)
+    s.set_defaults(fn=cmd_verify)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except RebasinError as e:
+        if args.debug:
+            raise
+        print(f"rebasin: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("rebasin: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

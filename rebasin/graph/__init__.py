@@ -1,0 +1,1 @@
+"""Graph stages: frontend (onnx_frontend) -> axes/rules/infer (symmetry pass) -> rewrite."""

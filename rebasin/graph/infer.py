@@ -1,0 +1,176 @@
+"""The symmetry-inference pass: graph IR -> :class:`~rebasin.spec.Spec`.
+
+1. every tensor axis gets a variable; 2. each op's rule ties/pins variables (unknown ops pin all
+the axes they touch, with a reason naming the node); 3. model inputs, outputs and non-weight
+constants are pinned; 4. each weight axis is expanded through the variable structure into class
+members (offset/block/stride).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rebasin.errors import UnsupportedModelError
+from rebasin.graph.axes import AxisAlgebra
+from rebasin.graph.onnx_frontend import OnnxGraph, attr, build_graph
+from rebasin.graph.rules import RULES
+from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
+
+
+class _Context:
+    def __init__(self, g: OnnxGraph, strict: bool):
+        self.g, self.strict = g, strict
+        self.alg = AxisAlgebra()
+        self.axes = {name: [self.alg.new(n) for n in shape] for name, shape in g.shapes.items()}
+        self.node = None
+        self.node_name = ""
+
+    # --- what rules use
+    def ax(self, name):
+        if name not in self.axes:
+            raise _NoShape(name)
+        return self.axes[name]
+
+    def shape(self, name):
+        if name not in self.g.shapes:
+            raise _NoShape(name)
+        return self.g.shapes[name]
+
+    def value(self, name):
+        return self.g.values.get(name)
+
+    def attr(self, name, default=None):
+        return attr(self.node, name, default)
+
+    def where(self, why):
+        return f"{self.node.op_type} node '{self.node_name}': {why}"
+
+    def tie(self, a, b):
+        self.alg.union(a, b, f"{self.node.op_type} node '{self.node_name}'")
+
+    def pin(self, v, why):
+        self.alg.pin(v, self.where(why))
+
+    def pin_tensor(self, name, why):
+        for v in self.axes.get(name, ()):
+            self.alg.pin(v, self.where(why))
+
+    def invariant(self, names):
+        """Parameter inputs (shapes, indices, bounds) must not move."""
+        for n in names:
+            if n:
+                self.pin_tensor(n, f"parameter input {n}")
+
+    def mixes(self, node, v):
+        pass  # recorded for per-head nesting (not yet used: per-head dims share one class)
+
+    def block(self, node, why):
+        for n in list(node.input) + list(node.output) + sorted(self.g.subgraph_reads.get(
+                self.node_name, ())):
+            if n:
+                self.pin_tensor(n, why)
+
+
+class _NoShape(Exception):
+    pass
+
+
+def infer_spec(model, *, strict: bool = False, feeds=None) -> Spec:
+    """Infer the permutation classes of an ONNX model (path or ModelProto).
+
+    Args:
+        model: path to an ``.onnx`` file or an ``onnx.ModelProto``.
+        strict: raise :class:`UnsupportedModelError` instead of blocking axes at unknown ops.
+        feeds: inputs for the shape-discovery run (generated from the input types if None).
+
+    Example:
+        >>> import rebasin  # doctest: +SKIP
+        >>> spec = rebasin.infer_spec("mlp.onnx")  # doctest: +SKIP
+        >>> [c.size for c in spec.classes]  # doctest: +SKIP
+        [512, 512, 512]
+    """
+    g = model if isinstance(model, OnnxGraph) else build_graph(model, feeds)
+    cx = _Context(g, strict)
+    for name, node in g.nodes:
+        cx.node, cx.node_name = node, name
+        fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if node.op_type == "Constant":
+            continue
+        if fn is None or name in g.subgraph_reads:
+            why = (f"op {node.op_type!r} has sub-graphs" if name in g.subgraph_reads else
+                   f"no rule for op {node.domain + '::' if node.domain else ''}{node.op_type}")
+            if strict:
+                raise UnsupportedModelError(cx.where(why))
+            cx.block(node, why)
+            continue
+        try:
+            fn(cx, node)
+        except _NoShape as e:
+            cx.block(node, f"shape of {e.args[0]} unknown")
+        except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            cx.block(node, f"rule could not apply ({type(e).__name__}: {e})")
+    for name in g.inputs:
+        for v in cx.axes.get(name, ()):
+            cx.alg.pin(v, f"model input {name}")
+    for name in g.outputs:
+        for v in cx.axes.get(name, ()):
+            cx.alg.pin(v, f"model output {name}")
+    for name in g.values:
+        for v in cx.axes.get(name, ()):
+            cx.alg.pin(v, f"constant {name}")
+    cx.alg.propagate_pins()
+    return _extract(cx)
+
+
+def _extract(cx: _Context) -> Spec:
+    alg, g = cx.alg, cx.g
+    members: dict[int, list[Member]] = {}
+    order: list[int] = []
+    blocked: list[BlockedAxis] = []
+
+    def expand(v, tensor, axis, offset, unit, reasons):
+        r = alg.find(v)
+        var = alg.vars[r]
+        if var.size <= 1:
+            return
+        if var.pinned:
+            reasons.append(var.pinned)
+            return
+        if var.kind is None:
+            if r not in members:
+                members[r] = []
+                order.append(r)
+            members[r].append(Member(tensor, axis, offset, unit, unit))
+        elif var.kind == "sum":
+            for c in var.children:
+                expand(c, tensor, axis, offset, unit, reasons)
+                offset += alg.size(c) * unit
+        else:
+            sizes = [alg.size(c) for c in var.children]
+            for k, c in enumerate(var.children):
+                stride = unit * int(np.prod(sizes[k + 1:]))
+                outer = int(np.prod(sizes[:k]))
+                cr = alg.root(c)
+                if cr.size <= 1 or cr.pinned:
+                    expand(c, tensor, axis, offset, stride, reasons)
+                    continue
+                for o in range(outer):
+                    expand(c, tensor, axis, offset + o * stride * sizes[k], stride, reasons)
+
+    for name, arr in g.weights.items():
+        if name not in cx.axes:
+            continue
+        for axis, v in enumerate(cx.axes[name]):
+            reasons: list[str] = []
+            expand(v, name, axis, 0, 1, reasons)
+            if reasons:
+                blocked.append(BlockedAxis(name, axis, reasons[0]))
+    classes = []
+    for i, r in enumerate(order):
+        seen, uniq = set(), []
+        for m in members[r]:
+            if m not in seen:
+                seen.add(m)
+                uniq.append(m)
+        classes.append(PermutationClass(f"P{i}", alg.size(r), tuple(uniq)))
+    return Spec(tuple(classes), tuple(blocked), shapes={k: tuple(v.shape) for k, v in g.weights.items()})

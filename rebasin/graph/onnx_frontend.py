@@ -1,0 +1,141 @@
+"""ONNX frontend: load a model and build the graph IR (a networkx DiGraph of ops and tensors).
+
+Concrete shapes (and the values of small integer tensors that parametrize reshapes, slices ...)
+come from one onnxruntime run on generated inputs with every intermediate tensor exposed, so
+models with symbolic dimensions or shape sub-graphs are handled the same way as static ones.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from rebasin.errors import ModelLoadError
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.BFLOAT16}
+
+
+def load_model(model) -> onnx.ModelProto:
+    """Load an ONNX model from a path (external data resolved) or pass a ModelProto through."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"{path} is a directory, not an ONNX file")
+    if os.path.getsize(path) == 0:
+        raise ModelLoadError(f"{path} is empty")
+    try:
+        m = onnx.load(path)
+    except Exception as e:  # protobuf raises several unrelated types
+        raise ModelLoadError(f"{path} is not a valid ONNX model ({type(e).__name__}: {e})") from e
+    if not m.graph.node and not m.graph.output:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (empty graph)")
+    return m
+
+
+def node_names(graph: onnx.GraphProto) -> list[str]:
+    """A unique readable name per node (op type + index where the exporter gave none)."""
+    seen, out = set(), []
+    for i, n in enumerate(graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        if name in seen:
+            name = f"{name}_{i}"
+        seen.add(name)
+        out.append(name)
+    return out
+
+
+@dataclass
+class OnnxGraph:
+    """Everything the symmetry pass needs to know about a model, and nothing it must not touch."""
+
+    model: onnx.ModelProto
+    nx_graph: nx.DiGraph
+    nodes: list  # (name, NodeProto) in topological order
+    shapes: dict[str, tuple[int, ...]]
+    values: dict[str, np.ndarray]  # constant / small integer tensors
+    weights: dict[str, np.ndarray]  # float initializers and float Constant-node outputs
+    inputs: list[str]
+    outputs: list[str]
+    subgraph_reads: dict[str, set] = field(default_factory=dict)  # node name -> outer names used
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    reads: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for n in g.node:
+                reads |= {x for x in n.input if x and x not in defined}
+                reads |= _subgraph_reads(n)
+                defined |= set(n.output)
+            reads |= {o.name for o in g.output if o.name not in defined}
+    return reads
+
+
+def build_graph(model, feeds: dict | None = None) -> OnnxGraph:
+    """Build the :class:`OnnxGraph` of ``model`` (path or ModelProto)."""
+    from rebasin.verify import make_inputs, run_model
+
+    model = load_model(model)
+    g = model.graph
+    init_names = {t.name for t in g.initializer}
+    inputs = [i.name for i in g.input if i.name not in init_names]
+    outputs = [o.name for o in g.output]
+    names = node_names(g)
+    values: dict[str, np.ndarray] = {}
+    weights: dict[str, np.ndarray] = {}
+    for t in g.initializer:
+        arr = numpy_helper.to_array(t)
+        (weights if t.data_type in FLOAT_TYPES else values)[t.name] = arr
+    for n in g.node:
+        if n.op_type == "Constant" and n.output:
+            v = attr(n, "value")
+            if isinstance(v, onnx.TensorProto):
+                arr = numpy_helper.to_array(v)
+                (weights if v.data_type in FLOAT_TYPES and arr.ndim > 0 else values)[n.output[0]] = arr
+            else:
+                for key in ("value_float", "value_int", "value_floats", "value_ints"):
+                    if attr(n, key) is not None:
+                        values[n.output[0]] = np.asarray(attr(n, key))
+    # one run with every intermediate exposed gives concrete shapes and parameter values
+    if feeds is None:
+        feeds = make_inputs(model)
+    intermediates = [o for n in g.node for o in n.output if o and o not in weights and o not in values]
+    results = run_model(model, feeds, extra_outputs=intermediates)
+    shapes: dict[str, tuple[int, ...]] = {k: tuple(v.shape) for k, v in feeds.items()}
+    for k, v in list(weights.items()) + list(values.items()) + list(results.items()):
+        shapes[k] = tuple(np.shape(v))
+    for k, v in results.items():
+        if v.dtype.kind in "iub" and v.size <= 64:
+            values[k] = v
+    nxg = nx.DiGraph()
+    for name, n in zip(names, g.node):
+        nxg.add_node(name, kind="op", op_type=n.op_type)
+        for x in n.input:
+            if x:
+                nxg.add_node(x, kind="tensor")
+                nxg.add_edge(x, name)
+        for y in n.output:
+            if y:
+                nxg.add_node(y, kind="tensor")
+                nxg.add_edge(name, y)
+    reads = {name: _subgraph_reads(n) for name, n in zip(names, g.node)}
+    return OnnxGraph(model, nxg, list(zip(names, g.node)), shapes, values, weights, inputs,
+                     outputs, {k: v for k, v in reads.items() if v})

@@ -1,0 +1,89 @@
+"""Rewrite: apply class permutations to ONNX initializers / Constant nodes (or a state_dict)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from rebasin.errors import SpecMismatchError
+from rebasin.spec import Spec
+
+
+def check_permutations(spec: Spec, perms: dict) -> None:
+    for c in spec.classes:
+        if c.name not in perms:
+            continue
+        p = np.asarray(perms[c.name])
+        if p.shape != (c.size,) or not np.array_equal(np.sort(p), np.arange(c.size)):
+            raise SpecMismatchError(f"class {c.name}: not a permutation of {c.size} items")
+    unknown = set(perms) - {c.name for c in spec.classes}
+    if unknown:
+        raise SpecMismatchError(f"permutations for unknown classes: {sorted(unknown)[:5]}")
+
+
+def permute_arrays(arrays: dict, spec: Spec, perms: dict) -> dict:
+    """Return a new dict of arrays with every class permutation applied (classes in list order)."""
+    check_permutations(spec, perms)
+    out = dict(arrays)
+    for c in spec.classes:
+        if c.name not in perms:
+            continue
+        p = np.asarray(perms[c.name])
+        for m in c.members:
+            if m.tensor not in out:
+                raise SpecMismatchError(f"class {c.name}: tensor {m.tensor} not in the model")
+            a = out[m.tensor]
+            if m.axis >= a.ndim or m.extent(c.size) > a.shape[m.axis]:
+                raise SpecMismatchError(
+                    f"class {c.name}: member {m.tensor}[{m.axis}] does not fit shape {tuple(a.shape)}")
+            out[m.tensor] = np.take(a, m.index(p, a.shape[m.axis]), axis=m.axis)
+    return out
+
+
+def apply_permutation(model, spec: Spec, perms: dict):
+    """Apply ``perms`` (class name -> index array) to a model.
+
+    ``model`` may be an ``onnx.ModelProto``/path (returns a new ModelProto) or a dict of arrays /
+    torch tensors such as a ``state_dict`` (returns a new dict of the same kind).
+    """
+    if isinstance(model, dict):
+        return _apply_state_dict(model, spec, perms)
+    from rebasin.graph.onnx_frontend import load_model
+
+    m = onnx.ModelProto()
+    m.CopyFrom(load_model(model))
+    arrays = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    consts = {}
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = a
+                    arrays[n.output[0]] = numpy_helper.to_array(a.t)
+    new = permute_arrays(arrays, spec, perms)
+    touched = {mb.tensor for c in spec.classes if c.name in perms for mb in c.members}
+    for t in m.graph.initializer:
+        if t.name in touched:
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name))
+    for name, a in consts.items():
+        if name in touched:
+            a.t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[name]), a.t.name))
+    return m
+
+
+def _apply_state_dict(sd: dict, spec: Spec, perms: dict) -> dict:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    arrays = {k: (v.detach().cpu().numpy() if torch is not None and isinstance(v, torch.Tensor)
+                  else np.asarray(v)) for k, v in sd.items()}
+    new = permute_arrays(arrays, spec, perms)
+    out = {}
+    for k, v in sd.items():
+        if torch is not None and isinstance(v, torch.Tensor):
+            out[k] = torch.from_numpy(np.ascontiguousarray(new[k])).to(dtype=v.dtype, device=v.device)
+        else:
+            out[k] = new[k]
+    return out

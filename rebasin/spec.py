@@ -1,0 +1,179 @@
+"""The permutation spec: the small value passed from symmetry analysis to solvers and rewrite.
+
+A :class:`Spec` lists permutation classes. Permuting a class by ``p`` means: for every member,
+new item ``i`` = old item ``p[i]``, where item ``i`` of a member occupies positions
+``offset + i*stride + j`` (``0 <= j < block``) along ``axis`` of ``tensor``. Classes are applied
+in list order. See ``docs/spec-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rebasin.errors import SpecMismatchError
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where one permutation class acts on one tensor axis."""
+
+    tensor: str
+    axis: int
+    offset: int = 0
+    block: int = 1
+    stride: int | None = None
+
+    def __post_init__(self):
+        if self.stride is None:
+            object.__setattr__(self, "stride", self.block)
+        if self.axis < 0 or self.offset < 0 or self.block < 1 or self.stride < self.block:
+            raise SpecMismatchError(f"invalid member {self}")
+
+    def extent(self, size: int) -> int:
+        """One past the last position this member touches for a class of ``size`` items."""
+        return self.offset + (size - 1) * self.stride + self.block
+
+    def index(self, perm: np.ndarray, axis_len: int) -> np.ndarray:
+        """Gather index along the axis that applies ``perm`` (new item i = old item perm[i])."""
+        idx = np.arange(axis_len)
+        j = np.arange(self.block)
+        new = self.offset + np.arange(len(perm))[:, None] * self.stride + j[None, :]
+        old = self.offset + np.asarray(perm)[:, None] * self.stride + j[None, :]
+        idx[new.ravel()] = old.ravel()
+        return idx
+
+    def to_dict(self) -> dict:
+        return {"tensor": self.tensor, "axis": self.axis, "offset": self.offset,
+                "block": self.block, "stride": self.stride}
+
+
+@dataclass(frozen=True)
+class PermutationClass:
+    """A set of tensor-axis pieces that must be permuted together by one permutation."""
+
+    name: str
+    size: int
+    members: tuple[Member, ...]
+
+    def __post_init__(self):
+        if self.size < 2:
+            raise SpecMismatchError(f"class {self.name}: size must be >= 2, got {self.size}")
+        if not self.members:
+            raise SpecMismatchError(f"class {self.name} has no members")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "size": self.size, "members": [m.to_dict() for m in self.members]}
+
+
+@dataclass(frozen=True)
+class BlockedAxis:
+    """A weight axis (or part of one) that no class may permute, and why."""
+
+    tensor: str
+    axis: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"tensor": self.tensor, "axis": self.axis, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Permutation classes of a model plus the blocked weight axes with reasons.
+
+    Example:
+        >>> s = Spec((PermutationClass("P0", 3, (Member("w", 0),)),))
+        >>> s.to_dict()["classes"][0]["size"]
+        3
+    """
+
+    classes: tuple[PermutationClass, ...]
+    blocked: tuple[BlockedAxis, ...] = ()
+    shapes: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        names = [c.name for c in self.classes]
+        if len(set(names)) != len(names):
+            raise SpecMismatchError("duplicate class names in spec")
+        for c in self.classes:
+            for m in c.members:
+                shape = self.shapes.get(m.tensor)
+                if shape is None:
+                    continue
+                if m.axis >= len(shape) or m.extent(c.size) > shape[m.axis]:
+                    raise SpecMismatchError(
+                        f"class {c.name}: member {m.tensor} axis {m.axis} does not fit shape {shape}")
+
+    # ----------------------------------------------------------------- queries
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, name: str) -> PermutationClass:
+        for c in self.classes:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    @property
+    def log_symmetry(self) -> float:
+        """Sum over classes of log(size!): the log of the number of symmetries found."""
+        return float(sum(math.lgamma(c.size + 1) for c in self.classes))
+
+    def random_permutations(self, seed: int | None = 0) -> dict[str, np.ndarray]:
+        """A random permutation for every class (seeded)."""
+        rng = np.random.default_rng(seed)
+        return {c.name: rng.permutation(c.size) for c in self.classes}
+
+    def identity_permutations(self) -> dict[str, np.ndarray]:
+        return {c.name: np.arange(c.size) for c in self.classes}
+
+    # ----------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict:
+        return {"version": SPEC_VERSION, "classes": [c.to_dict() for c in self.classes],
+                "blocked": [b.to_dict() for b in self.blocked]}
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Spec:
+        try:
+            classes = tuple(
+                PermutationClass(c["name"], int(c["size"]), tuple(Member(**m) for m in c["members"]))
+                for c in d["classes"])
+            blocked = tuple(BlockedAxis(**b) for b in d.get("blocked", ()))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpecMismatchError(f"malformed spec: {e}") from e
+        return cls(classes, blocked)
+
+    @classmethod
+    def from_json(cls, text: str) -> Spec:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise SpecMismatchError(f"spec is not valid JSON: {e}") from e
+
+    def table(self) -> str:
+        """Human-readable table of classes and blocked axes."""
+        lines = [f"{len(self.classes)} permutation classes, sum log(size!) = {self.log_symmetry:.1f}",
+                 f"{'class':<10} {'size':>5}  members"]
+        for c in self.classes:
+            mem = ", ".join(
+                f"{m.tensor}[{m.axis}]" + (f"@{m.offset}" if m.offset else "")
+                + (f"x{m.block}" if m.block > 1 else "") for m in c.members[:4])
+            more = f" (+{len(c.members) - 4} more)" if len(c.members) > 4 else ""
+            lines.append(f"{c.name:<10} {c.size:>5}  {mem}{more}")
+        if self.blocked:
+            lines.append(f"\n{len(self.blocked)} blocked weight axes:")
+            for b in self.blocked:
+                lines.append(f"  {b.tensor}[{b.axis}]: {b.reason}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

@@ -1,0 +1,144 @@
+"""Run models in onnxruntime (CUDA execution provider when it loads, else CPU) and compare them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from rebasin.errors import ModelLoadError, VerificationError
+
+_ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
+               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+
+
+def providers() -> list[str]:
+    """CUDA first when onnxruntime offers it, CPU always."""
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model.SerializeToString() if model.ByteSize() < 2**31 - 1 else None
+    if data is None:
+        import tempfile
+
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "m.onnx")
+        onnx.save(model, path, save_as_external_data=True)
+        data = path
+    try:
+        return ort.InferenceSession(data, so, providers=providers())
+    except Exception as e:
+        raise ModelLoadError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+
+
+def _gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer inputs used as Gather indices get ids below the gathered axis length."""
+    inits = {t.name: t for t in model.graph.initializer}
+    bounds: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in inits:
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+            bounds[n.input[1]] = min(bounds.get(n.input[1], 1 << 30), inits[n.input[0]].dims[axis])
+    return bounds
+
+
+def make_inputs(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[str, np.ndarray]:
+    """Random inputs matching the model's input types and shapes (symbolic dims -> ``dim``)."""
+    rng = np.random.default_rng(seed)
+    inits = {t.name for t in model.graph.initializer}
+    bounds = _gather_index_bounds(model)
+    feeds = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dtype = _ONNX_TO_NP.get(tt.elem_type)
+        if dtype is None:
+            raise ModelLoadError(f"input {i.name}: unsupported element type {tt.elem_type}")
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dim
+                 for d in tt.shape.dim]
+        if np.issubdtype(dtype, np.floating):
+            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[i.name] = np.ones(shape, dtype=bool)
+        elif i.name in bounds:
+            feeds[i.name] = rng.integers(0, max(1, min(bounds[i.name], 1000)), shape).astype(dtype)
+        else:
+            feeds[i.name] = np.ones(shape, dtype=dtype)
+    return feeds
+
+
+def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str, np.ndarray]:
+    """Run ``model``; ``extra_outputs`` exposes intermediate tensors by name."""
+    if extra_outputs:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        have = {o.name for o in m.graph.output}
+        for name in extra_outputs:
+            if name not in have:
+                m.graph.output.append(onnx.ValueInfoProto(name=name))
+                have.add(name)
+        model = m
+    sess = _session(model)
+    names = [o.name for o in sess.get_outputs()]
+    try:
+        outs = sess.run(names, feeds)
+    except Exception as e:
+        raise ModelLoadError(f"onnxruntime failed to run the model: {str(e).splitlines()[0]}") from e
+    return dict(zip(names, outs))
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    max_abs: float
+    max_rel: float
+    provider: str
+    equal: bool
+
+    def __str__(self) -> str:
+        word = "EQUAL" if self.equal else "DIFFERENT"
+        return (f"{word}: max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g} "
+                f"(onnxruntime {self.provider})")
+
+
+def verify(a, b, feeds: dict | None = None, rtol: float = 1e-4, seeds=(0,)) -> VerifyResult:
+    """Run ``a`` and ``b`` on the same inputs and compare every output.
+
+    The relative error of an output is ``max|a-b| / max|a|``. Raises nothing on a mismatch; the
+    result says ``equal=False``. Use :func:`check_equal` to raise.
+    """
+    from rebasin.graph.onnx_frontend import load_model
+
+    a, b = load_model(a), load_model(b)
+    out_a = [o.name for o in a.graph.output]
+    out_b = [o.name for o in b.graph.output]
+    if len(out_a) != len(out_b):
+        raise VerificationError(f"models have {len(out_a)} and {len(out_b)} outputs")
+    worst_abs = worst_rel = 0.0
+    for s in seeds:
+        f = feeds if feeds is not None else make_inputs(a, seed=s)
+        ra, rb = run_model(a, f), run_model(b, f)
+        for na, nb in zip(out_a, out_b):
+            x, y = np.asarray(ra[na], dtype=np.float64), np.asarray(rb[nb], dtype=np.float64)
+            if x.shape != y.shape:
+                raise VerificationError(f"output {na}: shapes {x.shape} vs {y.shape}")
+            if x.size == 0:
+                continue
+            d = float(np.max(np.abs(x - y)))
+            worst_abs = max(worst_abs, d)
+            worst_rel = max(worst_rel, d / max(float(np.max(np.abs(x))), 1e-12))
+        if feeds is not None:
+            break
+    ok = bool(np.isfinite(worst_rel) and worst_rel < rtol)
+    return VerifyResult(worst_abs, worst_rel, providers()[0].replace("ExecutionProvider", ""), ok)
