@@ -131,8 +131,14 @@ def export(name: str) -> Path:
     tmp = path.with_suffix(".tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, inputs, str(tmp), dynamo=False, opset_version=17,
-                          do_constant_folding=False, training=torch.onnx.TrainingMode.PRESERVE,
-                          input_names=["input"], output_names=["output"])
+        if name in ("gpt2", "bert", "llama"):  # the TorchScript exporter lacks aten::diff
+            torch.onnx.export(model, inputs, str(tmp), dynamo=True, opset_version=18,
+                              optimize=False, verbose=False,
+                              input_names=["input"], output_names=["output"])
+        else:
+            torch.onnx.export(model, inputs, str(tmp), dynamo=False, opset_version=17,
+                              do_constant_folding=False,
+                              training=torch.onnx.TrainingMode.PRESERVE,
+                              input_names=["input"], output_names=["output"])
     os.replace(tmp, path)
     return path

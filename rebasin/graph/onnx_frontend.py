@@ -89,6 +89,20 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     return reads
 
 
+def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference is best effort here
+        inferred = model
+    g = inferred.graph
+    out = {}
+    for vi in list(g.value_info) + list(g.output) + list(g.input):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = tuple(d.dim_value for d in dims)
+    return out
+
+
 def build_graph(model, feeds: dict | None = None) -> OnnxGraph:
     """Build the :class:`OnnxGraph` of ``model`` (path or ModelProto)."""
     from rebasin.verify import make_inputs, run_model
@@ -118,8 +132,15 @@ def build_graph(model, feeds: dict | None = None) -> OnnxGraph:
     if feeds is None:
         feeds = make_inputs(model)
     intermediates = [o for n in g.node for o in n.output if o and o not in weights and o not in values]
-    results = run_model(model, feeds, extra_outputs=intermediates)
     shapes: dict[str, tuple[int, ...]] = {k: tuple(v.shape) for k, v in feeds.items()}
+    try:
+        results = {k: v for k, v in run_model(model, feeds, extra_outputs=intermediates).items()
+                   if isinstance(v, np.ndarray)}  # sequences and maps have no axes to analyse
+    except ModelLoadError:
+        # onnxruntime cannot run it (e.g. a custom op): static shapes from ONNX shape inference;
+        # tensors without a static shape get no variables and their ops are blocked
+        results = {}
+        shapes.update(_static_shapes(model))
     for k, v in list(weights.items()) + list(values.items()) + list(results.items()):
         shapes[k] = tuple(np.shape(v))
     for k, v in results.items():
