@@ -44,11 +44,12 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-def _tv(name, **kw):
+def _tv(name, size=32, **kw):
     def make():
         import torchvision
 
-        return getattr(torchvision.models, name)(weights=None, **kw), (torch.randn(2, 3, 32, 32),)
+        n = 2 if size <= 64 else 1
+        return getattr(torchvision.models, name)(weights=None, **kw), (torch.randn(n, 3, size, size),)
     return make
 
 
@@ -94,7 +95,7 @@ def _vit():
 BUILDERS = {
     "mlp": lambda: (MLP(), (torch.randn(2, 16),)),
     "resnet18": _tv("resnet18", num_classes=10),
-    "vgg11_bn": _tv("vgg11_bn", num_classes=10),
+    "vgg11_bn": _tv("vgg11_bn", size=224, num_classes=10),  # adaptive pool: 7 divides H
     "mobilenet_v2": _tv("mobilenet_v2", num_classes=10),
     "mobilenet_v3_small": _tv("mobilenet_v3_small", num_classes=10),
     "efficientnet_b0": _tv("efficientnet_b0", num_classes=10),
