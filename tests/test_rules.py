@@ -121,3 +121,39 @@ def test_bert_heads_found():
     heads = [c for c in spec.classes if c.size == 4
              and any(mb.tensor.endswith("query.weight") and mb.block == 8 for mb in c.members)]
     assert len(heads) == 2
+
+
+def test_bert_per_head_dims_are_independent():
+    """Each head gets its own query/key-dim class (shared by query and key, not value) and its
+    own value-dim class."""
+    spec = rebasin.infer_spec(corpus.export("bert"))
+    pre = "m.encoder.layer.0.attention.self."
+    for h in range(4):
+        qk = [c for c in spec.classes if c.size == 8 and any(
+            mb.tensor == pre + "query.weight" and mb.axis == 0 and mb.offset == 8 * h and mb.block == 1
+            for mb in c.members)]
+        assert len(qk) == 1, spec.table()
+        tensors = {(mb.tensor, mb.offset) for mb in qk[0].members}
+        assert (pre + "key.weight", 8 * h) in tensors
+        assert not any(t == pre + "value.weight" for t, _ in tensors)
+        assert all(off == 8 * h for t, off in tensors if t.endswith("query.weight"))
+        v = [c for c in spec.classes if c.size == 8 and any(
+            mb.tensor == pre + "value.weight" and mb.offset == 8 * h for mb in c.members)]
+        assert len(v) == 1 and not any(mb.tensor.endswith("query.weight") for mb in v[0].members)
+
+
+def test_shared_bias_over_heads_keeps_head_dims_shared():
+    """A [head_dim] tensor added to every head forces one head-dim permutation for all heads."""
+    H, D = 2, 3
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]),
+             helper.make_node("Reshape", ["q", "s4"], ["qh"]),
+             helper.make_node("Add", ["qh", "hb"], ["qb"]),
+             helper.make_node("Tanh", ["qb"], ["t"]),
+             helper.make_node("Reshape", ["t", "s2"], ["m"]),
+             helper.make_node("MatMul", ["m", "wo"], ["y"])]
+    s4 = numpy_helper.from_array(np.array([2, H, D], dtype=np.int64), "s4")
+    s2 = numpy_helper.from_array(np.array([2, H * D], dtype=np.int64), "s2")
+    m = model(nodes, [W("wq", 4, H * D), W("hb", D), W("wo", H * D, 2), s4, s2], [2, 4], [2, 2])
+    spec = assert_sound(m)
+    dims = [c for c in spec.classes if c.size == D]
+    assert len(dims) == 1 and any(mb.tensor == "hb" for mb in dims[0].members)

@@ -24,6 +24,7 @@ class _Context:
         self.axes = {name: [self.alg.new(n) for n in shape] for name, shape in g.shapes.items()}
         self.node = None
         self.node_name = ""
+        self.mixing: list[tuple[int, str]] = []  # (axis variable, output tensor)
 
     # --- what rules use
     def ax(self, name):
@@ -61,8 +62,11 @@ class _Context:
             if n:
                 self.pin_tensor(n, f"parameter input {n}")
 
-    def mixes(self, node, v):
-        pass  # recorded for per-head nesting (not yet used: per-head dims share one class)
+    def mixes(self, v):
+        """The op combines different indices of axis ``v`` into each output element."""
+        for y in self.node.output:
+            if y:
+                self.mixing.append((v, y))
 
     def block(self, node, why):
         for n in list(node.input) + list(node.output) + sorted(self.g.subgraph_reads.get(
@@ -122,13 +126,47 @@ def infer_spec(model, *, strict: bool = False, feeds=None) -> Spec:
     return _extract(cx)
 
 
+def _tree_roots(alg, v, out: set) -> set:
+    r = alg.find(v)
+    if r not in out:
+        out.add(r)
+        for c in alg.vars[r].children:
+            _tree_roots(alg, c, out)
+    return out
+
+
+def _decompose(alg, v, i, out: list) -> list:
+    """(root, index) pairs of ``v`` and of every factor/piece inside it, for item ``i`` of ``v``."""
+    r = alg.find(v)
+    var = alg.vars[r]
+    out.append((r, i))
+    if var.kind == "prod":
+        sizes = [alg.size(c) for c in var.children]
+        for k, c in enumerate(var.children):
+            inner = int(np.prod(sizes[k + 1:]))
+            _decompose(alg, c, (i // inner) % sizes[k], out)
+    elif var.kind == "sum":
+        for c in var.children:
+            if i < alg.size(c):
+                _decompose(alg, c, i, out)
+                break
+            i -= alg.size(c)
+    return out
+
+
 def _extract(cx: _Context) -> Spec:
+    """Expand every weight axis into class members.
+
+    A leaf factor ``d`` inside a product (head dims inside heads) gets an independent permutation
+    per index of an outer factor ``h`` when that is sound: ``h`` is an outer factor of ``d`` on
+    every weight axis holding ``d``, every tensor holding ``d`` also holds ``h``, and no op that
+    keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions).
+    """
     alg, g = cx.alg, cx.g
-    members: dict[int, list[Member]] = {}
-    order: list[int] = []
+    occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
     blocked: list[BlockedAxis] = []
 
-    def expand(v, tensor, axis, offset, unit, reasons):
+    def expand(v, tensor, axis, offset, unit, path, reasons):
         r = alg.find(v)
         var = alg.vars[r]
         if var.size <= 1:
@@ -137,40 +175,64 @@ def _extract(cx: _Context) -> Spec:
             reasons.append(var.pinned)
             return
         if var.kind is None:
-            if r not in members:
-                members[r] = []
-                order.append(r)
-            members[r].append(Member(tensor, axis, offset, unit, unit))
+            occurrences.append((r, tensor, axis, offset, unit, tuple(path)))
         elif var.kind == "sum":
             for c in var.children:
-                expand(c, tensor, axis, offset, unit, reasons)
+                expand(c, tensor, axis, offset, unit, path, reasons)
                 offset += alg.size(c) * unit
         else:
             sizes = [alg.size(c) for c in var.children]
             for k, c in enumerate(var.children):
                 stride = unit * int(np.prod(sizes[k + 1:]))
-                outer = int(np.prod(sizes[:k]))
                 cr = alg.root(c)
                 if cr.size <= 1 or cr.pinned:
-                    expand(c, tensor, axis, offset, stride, reasons)
+                    expand(c, tensor, axis, offset, stride, path, reasons)
                     continue
-                for o in range(outer):
-                    expand(c, tensor, axis, offset + o * stride * sizes[k], stride, reasons)
+                outer = sizes[:k]
+                for o in range(int(np.prod(outer))):
+                    sub, rem = list(path), o
+                    for j in range(k - 1, -1, -1):
+                        _decompose(alg, var.children[j], rem % outer[j], sub)
+                        rem //= outer[j]
+                    expand(c, tensor, axis, offset + o * stride * sizes[k], stride, sub, reasons)
 
-    for name, arr in g.weights.items():
+    for name in g.weights:
         if name not in cx.axes:
             continue
         for axis, v in enumerate(cx.axes[name]):
             reasons: list[str] = []
-            expand(v, name, axis, 0, 1, reasons)
+            expand(v, name, axis, 0, 1, [], reasons)
             if reasons:
                 blocked.append(BlockedAxis(name, axis, reasons[0]))
-    classes = []
-    for i, r in enumerate(order):
-        seen, uniq = set(), []
-        for m in members[r]:
-            if m not in seen:
-                seen.add(m)
-                uniq.append(m)
-        classes.append(PermutationClass(f"P{i}", alg.size(r), tuple(uniq)))
-    return Spec(tuple(classes), tuple(blocked), shapes={k: tuple(v.shape) for k, v in g.weights.items()})
+
+    # which outer factors each leaf may nest under
+    nest: dict[int, set] = {}
+    for r, _, _, _, _, path in occurrences:
+        roots = {o for o, _ in path}
+        nest[r] = nest[r] & roots if r in nest else roots
+    candidates = {r for r, n in nest.items() if n}
+    if candidates:
+        for name, axes in cx.axes.items():
+            present: set = set()
+            for v in axes:
+                _tree_roots(alg, v, present)
+            for r in candidates & present:
+                nest[r] &= present
+        for v, y in cx.mixing:
+            mixed = _tree_roots(alg, v, set())
+            held: set = set()
+            for w in cx.axes.get(y, ()):
+                _tree_roots(alg, w, held)
+            for r in candidates & held:
+                nest[r] -= mixed
+
+    classes: dict[tuple, list[Member]] = {}
+    for r, tensor, axis, offset, unit, path in occurrences:
+        key = (r, tuple(sorted((o, i) for o, i in path if o in nest.get(r, ()))))
+        mem = Member(tensor, axis, offset, unit, unit)
+        lst = classes.setdefault(key, [])
+        if mem not in lst:
+            lst.append(mem)
+    out = [PermutationClass(f"P{i}", alg.size(key[0]), tuple(mems))
+           for i, (key, mems) in enumerate(classes.items())]
+    return Spec(tuple(out), tuple(blocked), shapes={k: tuple(v.shape) for k, v in g.weights.items()})

@@ -93,6 +93,7 @@ def gemm(cx, node):
         b = b[::-1]
     y = cx.ax(node.output[0])
     cx.tie(a[1], b[0])
+    cx.mixes(a[1])
     cx.tie(a[0], y[0])
     cx.tie(b[1], y[1])
     if len(node.input) > 2 and node.input[2]:
@@ -103,6 +104,7 @@ def gemm(cx, node):
 def matmul(cx, node):
     a, b, y = node.input[0], node.input[1], node.output[0]
     xa, xb, xy = cx.ax(a), cx.ax(b), cx.ax(y)
+    cx.mixes(xa[-1])
     if len(xa) == 1 and len(xb) == 1:
         cx.tie(xa[0], xb[0])
         return
@@ -189,6 +191,9 @@ def channel_norm(cx, node):
     x = node.input[0]
     tie_all(cx, x, node.output[0])
     c = cx.ax(x)[1]
+    if node.op_type == "InstanceNormalization":
+        for v in cx.ax(x)[2:]:
+            cx.mixes(v)
     for p in node.input[1:]:
         if p:
             cx.tie(cx.ax(p)[0], c)
@@ -203,6 +208,8 @@ def group_norm(cx, node):
     tie_all(cx, x, node.output[0])
     g = int(cx.attr("num_groups"))
     c = cx.ax(x)[1]
+    for v in cx.ax(x)[1:]:
+        cx.mixes(v)
     grp, per = cx.alg.new(g), cx.alg.new(cx.shape(x)[1] // g)
     cx.tie(c, cx.alg.prod([grp, per]))
     for p in node.input[1:]:
@@ -215,6 +222,9 @@ def layer_norm(cx, node):
     """Statistics over the normalized axes are invariant to any permutation of them."""
     x = node.input[0]
     tie_all(cx, x, node.output[0])
+    rank = len(cx.shape(x))
+    for v in cx.ax(x)[_norm(int(cx.attr("axis", -1)), rank):]:
+        cx.mixes(v)
     broadcast(cx, [p for p in node.input[1:] if p], node.output[0])
     for extra in node.output[1:]:
         if extra:
@@ -254,6 +264,7 @@ def reduce(cx, node):
     j = 0
     for k, v in enumerate(xa):
         if k in axes:
+            cx.mixes(v)
             if node.op_type in ("ArgMax", "ArgMin"):
                 cx.pin(v, "arg-reduction returns positions")
             if keep:
@@ -268,7 +279,8 @@ def softmax(cx, node):
     tie_all(cx, node.input[0], node.output[0])
     rank = len(cx.shape(node.input[0]))
     axis = _norm(int(cx.attr("axis", -1)), rank)
-    cx.mixes(node, cx.ax(node.input[0])[axis])
+    for v in cx.ax(node.input[0])[axis:]:  # opset < 13 normalizes over all trailing axes
+        cx.mixes(v)
 
 
 @rule("CumSum")
