@@ -3,8 +3,14 @@
 Pipeline: frontend -> graph IR -> symmetry inference -> spec -> rewrite -> verify.
 """
 
-from rebasin.errors import (ModelLoadError, RebasinError, SolverError, SpecMismatchError,
-                            UnsupportedModelError, VerificationError)
+from rebasin.errors import (
+                            ModelLoadError,
+                            RebasinError,
+                            SolverError,
+                            SpecMismatchError,
+                            UnsupportedModelError,
+                            VerificationError,
+)
 from rebasin.graph.infer import infer_spec
 from rebasin.graph.rewrite import apply_permutation
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec

@@ -1,7 +1,6 @@
 """Per-op rules on tiny hand-built ONNX graphs: expected classes, and soundness by random permutation."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -157,3 +156,18 @@ def test_shared_bias_over_heads_keeps_head_dims_shared():
     spec = assert_sound(m)
     dims = [c for c in spec.classes if c.size == D]
     assert len(dims) == 1 and any(mb.tensor == "hb" for mb in dims[0].members)
+
+
+def test_gpt2_heads_through_split_to_sequence():
+    """GPT-2 (Conv1D weights stored [in, out], qkv packed and split): the residual stream, one head
+    class per layer spanning q, k and v pieces of c_attn, per-head dims, and the MLP."""
+    spec = rebasin.infer_spec(corpus.export("gpt2"))
+    assert any(c.size == 32 and any(mb.tensor.endswith(("wte.weight", "lm_head.weight"))
+                                    and mb.axis == 1 for mb in c.members) for c in spec.classes)
+    for layer in (0, 1):
+        w = f"m.transformer.h.{layer}.attn.c_attn.weight"
+        heads = [c for c in spec.classes if c.size == 4 and any(mb.tensor == w for mb in c.members)]
+        assert len(heads) == 1
+        assert sorted(mb.offset for mb in heads[0].members if mb.tensor == w) == [0, 32, 64]
+        per_head = [c for c in spec.classes if c.size == 8 and any(mb.tensor == w for mb in c.members)]
+        assert len(per_head) == 8  # 4 query/key-dim classes + 4 value-dim classes

@@ -25,6 +25,14 @@ class _Context:
         self.node = None
         self.node_name = ""
         self.mixing: list[tuple[int, str]] = []  # (axis variable, output tensor)
+        self.sequences: dict[str, tuple] = {}  # sequence tensor -> (axis, keepdims, pieces)
+        self._by_name = dict(g.nodes)
+
+    def consumers(self, name):
+        """The nodes that read tensor ``name``."""
+        if name not in self.g.nx_graph:
+            return []
+        return [self._by_name[n] for n in self.g.nx_graph.successors(name)]
 
     # --- what rules use
     def ax(self, name):

@@ -477,3 +477,51 @@ def shape_like(cx, node):
 @rule("ConstantOfShape")
 def constant_of_shape(cx, node):
     cx.invariant(node.input)  # output is constant along every axis: free
+
+
+@rule("SplitToSequence")
+def split_to_sequence(cx, node):
+    """Sequences have no axes of their own: each piece gets variables, read by SequenceAt."""
+    x, seq = node.input[0], node.output[0]
+    if seq in cx.g.outputs or any(n.op_type != "SequenceAt" for n in cx.consumers(seq)):
+        cx.block(node, "sequence is read by ops other than SequenceAt")
+        return
+    shape = cx.shape(x)
+    axis = _norm(int(cx.attr("axis", 0)), len(shape))
+    keep = int(cx.attr("keepdims", 1))
+    n = shape[axis]
+    given = len(node.input) > 1 and node.input[1]
+    if given:
+        cx.invariant(node.input[1:])
+        split = cx.value(node.input[1])
+        if split is None:
+            cx.block(node, "split sizes are not constant")
+            return
+        split = np.ravel(split).tolist()
+        if len(split) == 1:
+            s = int(split[0])
+            split = [s] * (n // s) + ([n % s] if n % s else [])
+    else:
+        split = [1] * n
+    pieces = []
+    for size in split:
+        vs = [cx.alg.new(size) if k == axis else v for k, v in enumerate(cx.ax(x))]
+        pieces.append(vs)
+    cx.tie(cx.ax(x)[axis], cx.alg.sum([p[axis] for p in pieces]))
+    cx.sequences[seq] = (axis, keep or given, pieces)
+
+
+@rule("SequenceAt")
+def sequence_at(cx, node):
+    info = cx.sequences.get(node.input[0])
+    pos = cx.value(node.input[1])
+    cx.invariant(node.input[1:])
+    if info is None or pos is None:
+        cx.block(node, "sequence or position unknown")
+        return
+    axis, keep, pieces = info
+    piece = pieces[int(np.ravel(pos)[0])]
+    ys = cx.ax(node.output[0])
+    src = piece if keep else piece[:axis] + piece[axis + 1:]
+    for v, w in zip(src, ys):
+        cx.tie(v, w)
