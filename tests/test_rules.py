@@ -71,7 +71,8 @@ def test_depthwise_and_grouped_conv():
              helper.make_node("Conv", ["h", "dw"], ["d"], group=8, pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["d", "g2"], ["e"], group=2),
              helper.make_node("GlobalAveragePool", ["e"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
     m = model(nodes, [W("w1", 8, 3, 3, 3), W("dw", 16, 1, 3, 3), W("g2", 6, 8, 1, 1), W("fc", 2, 6)],
               [1, 3, 5, 5], [1, 2])
     spec = assert_sound(m)

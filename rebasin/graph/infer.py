@@ -220,7 +220,7 @@ def _extract(cx: _Context) -> Spec:
         nest[r] = nest[r] & roots if r in nest else roots
     candidates = {r for r, n in nest.items() if n}
     if candidates:
-        for name, axes in cx.axes.items():
+        for axes in cx.axes.values():
             present: set = set()
             for v in axes:
                 _tree_roots(alg, v, present)
