@@ -106,3 +106,15 @@ def test_strict_flag_on_unknown_op(tmp_path):
     onnx.save(m, path)
     code, so, se = run("infer-spec", path, "--strict")
     assert code == 2 and "no rule for op custom::MyRelu" in se and "relu" in se
+
+
+def test_model_with_external_data(tmp_path):
+    m = onnx.load(corpus.export("mlp"))
+    path = tmp_path / "ext.onnx"
+    onnx.save(m, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").exists()
+    out = tmp_path / "p.onnx"
+    code, so, se = run("permute", path, "--random", "-o", out)
+    assert code == 0, se
+    code, so, _ = run("verify", path, out)
+    assert code == 0 and "EQUAL" in so
