@@ -135,9 +135,16 @@ def verify(a, b, feeds: dict | None = None, rtol: float = 1e-4, seeds=(0,)) -> V
                 raise VerificationError(f"output {na}: shapes {x.shape} vs {y.shape}")
             if x.size == 0:
                 continue
-            d = float(np.max(np.abs(x - y)))
+            bad_x, bad_y = ~np.isfinite(x), ~np.isfinite(y)
+            if not np.array_equal(bad_x, bad_y) or not np.array_equal(x[bad_x], y[bad_y], equal_nan=True):
+                worst_abs = worst_rel = float("inf")  # NaN/inf in different places
+                continue
+            if bad_x.all():
+                continue
+            ok = ~bad_x
+            d = float(np.max(np.abs(x[ok] - y[ok])))
             worst_abs = max(worst_abs, d)
-            worst_rel = max(worst_rel, d / max(float(np.max(np.abs(x))), 1e-12))
+            worst_rel = max(worst_rel, d / max(float(np.max(np.abs(x[ok]))), 1e-12))
         if feeds is not None:
             break
     ok = bool(np.isfinite(worst_rel) and worst_rel < rtol)

@@ -118,3 +118,18 @@ def test_model_with_external_data(tmp_path):
     assert code == 0, se
     code, so, _ = run("verify", path, out)
     assert code == 0 and "EQUAL" in so
+
+
+def test_verify_is_not_fooled_by_nan(tmp_path):
+    """NaN outputs must match in place; max() over NaN would otherwise report 0 error."""
+    a = tmp_path / "a.onnx"
+    m = _custom_op_model(a)
+    b = tmp_path / "b.onnx"
+    w = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[0, 0] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, m.graph.initializer[0].name))
+    onnx.save(m, b)
+    code, so, _ = run("verify", a, b)
+    assert code == 1 and "DIFFERENT" in so
+    code, so, _ = run("verify", b, b)
+    assert code == 0 and "EQUAL" in so
