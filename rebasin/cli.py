@@ -60,7 +60,8 @@ def cmd_infer_spec(args) -> int:
     from rebasin.graph.infer import infer_spec
 
     t = time.perf_counter()
-    spec = infer_spec(args.model, strict=args.strict, feeds=_load_feeds(args.inputs))
+    spec = infer_spec(args.model, strict=args.strict, feeds=_load_feeds(args.inputs),
+                      frozen=args.frozen)
     dt = time.perf_counter() - t
     text = spec.to_json() if args.json else spec.table() + f"\n(analysis {dt:.2f} s)"
     if args.output:
@@ -83,7 +84,7 @@ def cmd_permute(args) -> int:
         with open(args.spec) as f:
             spec = Spec.from_json(f.read())
     else:
-        spec = infer_spec(args.model, strict=args.strict)
+        spec = infer_spec(args.model, strict=args.strict, frozen=args.frozen)
     if args.random:
         perms = spec.random_permutations(args.seed)
     elif args.perms:
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output")
     s.add_argument("--strict", action="store_true", help="error on ops without a rule")
     s.add_argument("--inputs", help=".npz with model inputs for the shape run")
+    s.add_argument("--frozen", action="append", default=[], metavar="NAME",
+                   help="initializer that is a fixed buffer, not a weight (repeatable)")
     s.set_defaults(fn=cmd_infer_spec)
     s = sub.add_parser("permute", help="apply permutations to a model (verified before writing)")
     s.add_argument("model")
@@ -129,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--perms", help="JSON file: class name -> index list")
     s.add_argument("--spec", help="spec JSON (inferred when absent)")
     s.add_argument("--strict", action="store_true")
+    s.add_argument("--frozen", action="append", default=[], metavar="NAME",
+                   help="initializer that is a fixed buffer, not a weight (repeatable)")
     s.add_argument("--no-verify", action="store_true")
     s.set_defaults(fn=cmd_permute)
     s = sub.add_parser("verify", help="check two models compute the same function")

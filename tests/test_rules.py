@@ -172,3 +172,23 @@ def test_gpt2_heads_through_split_to_sequence():
         assert sorted(mb.offset for mb in heads[0].members if mb.tensor == w) == [0, 32, 64]
         per_head = [c for c in spec.classes if c.size == 8 and any(mb.tensor == w for mb in c.members)]
         assert len(per_head) == 8  # 4 query/key-dim classes + 4 value-dim classes
+
+
+def test_rope_with_frozen_inv_freq_pins_query_key_dims():
+    """With ``inv_freq`` an initializer, the rotary frequency pairs can be permuted together with
+    it (sound); declared frozen, the query/key dims are pinned and value dims stay free."""
+    path = corpus.export("llama")
+    free = rebasin.infer_spec(path)
+    inv = [mb.tensor for c in free.classes for mb in c.members if mb.tensor.endswith("inv_freq")]
+    assert inv, "expected the rotary-pair class to include inv_freq"
+    spec = rebasin.infer_spec(path, frozen=[inv[0]])
+    q = "m.model.layers.0.self_attn.q_proj.weight"
+    v = "m.model.layers.0.self_attn.v_proj.weight"
+    on = [c for c in spec.classes if any(mb.tensor == q and mb.axis == 0 and mb.block == 1 for mb in c.members)]
+    assert on == [], "query dims must be pinned by RoPE"
+    assert any(any(mb.tensor == v and mb.block == 1 for mb in c.members) for c in spec.classes)
+    for s in (0, 1):
+        res = rebasin.verify(path, rebasin.apply_permutation(path, spec, spec.random_permutations(s)))
+        assert res.equal, res
+    with pytest.raises(rebasin.SpecMismatchError, match="frozen"):
+        rebasin.infer_spec(path, frozen=["no_such_tensor"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rebasin.errors import UnsupportedModelError
+from rebasin.errors import SpecMismatchError, UnsupportedModelError
 from rebasin.graph.axes import AxisAlgebra
 from rebasin.graph.onnx_frontend import OnnxGraph, attr, build_graph
 from rebasin.graph.rules import RULES
@@ -87,13 +87,15 @@ class _NoShape(Exception):
     pass
 
 
-def infer_spec(model, *, strict: bool = False, feeds=None) -> Spec:
+def infer_spec(model, *, strict: bool = False, feeds=None, frozen=()) -> Spec:
     """Infer the permutation classes of an ONNX model (path or ModelProto).
 
     Args:
         model: path to an ``.onnx`` file or an ``onnx.ModelProto``.
         strict: raise :class:`UnsupportedModelError` instead of blocking axes at unknown ops.
         feeds: inputs for the shape-discovery run (generated from the input types if None).
+        frozen: initializer names that are fixed buffers, not learned weights (e.g. rotary
+            ``inv_freq``): they are treated as constants, so every axis they touch is pinned.
 
     Example:
         >>> import rebasin  # doctest: +SKIP
@@ -127,10 +129,15 @@ def infer_spec(model, *, strict: bool = False, feeds=None) -> Spec:
     for name in g.outputs:
         for v in cx.axes.get(name, ()):
             cx.alg.pin(v, f"model output {name}")
-    for name in g.values:
+    unknown = set(frozen) - set(g.weights)
+    if unknown:
+        raise SpecMismatchError(f"--frozen names no float initializer: {sorted(unknown)[:5]}")
+    for name in list(g.values) + list(frozen):
         for v in cx.axes.get(name, ()):
             cx.alg.pin(v, f"constant {name}")
     cx.alg.propagate_pins()
+    for name in frozen:
+        g.weights.pop(name, None)
     return _extract(cx)
 
 
