@@ -184,7 +184,8 @@ def test_rope_with_frozen_inv_freq_pins_query_key_dims():
     spec = rebasin.infer_spec(path, frozen=[inv[0]])
     q = "m.model.layers.0.self_attn.q_proj.weight"
     v = "m.model.layers.0.self_attn.v_proj.weight"
-    on = [c for c in spec.classes if any(mb.tensor == q and mb.axis == 0 and mb.block == 1 for mb in c.members)]
+    on = [c for c in spec.classes
+          if any(mb.tensor == q and mb.axis == 0 and mb.block == 1 for mb in c.members)]
     assert on == [], "query dims must be pinned by RoPE"
     assert any(any(mb.tensor == v and mb.block == 1 for mb in c.members) for c in spec.classes)
     for s in (0, 1):
