@@ -136,9 +136,7 @@ def infer_spec(model, *, strict: bool = False, feeds=None, frozen=()) -> Spec:
         for v in cx.axes.get(name, ()):
             cx.alg.pin(v, f"constant {name}")
     cx.alg.propagate_pins()
-    for name in frozen:
-        g.weights.pop(name, None)
-    return _extract(cx)
+    return _extract(cx, {k: v for k, v in g.weights.items() if k not in set(frozen)})
 
 
 def _tree_roots(alg, v, out: set) -> set:
@@ -169,7 +167,7 @@ def _decompose(alg, v, i, out: list) -> list:
     return out
 
 
-def _extract(cx: _Context) -> Spec:
+def _extract(cx: _Context, weights: dict) -> Spec:
     """Expand every weight axis into class members.
 
     A leaf factor ``d`` inside a product (head dims inside heads) gets an independent permutation
@@ -177,7 +175,7 @@ def _extract(cx: _Context) -> Spec:
     every weight axis holding ``d``, every tensor holding ``d`` also holds ``h``, and no op that
     keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions).
     """
-    alg, g = cx.alg, cx.g
+    alg = cx.alg
     occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
     blocked: list[BlockedAxis] = []
 
@@ -211,7 +209,7 @@ def _extract(cx: _Context) -> Spec:
                         rem //= outer[j]
                     expand(c, tensor, axis, offset + o * stride * sizes[k], stride, sub, reasons)
 
-    for name in g.weights:
+    for name in weights:
         if name not in cx.axes:
             continue
         for axis, v in enumerate(cx.axes[name]):
@@ -250,4 +248,4 @@ def _extract(cx: _Context) -> Spec:
             lst.append(mem)
     out = [PermutationClass(f"P{i}", alg.size(key[0]), tuple(mems))
            for i, (key, mems) in enumerate(classes.items())]
-    return Spec(tuple(out), tuple(blocked), shapes={k: tuple(v.shape) for k, v in g.weights.items()})
+    return Spec(tuple(out), tuple(blocked), shapes={k: tuple(v.shape) for k, v in weights.items()})

@@ -433,11 +433,19 @@ def pool(cx, node):
 
 @rule("Pad")
 def pad(cx, node):
+    """An axis with zero padding on both sides is untouched; any other (incl. unknown) is pinned."""
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
-    for v, w, n, m in zip(cx.ax(x), cx.ax(y), cx.shape(x), cx.shape(y)):
-        pads = cx.value(node.input[1]) if len(node.input) > 1 else None
-        if n == m and pads is not None and not np.any(pads) or n == m and pads is None:
+    rank = len(cx.shape(x))
+    pads = cx.value(node.input[1]) if len(node.input) > 1 and node.input[1] else cx.attr("pads")
+    axes = cx.value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(rank)
+    zero = set()
+    if pads is not None and axes is not None:
+        pads, axes = np.ravel(pads), [_norm(int(a), rank) for a in np.ravel(axes)]
+        zero = {a for i, a in enumerate(axes) if pads[i] == 0 and pads[i + len(axes)] == 0}
+        zero |= set(range(rank)) - set(axes)
+    for k, (v, w) in enumerate(zip(cx.ax(x), cx.ax(y))):
+        if k in zero:
             cx.tie(v, w)
         else:
             cx.pin(v, "padded axis")
@@ -448,8 +456,10 @@ def pad(cx, node):
 def resize(cx, node):
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
+    crop = cx.attr("coordinate_transformation_mode", b"") in (b"tf_crop_and_resize",
+                                                                "tf_crop_and_resize")
     for v, w, n, m in zip(cx.ax(x), cx.ax(y), cx.shape(x), cx.shape(y)):
-        if n == m:
+        if n == m and not crop:
             cx.tie(v, w)
         else:
             cx.pin(v, "resized axis")
