@@ -4,12 +4,12 @@ Pipeline: frontend -> graph IR -> symmetry inference -> spec -> rewrite -> verif
 """
 
 from rebasin.errors import (
-                            ModelLoadError,
-                            RebasinError,
-                            SolverError,
-                            SpecMismatchError,
-                            UnsupportedModelError,
-                            VerificationError,
+    ModelLoadError,
+    RebasinError,
+    SolverError,
+    SpecMismatchError,
+    UnsupportedModelError,
+    VerificationError,
 )
 from rebasin.graph.infer import infer_spec
 from rebasin.graph.rewrite import apply_permutation

@@ -111,6 +111,13 @@ def cmd_verify(args) -> int:
     return 0 if res.equal else 1
 
 
+def _analysis_args(s) -> None:
+    """Options of every command that infers a spec."""
+    s.add_argument("--strict", action="store_true", help="error on ops without a rule")
+    s.add_argument("--frozen", action="append", default=[], metavar="NAME",
+                   help="initializer that is a fixed buffer, not a weight (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rebasin", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -119,10 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--json", action="store_true")
     s.add_argument("-o", "--output")
-    s.add_argument("--strict", action="store_true", help="error on ops without a rule")
+    _analysis_args(s)
     s.add_argument("--inputs", help=".npz with model inputs for the shape run")
-    s.add_argument("--frozen", action="append", default=[], metavar="NAME",
-                   help="initializer that is a fixed buffer, not a weight (repeatable)")
     s.set_defaults(fn=cmd_infer_spec)
     s = sub.add_parser("permute", help="apply permutations to a model (verified before writing)")
     s.add_argument("model")
@@ -131,9 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--perms", help="JSON file: class name -> index list")
     s.add_argument("--spec", help="spec JSON (inferred when absent)")
-    s.add_argument("--strict", action="store_true")
-    s.add_argument("--frozen", action="append", default=[], metavar="NAME",
-                   help="initializer that is a fixed buffer, not a weight (repeatable)")
+    _analysis_args(s)
     s.add_argument("--no-verify", action="store_true")
     s.set_defaults(fn=cmd_permute)
     s = sub.add_parser("verify", help="check two models compute the same function")

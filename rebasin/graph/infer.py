@@ -239,13 +239,10 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             for r in candidates & held:
                 nest[r] -= mixed
 
-    classes: dict[tuple, list[Member]] = {}
+    classes: dict[tuple, dict[Member, None]] = {}  # insertion-ordered sets of members
     for r, tensor, axis, offset, unit, path in occurrences:
         key = (r, tuple(sorted((o, i) for o, i in path if o in nest.get(r, ()))))
-        mem = Member(tensor, axis, offset, unit, unit)
-        lst = classes.setdefault(key, [])
-        if mem not in lst:
-            lst.append(mem)
+        classes.setdefault(key, {})[Member(tensor, axis, offset, unit, unit)] = None
     out = [PermutationClass(f"P{i}", alg.size(key[0]), tuple(mems))
            for i, (key, mems) in enumerate(classes.items())]
     return Spec(tuple(out), tuple(blocked), shapes={k: tuple(v.shape) for k, v in weights.items()})
