@@ -12,13 +12,14 @@ import numpy as np
 
 from rebasin.errors import SpecMismatchError, UnsupportedModelError
 from rebasin.graph.axes import AxisAlgebra
-from rebasin.graph.onnx_frontend import OnnxGraph, attr, build_graph
+from rebasin.graph.ir import Graph, attr
+from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.rules import RULES
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 
 
 class _Context:
-    def __init__(self, g: OnnxGraph, strict: bool):
+    def __init__(self, g: Graph, strict: bool):
         self.g, self.strict = g, strict
         self.alg = AxisAlgebra()
         self.axes = {name: [self.alg.new(n) for n in shape] for name, shape in g.shapes.items()}
@@ -87,15 +88,22 @@ class _NoShape(Exception):
     pass
 
 
-def infer_spec(model, *, strict: bool = False, feeds=None, frozen=()) -> Spec:
-    """Infer the permutation classes of an ONNX model (path or ModelProto).
+def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, frozen=(),
+               tracer: str = "auto") -> Spec:
+    """Infer the permutation classes of a model.
 
     Args:
-        model: path to an ``.onnx`` file or an ``onnx.ModelProto``.
+        model: an ONNX model (path or ``onnx.ModelProto``) or a ``torch.nn.Module``.
+        example_inputs: for a torch module, the positional inputs to trace with (a tuple).
         strict: raise :class:`UnsupportedModelError` instead of blocking axes at unknown ops.
-        feeds: inputs for the shape-discovery run (generated from the input types if None).
-        frozen: initializer names that are fixed buffers, not learned weights (e.g. rotary
-            ``inv_freq``): they are treated as constants, so every axis they touch is pinned.
+        feeds: ONNX only: inputs for the shape-discovery run (generated from the input types if None).
+        frozen: weight names (initializers / state_dict keys) that are fixed buffers, not learned
+            weights (e.g. rotary ``inv_freq``): they are treated as constants, so every axis they
+            touch is pinned. Torch buffers outside the state_dict are frozen automatically.
+        tracer: torch only: ``"export"`` (``torch.export``, non-strict), ``"fx"``
+            (``torch.fx.symbolic_trace`` lowered to ATen), or ``"auto"`` (export, then fx).
+
+    Member tensors are ONNX initializer names, or ``state_dict`` keys for a torch module.
 
     Example:
         >>> import rebasin  # doctest: +SKIP
@@ -103,7 +111,14 @@ def infer_spec(model, *, strict: bool = False, feeds=None, frozen=()) -> Spec:
         >>> [c.size for c in spec.classes]  # doctest: +SKIP
         [512, 512, 512]
     """
-    g = model if isinstance(model, OnnxGraph) else build_graph(model, feeds)
+    if isinstance(model, Graph):
+        g = model
+    elif _is_torch_module(model):
+        from rebasin.graph.torch_frontend import build_graph as build_torch_graph
+
+        g = build_torch_graph(model, example_inputs, tracer=tracer)
+    else:
+        g = build_graph(model, feeds)
     cx = _Context(g, strict)
     for name, node in g.nodes:
         cx.node, cx.node_name = node, name
@@ -113,6 +128,8 @@ def infer_spec(model, *, strict: bool = False, feeds=None, frozen=()) -> Spec:
         if fn is None or name in g.subgraph_reads:
             why = (f"op {node.op_type!r} has sub-graphs" if name in g.subgraph_reads else
                    f"no rule for op {node.domain + '::' if node.domain else ''}{node.op_type}")
+            if attr(node, "reason"):
+                why += f" ({attr(node, 'reason')})"
             if strict:
                 raise UnsupportedModelError(cx.where(why))
             cx.block(node, why)
@@ -132,11 +149,41 @@ def infer_spec(model, *, strict: bool = False, feeds=None, frozen=()) -> Spec:
     unknown = set(frozen) - set(g.weights)
     if unknown:
         raise SpecMismatchError(f"--frozen names no float initializer: {sorted(unknown)[:5]}")
-    for name in list(g.values) + list(frozen):
+    for name in list(g.values) + list(frozen) + sorted(g.constants):
         for v in cx.axes.get(name, ()):
             cx.alg.pin(v, f"constant {name}")
     cx.alg.propagate_pins()
-    return _extract(cx, {k: v for k, v in g.weights.items() if k not in set(frozen)})
+    spec = _extract(cx, {k: v for k, v in g.weights.items() if k not in set(frozen)})
+    return _with_aliases(spec, g.aliases, g.weights) if g.aliases else spec
+
+
+def _is_torch_module(model) -> bool:
+    mod = type(model).__module__
+    if not (mod.startswith("torch") or hasattr(model, "state_dict")):
+        return False
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, torch.nn.Module)
+
+
+def _with_aliases(spec: Spec, aliases: dict, weights: dict) -> Spec:
+    """Tied weights: every name of a shared tensor gets the members of the name that was analysed."""
+    classes = []
+    for c in spec.classes:
+        members = dict.fromkeys(c.members)
+        for m in c.members:
+            for other in aliases.get(m.tensor, ()):
+                members[Member(other, m.axis, m.offset, m.block, m.stride)] = None
+        classes.append(PermutationClass(c.name, c.size, tuple(members)))
+    blocked = list(spec.blocked) + [BlockedAxis(o, b.axis, b.reason) for b in spec.blocked
+                                    for o in aliases.get(b.tensor, ())]
+    shapes = dict(spec.shapes)
+    for name, others in aliases.items():
+        for o in others:
+            shapes[o] = tuple(np.shape(weights[name]))
+    return Spec(tuple(classes), tuple(blocked), shapes=shapes)
 
 
 def _tree_roots(alg, v, out: set) -> set:

@@ -8,14 +8,13 @@ models with symbolic dimensions or shape sub-graphs are handled the same way as 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from rebasin.errors import ModelLoadError
+from rebasin.graph.ir import Graph, attr, to_networkx
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
@@ -53,28 +52,6 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
     return out
 
 
-@dataclass
-class OnnxGraph:
-    """Everything the symmetry pass needs to know about a model, and nothing it must not touch."""
-
-    model: onnx.ModelProto
-    nx_graph: nx.DiGraph
-    nodes: list  # (name, NodeProto) in topological order
-    shapes: dict[str, tuple[int, ...]]
-    values: dict[str, np.ndarray]  # constant / small integer tensors
-    weights: dict[str, np.ndarray]  # float initializers and float Constant-node outputs
-    inputs: list[str]
-    outputs: list[str]
-    subgraph_reads: dict[str, set] = field(default_factory=dict)  # node name -> outer names used
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     reads: set[str] = set()
     for a in node.attribute:
@@ -103,8 +80,8 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def build_graph(model, feeds: dict | None = None) -> OnnxGraph:
-    """Build the :class:`OnnxGraph` of ``model`` (path or ModelProto)."""
+def build_graph(model, feeds: dict | None = None) -> Graph:
+    """Build the :class:`~rebasin.graph.ir.Graph` of ``model`` (path or ModelProto)."""
     from rebasin.verify import make_inputs, run_model
 
     model = load_model(model)
@@ -146,17 +123,7 @@ def build_graph(model, feeds: dict | None = None) -> OnnxGraph:
     for k, v in results.items():
         if v.dtype.kind in "iub" and v.size <= 64:
             values[k] = v
-    nxg = nx.DiGraph()
-    for name, n in zip(names, g.node):
-        nxg.add_node(name, kind="op", op_type=n.op_type)
-        for x in n.input:
-            if x:
-                nxg.add_node(x, kind="tensor")
-                nxg.add_edge(x, name)
-        for y in n.output:
-            if y:
-                nxg.add_node(y, kind="tensor")
-                nxg.add_edge(name, y)
+    nxg = to_networkx(zip(names, g.node))
     reads = {name: _subgraph_reads(n) for name, n in zip(names, g.node)}
-    return OnnxGraph(model, nxg, list(zip(names, g.node)), shapes, values, weights, inputs,
+    return Graph(model, nxg, list(zip(names, g.node)), shapes, values, weights, inputs,
                      outputs, {k: v for k, v in reads.items() if v})

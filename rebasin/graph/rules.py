@@ -382,6 +382,26 @@ def gather(cx, node):
         cx.tie(da[k], ya[k - 1 + len(ia)])
 
 
+@rule("GatherElements")
+def gather_elements(cx, node):
+    """y[.., i, ..] = x[.., idx[.., i, ..], ..] along ``axis``; other axes index x, idx, y alike."""
+    data, idx, y = node.input[0], node.input[1], node.output[0]
+    rank = len(cx.shape(data))
+    axis = _norm(int(cx.attr("axis", 0)), rank)
+    da, ia, ya = cx.ax(data), cx.ax(idx), cx.ax(y)
+    cx.pin(da[axis], "indexed by GatherElements")
+    cx.tie(ia[axis], ya[axis])
+    for k in range(rank):
+        if k == axis:
+            continue
+        cx.tie(ia[k], ya[k])
+        if cx.shape(data)[k] == cx.shape(idx)[k]:
+            cx.tie(da[k], ya[k])
+        else:
+            cx.pin(da[k], "GatherElements reads a prefix of this axis")
+            cx.pin(ya[k], "GatherElements reads a prefix of this axis")
+
+
 @rule("Transpose")
 def transpose(cx, node):
     xa, ya = cx.ax(node.input[0]), cx.ax(node.output[0])

@@ -1,0 +1,803 @@
+"""Torch frontend: trace an ``nn.Module`` to an ATen graph and lower it onto the ONNX op vocabulary.
+
+Tracing: ``torch.export.export(strict=False)`` then ``run_decompositions({})`` (functional,
+higher-order ops inlined, high-level ops such as ``linear`` and ``scaled_dot_product_attention``
+kept). Where export fails, ``torch.fx.symbolic_trace`` is tried: a module it traces has no
+Python control flow on tensors, so re-tracing it to ATen with ``make_fx`` on the example inputs
+gives a graph valid for every input of those shapes.
+
+Lowering: one small function per ATen op (``LOWERINGS``) emits :class:`~rebasin.graph.ir.Node` values
+in ONNX vocabulary (``linear`` -> ``Transpose`` + ``MatMul`` + ``Add``, ``view`` -> ``Reshape`` ...),
+so the rules in ``rules.py`` serve both frontends. An ATen op without a lowering is kept as an
+``aten`` node, which has no rule, so its axes are blocked with a reason naming the node.
+
+Tensor names: parameters and buffers get their ``state_dict`` key; other tensors the fx node name.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rebasin.errors import ModelLoadError, UnsupportedModelError
+from rebasin.graph.ir import Graph, Node, to_networkx
+
+LOWERINGS: dict = {}
+
+
+def lowering(*names):
+    def deco(fn):
+        for n in names:
+            LOWERINGS[n] = fn
+        return fn
+    return deco
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+@dataclass
+class Traced:
+    """An ATen-level fx graph and how its placeholders map to the module's tensors."""
+
+    graph: object  # torch.fx.Graph
+    param_names: dict  # placeholder name -> state_dict key (parameters and persistent buffers)
+    constant_names: dict  # placeholder name -> name of a fixed tensor (non-persistent buffer, constant)
+    tensors: dict  # placeholder name -> torch.Tensor (values of parameters/buffers/constants)
+    user_inputs: list  # placeholder names of the model inputs
+    mutations: dict = field(default_factory=dict)  # output node name -> mutated buffer placeholder
+    tracer: str = "export"
+
+
+def _trace_export(model, example_inputs) -> Traced:
+    import torch
+
+    ep = torch.export.export(model, tuple(example_inputs), strict=False)
+    try:
+        ep = ep.run_decompositions({})  # functional form, higher-order ops inlined
+    except Exception:  # keep the training IR: its in-place ops alias their inputs, still sound
+        pass
+    sig = ep.graph_signature
+    state = ep.state_dict
+    params, consts, tensors, inputs, mutations = {}, {}, {}, [], {}
+    for spec in sig.input_specs:
+        name = spec.arg.name
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            inputs.append(name)
+        elif kind == "PARAMETER" or (kind == "BUFFER" and spec.persistent):
+            params[name] = spec.target
+            tensors[name] = state[spec.target]
+        elif kind == "BUFFER":
+            consts[name] = spec.target
+            tensors[name] = ep.constants[spec.target]
+        elif kind in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
+            consts[name] = spec.target
+            tensors[name] = ep.constants.get(spec.target)
+    buffer_args = {spec.target: spec.arg.name for spec in sig.input_specs if spec.kind.name == "BUFFER"}
+    for spec in sig.output_specs:
+        if spec.kind.name == "BUFFER_MUTATION":
+            mutations[spec.arg.name] = buffer_args.get(spec.target)
+    return Traced(ep.graph, params, consts, tensors, inputs, mutations, "export")
+
+
+def _trace_fx(model, example_inputs) -> Traced:
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = torch.fx.symbolic_trace(model)  # raises on Python control flow over tensors
+    named = dict(gm.named_parameters(remove_duplicate=True))
+    named.update(dict(gm.named_buffers(remove_duplicate=True)))
+    persistent = set(gm.state_dict(keep_vars=True))
+    keys = list(named)
+
+    def call(flat, *args):
+        return torch.func.functional_call(gm, dict(zip(keys, flat)), args)
+
+    with torch.no_grad():
+        traced = make_fx(call, pre_dispatch=True)([named[k] for k in keys], *example_inputs)
+    placeholders = [n.name for n in traced.graph.nodes if n.op == "placeholder"]
+    params, consts, tensors = {}, {}, {}
+    for ph, key in zip(placeholders, keys):
+        (params if key in persistent else consts)[ph] = key
+        tensors[ph] = named[key]
+    for n in traced.graph.nodes:  # tensors make_fx captured as attributes
+        if n.op == "get_attr":
+            consts[n.name] = n.target
+            tensors[n.name] = getattr(traced, n.target)
+    return Traced(traced.graph, params, consts, tensors, placeholders[len(keys):], {}, "fx")
+
+
+def trace(model, example_inputs, tracer: str = "auto") -> Traced:
+    """Trace ``model`` on ``example_inputs`` with torch.export, or torch.fx where export fails."""
+    if tracer not in ("auto", "export", "fx"):
+        raise UnsupportedModelError(f"unknown tracer {tracer!r}; valid: auto, export, fx")
+    if example_inputs is None:
+        raise UnsupportedModelError("a torch module needs example_inputs (a tuple of input tensors)")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    errors = []
+    for name, fn in (("export", _trace_export), ("fx", _trace_fx)):
+        if tracer not in ("auto", name):
+            continue
+        try:
+            return fn(model.eval(), example_inputs)
+        except Exception as e:  # tracers raise many unrelated types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            errors.append(f"torch.{'export' if name == 'export' else 'fx'}: {type(e).__name__}: {first}")
+    raise UnsupportedModelError("cannot trace the module (" + "; ".join(errors) + ")")
+
+
+# --------------------------------------------------------------------------- lowering
+
+
+def _schema_args(target, args, kwargs) -> dict:
+    """Bind an OpOverload's positional/keyword arguments to its schema's names (with defaults)."""
+    out = {}
+    for i, a in enumerate(target._schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+        else:
+            out[a.name] = None
+    return out
+
+
+def _shape_of(val):
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except Exception:  # symbolic dimension
+        return None
+
+
+class _Builder:
+    """Collects the lowered nodes; what a lowering function uses."""
+
+    def __init__(self, names: dict):
+        self.names = names  # fx node name -> IR tensor name
+        self.nodes: list[tuple[str, Node]] = []
+        self.shapes: dict[str, tuple] = {}
+        self.values: dict[str, np.ndarray] = {}
+        self.fx = None  # the fx node being lowered
+        self._n = 0
+
+    # tensors
+    def t(self, arg):
+        """IR name of an fx-node argument, or None for Python scalars / None."""
+        import torch.fx
+
+        if isinstance(arg, torch.fx.Node):
+            return self.names.get(arg.name)
+        return None
+
+    def shape(self, arg):
+        name = self.t(arg)
+        return self.shapes.get(name) if name else None
+
+    def out(self, i=None) -> str:
+        base = self.names[self.fx.name]
+        return base if i is None else f"{base}#{i}"
+
+    def tmp(self, shape) -> str:
+        self._n += 1
+        name = f"{self.names[self.fx.name]}::{self._n}"
+        self.shapes[name] = tuple(shape)
+        return name
+
+    def const(self, value) -> str:
+        arr = np.asarray(value, dtype=np.int64)
+        self._n += 1
+        name = f"{self.names[self.fx.name]}::c{self._n}"
+        self.values[name] = arr
+        self.shapes[name] = arr.shape
+        return name
+
+    def emit(self, op_type, inputs, outputs, domain="", **attrs):
+        self._emitted = getattr(self, "_emitted", {})
+        k = self._emitted[self.fx.name] = self._emitted.get(self.fx.name, -1) + 1
+        label = self.fx.name if k == 0 else f"{self.fx.name}:{k}"
+        self.nodes.append((label, Node(op_type, [x or "" for x in inputs], list(outputs), attrs, domain)))
+
+
+def _norm(d, rank):
+    return d + rank if d < 0 else d
+
+
+def _dims(dim, rank):
+    if dim is None:
+        return list(range(rank))
+    if isinstance(dim, int):
+        dim = [dim]
+    dims = sorted(_norm(int(d), rank) for d in dim)
+    return dims if dims else list(range(rank))
+
+
+# element-wise ops (ONNX name chosen only for readability of reasons; all share one rule)
+_UNARY = {
+    "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "exp": "Exp", "log": "Log", "abs": "Abs",
+    "neg": "Neg", "sqrt": "Sqrt", "rsqrt": "Reciprocal", "reciprocal": "Reciprocal", "erf": "Erf",
+    "gelu": "Gelu", "silu": "Swish", "hardsigmoid": "HardSigmoid", "hardswish": "HardSwish",
+    "hardtanh": "Clip", "clamp": "Clip", "clamp_min": "Clip", "clamp_max": "Clip", "elu": "Elu",
+    "selu": "Selu", "celu": "Celu", "leaky_relu": "LeakyRelu", "softplus": "Softplus", "mish": "Mish",
+    "sin": "Sin", "cos": "Cos", "tan": "Tan", "floor": "Floor", "ceil": "Ceil", "round": "Round",
+    "sign": "Sign", "logical_not": "Not", "bitwise_not": "Not", "isnan": "IsNaN", "isinf": "IsInf",
+    "relu6": "Clip", "log_sigmoid": "Softplus", "square": "Abs", "exp2": "Exp", "expm1": "Exp",
+    "log1p": "Log", "log2": "Log", "atan": "Atan", "sinh": "Sinh", "cosh": "Cosh", "asin": "Asin",
+    "acos": "Acos", "erfc": "Erf", "sgn": "Sign", "trunc": "Floor", "frac": "Floor",
+    "nan_to_num": "Identity", "clone": "Identity", "contiguous": "Identity", "alias": "Identity",
+    "detach": "Identity", "lift_fresh_copy": "Identity", "_to_copy": "Cast", "to": "Cast",
+    "type_as": "Cast", "dropout": "Identity", "feature_dropout": "Identity", "alpha_dropout": "Identity",
+    "positive": "Identity", "fill": "Identity", "zero": "Identity",
+}
+_DTYPE_ONLY = {"type_as", "to", "_to_copy"}  # their other tensor arguments only give a dtype
+
+
+@lowering(*_UNARY)
+def _unary(b, n, p, name):
+    """Element-wise in the first argument; tensor-valued bounds (clamp) broadcast like operands."""
+    x = b.t(n.args[0])
+    extra = [] if name in _DTYPE_ONLY else [b.t(a) for a in _flat_args(n)[1:]]
+    if any(extra):
+        b.emit("Where", [x, *extra], [b.out()])
+    else:
+        b.emit(_UNARY[name], [x], [b.out()])
+
+
+_BINARY = ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
+           "__and__", "__or__", "__xor__", "bitwise_and", "bitwise_or", "bitwise_xor", "logical_and",
+           "logical_or", "logical_xor", "where", "masked_fill", "fmod", "remainder", "rsub", "atan2",
+           "floor_divide", "true_divide", "hypot", "copysign", "lerp", "addcmul", "addcdiv", "fmax",
+           "fmin", "xlogy", "heaviside"]
+
+
+@lowering(*_BINARY)
+def _binary(b, n, p, name):
+    ins = [b.t(a) for a in n.args if b.t(a)] + [b.t(v) for v in n.kwargs.values() if b.t(v)]
+    b.emit("Add" if name != "where" else "Where", ins, [b.out()])
+
+
+@lowering("native_dropout")
+def _native_dropout(b, n, p, name):
+    b.emit("Identity", [b.t(p["input"])], [b.out(0)])
+    b.emit("Identity", [b.t(p["input"])], [b.out(1)])
+
+
+# --- contractions
+
+
+@lowering("linear")
+def _linear(b, n, p, name):
+    x, w, bias = b.t(p["input"]), b.t(p["weight"]), b.t(p["bias"])
+    ws = b.shape(p["weight"])
+    wt = b.tmp(ws[::-1])
+    b.emit("Transpose", [w], [wt], perm=list(range(len(ws)))[::-1])
+    if bias is None:
+        b.emit("MatMul", [x, wt], [b.out()])
+        return
+    y0 = b.tmp(b.shapes[b.out()])
+    b.emit("MatMul", [x, wt], [y0])
+    b.emit("Add", [y0, bias], [b.out()])
+
+
+@lowering("mm", "bmm", "matmul", "mv", "dot", "vdot", "inner")
+def _matmul(b, n, p, name):
+    b.emit("MatMul", [b.t(n.args[0]), b.t(n.args[1])], [b.out()])
+
+
+@lowering("addmm", "baddbmm", "addbmm", "addmv")
+def _addmm(b, n, p, name):
+    first, second = ("mat1", "mat2") if name == "addmm" else ("batch1", "batch2") if "bmm" in name \
+        else ("mat", "vec")
+    if name == "addbmm":  # sums over the batch: not a plain matmul
+        return _unknown(b, n, "addbmm sums over batches")
+    y0 = b.tmp(b.shapes[b.out()])
+    b.emit("MatMul", [b.t(p[first]), b.t(p[second])], [y0])
+    b.emit("Add", [y0, b.t(p["self"])], [b.out()])
+
+
+@lowering("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+          "conv_transpose2d", "conv_transpose3d")
+def _conv(b, n, p, name):
+    transposed = bool(p.get("transposed")) or name.startswith("conv_transpose")
+    b.emit("ConvTranspose" if transposed else "Conv",
+           [b.t(p["input"]), b.t(p["weight"]), b.t(p.get("bias"))], [b.out()], group=int(p["groups"]))
+
+
+@lowering("scaled_dot_product_attention")
+def _sdpa(b, n, p, name):
+    """softmax(q k^T * scale + mask) v, with grouped-query heads repeated as torch does."""
+    q, k, v = b.t(p["query"]), b.t(p["key"]), b.t(p["value"])
+    qs, ks, vs = b.shape(p["query"]), b.shape(p["key"]), b.shape(p["value"])
+    if len(qs) >= 3 and len(ks) == len(qs) and ks[-3] != qs[-3]:
+        if not p.get("enable_gqa") or qs[-3] % ks[-3]:
+            return _unknown(b, n, "query and key head counts differ")
+        k, v = (_repeat_heads(b, t, s, qs[-3] // s[-3]) for t, s in ((k, ks), (v, vs)))
+        ks = (*ks[:-3], qs[-3], *ks[-2:])
+        vs = (*vs[:-3], qs[-3], *vs[-2:])
+    rank = len(ks)
+    kt = b.tmp((*ks[:-2], ks[-1], ks[-2]))
+    b.emit("Transpose", [k], [kt], perm=[*range(rank - 2), rank - 1, rank - 2])
+    scores = b.tmp(np.broadcast_shapes(qs[:-2], ks[:-2]) + (qs[-2], ks[-2]))
+    b.emit("MatMul", [q, kt], [scores])
+    mask = b.t(p.get("attn_mask"))
+    if mask is not None:
+        if np.broadcast_shapes(b.shapes[scores], b.shape(p["attn_mask"])) != b.shapes[scores]:
+            return _unknown(b, n, "attention mask broadcasts the scores")
+        masked = b.tmp(b.shapes[scores])
+        b.emit("Add", [scores, mask], [masked])
+        scores = masked
+    if p.get("is_causal"):
+        causal = b.tmp(b.shapes[scores])
+        b.emit("Trilu", [scores], [causal])
+        scores = causal
+    probs = b.tmp(b.shapes[scores])
+    b.emit("Softmax", [scores], [probs], axis=-1)
+    b.emit("MatMul", [probs, v], [b.out()])
+
+
+def _repeat_heads(b, t, shape, rep):
+    """[.., Hkv, S, D] -> [.., Hkv*rep, S, D] with each kv head repeated ``rep`` times in place."""
+    pre = shape[:-3]
+    u = b.tmp((*pre, shape[-3], 1, *shape[-2:]))
+    b.emit("Reshape", [t], [u])
+    e = b.tmp((*pre, shape[-3], rep, *shape[-2:]))
+    b.emit("Expand", [u], [e])
+    out = b.tmp((*pre, shape[-3] * rep, *shape[-2:]))
+    b.emit("Reshape", [e], [out])
+    return out
+
+
+# --- normalization
+
+
+@lowering("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+          "native_batch_norm", "_native_batch_norm_legit_functional", "instance_norm")
+def _batch_norm(b, n, p, name):
+    x = p["input"]
+    c = b.shape(x)[1]
+    ins = [b.t(x)] + [b.t(p.get(k)) for k in ("weight", "bias", "running_mean", "running_var")]
+    outs = [b.out() if name in ("batch_norm", "instance_norm") else b.out(0)]
+    vals = n.meta.get("val")
+    if isinstance(vals, (tuple, list)):  # saved statistics / new running statistics of shape [C]
+        outs += [b.out(i) for i, v in enumerate(vals) if i and _shape_of(v) == (c,)]
+    op = "InstanceNormalization" if name == "instance_norm" else "BatchNormalization"
+    if op == "InstanceNormalization" and not p.get("use_input_stats", True):
+        op = "BatchNormalization"
+    b.emit(op, ins, outs)
+
+
+@lowering("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
+def _layer_norm(b, n, p, name):
+    axis = -len(p["normalized_shape"])
+    outs = [b.out(0)] if isinstance(n.meta.get("val"), (tuple, list)) else [b.out()]
+    op = "RMSNormalization" if "rms" in name else "LayerNormalization"
+    b.emit(op, [b.t(p["input"]), b.t(p["weight"]), b.t(p.get("bias"))], outs, axis=axis)
+
+
+@lowering("group_norm", "native_group_norm")
+def _group_norm(b, n, p, name):
+    groups = p["num_groups"] if name == "group_norm" else p["group"]
+    out = b.out() if name == "group_norm" else b.out(0)
+    b.emit("GroupNormalization", [b.t(p["input"]), b.t(p["weight"]), b.t(p["bias"])], [out],
+           num_groups=int(groups))
+
+
+@lowering("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
+def _softmax(b, n, p, name):
+    b.emit("LogSoftmax" if "log" in name else "Softmax", [b.t(p["self"])], [b.out()], axis=int(p["dim"]))
+
+
+# --- shapes
+
+
+@lowering("view", "reshape", "_unsafe_view", "view_copy", "flatten", "unflatten", "squeeze",
+          "squeeze_copy", "unsqueeze", "unsqueeze_copy", "view_as", "reshape_as", "_reshape_alias")
+def _reshape(b, n, p, name):
+    b.emit("Reshape", [b.t(n.args[0])], [b.out()])
+
+
+@lowering("permute", "transpose", "t", "swapaxes", "swapdims", "numpy_T", "permute_copy",
+          "transpose_copy", "movedim")
+def _transpose(b, n, p, name):
+    rank = len(b.shape(n.args[0]))
+    if name in ("permute", "permute_copy"):
+        perm = [_norm(int(d), rank) for d in p["dims"]]
+    elif name == "movedim":
+        src = [_norm(int(d), rank) for d in np.atleast_1d(p["source"])]
+        dst = [_norm(int(d), rank) for d in np.atleast_1d(p["destination"])]
+        rest = [d for d in range(rank) if d not in src]
+        perm = [0] * rank
+        for s, d in zip(src, dst):
+            perm[d] = s
+        it = iter(rest)
+        perm = [perm[i] if i in dst else next(it) for i in range(rank)]
+    elif name in ("t", "numpy_T") or rank < 2:
+        perm = list(range(rank))[::-1]
+    else:
+        a, c = (_norm(int(v), rank) for v in n.args[1:3])
+        perm = list(range(rank))
+        perm[a], perm[c] = perm[c], perm[a]
+    b.emit("Transpose", [b.t(n.args[0])], [b.out()], perm=perm)
+
+
+@lowering("expand", "expand_as", "broadcast_to", "expand_copy")
+def _expand(b, n, p, name):
+    b.emit("Expand", [b.t(n.args[0])], [b.out()])
+
+
+@lowering("repeat")
+def _repeat(b, n, p, name):
+    x, xs, ys = b.t(n.args[0]), b.shape(n.args[0]), b.shapes[b.out()]
+    if len(ys) > len(xs):
+        padded = b.tmp((1,) * (len(ys) - len(xs)) + tuple(xs))
+        b.emit("Reshape", [x], [padded])
+        x = padded
+    b.emit("Tile", [x], [b.out()])
+
+
+@lowering("cat", "concat", "concatenate", "stack")
+def _cat(b, n, p, name):
+    tensors = [t for t in p["tensors"] if b.t(t) and b.shape(t) != (0,)]
+    rank = len(b.shapes[b.out()])
+    dim = _norm(int(p["dim"]), rank)
+    ins = [b.t(t) for t in tensors]
+    if name == "stack":
+        ins = []
+        for t in tensors:
+            s = list(b.shape(t))
+            u = b.tmp(s[:dim] + [1] + s[dim:])
+            b.emit("Reshape", [b.t(t)], [u])
+            ins.append(u)
+    b.emit("Concat", ins, [b.out()], axis=dim)
+
+
+@lowering("split", "split_with_sizes", "chunk", "unbind", "tensor_split", "split_copy",
+          "unsafe_split", "unsafe_chunk")
+def _split(b, n, p, name):
+    x = n.args[0]
+    xs = b.shape(x)
+    dim = _norm(int(p.get("dim", 0) or 0), len(xs))
+    vals = n.meta.get("val")
+    sizes = [_shape_of(v) for v in vals]
+    if name == "unbind":
+        pieces = [b.tmp(xs[:dim] + (1,) + xs[dim + 1:]) for _ in sizes]
+        b.emit("Split", [b.t(x)], pieces, axis=dim)
+        for i, piece in enumerate(pieces):
+            b.emit("Reshape", [piece], [b.out(i)])
+        return
+    if sum(s[dim] for s in sizes) != xs[dim]:
+        return _unknown(b, n, "split pieces do not cover the axis")
+    b.emit("Split", [b.t(x)], [b.out(i) for i in range(len(sizes))], axis=dim)
+
+
+@lowering("slice", "narrow", "slice_copy")
+def _slice(b, n, p, name):
+    xs = b.shape(n.args[0])
+    dim = _norm(int(p.get("dim", 0) or 0), len(xs))
+    if name == "narrow":
+        start, end, step = int(p["start"]), int(p["start"]) + int(p["length"]), 1
+    else:
+        start = 0 if p.get("start") is None else int(p["start"])
+        end = xs[dim] if p.get("end") is None else min(int(p["end"]), xs[dim])
+        step = int(p.get("step") or 1)
+    b.emit("Slice", [b.t(n.args[0]), b.const([start]), b.const([end]), b.const([dim]), b.const([step])],
+           [b.out()])
+
+
+@lowering("select", "select_copy")
+def _select(b, n, p, name):
+    xs = b.shape(n.args[0])
+    dim = _norm(int(p["dim"]), len(xs))
+    b.emit("Gather", [b.t(n.args[0]), b.const(int(p["index"]))], [b.out()], axis=dim)
+
+
+@lowering("index_select")
+def _index_select(b, n, p, name):
+    xs = b.shape(p["self"])
+    b.emit("Gather", [b.t(p["self"]), b.t(p["index"])], [b.out()], axis=_norm(int(p["dim"]), len(xs)))
+
+
+@lowering("embedding")
+def _embedding(b, n, p, name):
+    b.emit("Gather", [b.t(p["weight"]), b.t(p["indices"])], [b.out()], axis=0)
+
+
+@lowering("index")
+def _index(b, n, p, name):
+    idx = list(p["indices"])
+    used = [i for i, t in enumerate(idx) if t is not None]
+    vals = [t.meta.get("val") for t in idx if t is not None]
+    if len(used) != 1 or any(getattr(v, "dtype", None) is None or v.dtype.is_floating_point
+                             or str(v.dtype) == "torch.bool" for v in vals):
+        return _unknown(b, n, "advanced indexing with several or boolean indices")
+    b.emit("Gather", [b.t(p["self"]), b.t(idx[used[0]])], [b.out()], axis=used[0])
+
+
+@lowering("gather")
+def _gather(b, n, p, name):
+    xs = b.shape(p["self"])
+    b.emit("GatherElements", [b.t(p["self"]), b.t(p["index"])], [b.out()],
+           axis=_norm(int(p["dim"]), len(xs)))
+
+
+# --- reductions and scans
+
+
+_REDUCE = {"sum": "ReduceSum", "mean": "ReduceMean", "amax": "ReduceMax", "amin": "ReduceMin",
+           "prod": "ReduceProd", "var": "ReduceMean", "std": "ReduceMean", "logsumexp": "ReduceLogSumExp",
+           "any": "ReduceMax", "all": "ReduceMin", "norm": "ReduceL2", "linalg_vector_norm": "ReduceL2",
+           "nansum": "ReduceSum", "nanmean": "ReduceMean", "count_nonzero": "ReduceSum"}
+
+
+@lowering(*_REDUCE)
+def _reduce(b, n, p, name):
+    xs = b.shape(n.args[0])
+    dim = p.get("dim")
+    keep = int(bool(p.get("keepdim", False)))
+    axes = _dims(dim, len(xs))
+    b.emit(_REDUCE[name], [b.t(n.args[0])], [b.out()], axes=axes, keepdims=keep)
+
+
+@lowering("max", "min")
+def _max(b, n, p, name):
+    xs = b.shape(n.args[0])
+    if len(n.args) > 1 and not isinstance(n.args[1], int):  # max(a, b): element-wise
+        return _binary(b, n, p, "maximum")
+    vals = n.meta.get("val")
+    if not isinstance(vals, (tuple, list)):  # max over all elements
+        b.emit("ReduceMax", [b.t(n.args[0])], [b.out()], axes=list(range(len(xs))), keepdims=0)
+        return
+    dim, keep = _norm(int(n.args[1]), len(xs)), int(bool(p.get("keepdim", False)))
+    b.emit("ReduceMax" if name == "max" else "ReduceMin", [b.t(n.args[0])], [b.out(0)], axes=[dim],
+           keepdims=keep)
+    b.emit("ArgMax" if name == "max" else "ArgMin", [b.t(n.args[0])], [b.out(1)], axis=dim,
+           keepdims=keep)
+
+
+@lowering("argmax", "argmin")
+def _argmax(b, n, p, name):
+    xs = b.shape(p["self"])
+    if p.get("dim") is None:
+        return _unknown(b, n, "arg-reduction over the flattened tensor")
+    b.emit("ArgMax" if name == "argmax" else "ArgMin", [b.t(p["self"])], [b.out()],
+           axis=_norm(int(p["dim"]), len(xs)), keepdims=int(bool(p.get("keepdim"))))
+
+
+@lowering("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin")
+def _cumsum(b, n, p, name):
+    outs = [b.out()] if not isinstance(n.meta.get("val"), (tuple, list)) else [b.out(0), b.out(1)]
+    for o in outs:
+        b.emit("CumSum", [b.t(p["self"]), b.const([int(p["dim"])])], [o])
+
+
+@lowering("tril", "triu")
+def _trilu(b, n, p, name):
+    b.emit("Trilu", [b.t(p["self"])], [b.out()])
+
+
+# --- pooling, padding, resizing
+
+
+def _spatial(name):
+    for d in "123":
+        if d + "d" in name:
+            return int(d)
+    return 2
+
+
+@lowering("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+          "max_pool2d_with_indices", "max_pool3d_with_indices", "max_pool1d_with_indices",
+          "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "_adaptive_avg_pool2d",
+          "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+          "lp_pool2d", "lp_pool1d")
+def _pool(b, n, p, name):
+    xs = b.shape(n.args[0])
+    if len(xs) != _spatial(name) + 2:
+        return _unknown(b, n, "pooling input without a batch axis")
+    multi = isinstance(n.meta.get("val"), (tuple, list))
+    outs = [b.out(0), b.out(1)] if multi else [b.out()]
+    ys = b.shapes[outs[0]]
+    op = "MaxPool" if "max" in name else "LpPool" if "lp" in name else "AveragePool"
+    if "adaptive" in name and all(d == 1 for d in ys[2:]):
+        op = "GlobalMaxPool" if "max" in name else "GlobalAveragePool"
+    b.emit(op, [b.t(n.args[0])], outs)
+
+
+@lowering("constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
+          "replication_pad1d", "replication_pad2d", "replication_pad3d", "circular_pad1d",
+          "circular_pad2d", "circular_pad3d", "_pad_circular")
+def _pad(b, n, p, name):
+    xs = b.shape(n.args[0])
+    torch_pads = [int(v) for v in (p.get("pad") if p.get("pad") is not None else p["padding"])]
+    rank = len(xs)
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(torch_pads) // 2):  # torch: (last begin, last end, second last begin, ...)
+        begins[rank - 1 - i], ends[rank - 1 - i] = torch_pads[2 * i], torch_pads[2 * i + 1]
+    b.emit("Pad", [b.t(n.args[0]), b.const(begins + ends)], [b.out()])
+
+
+@lowering("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
+          "upsample_linear1d", "upsample_bicubic2d", "upsample_trilinear3d", "_upsample_bilinear2d_aa",
+          "_upsample_nearest_exact2d", "_upsample_nearest_exact1d", "_upsample_nearest_exact3d",
+          "_upsample_bicubic2d_aa")
+def _resize(b, n, p, name):
+    b.emit("Resize", [b.t(n.args[0])], [b.out()])
+
+
+# --- tensors made from shapes or positions
+
+
+@lowering("arange", "randn", "rand", "randint", "randn_like", "rand_like", "randint_like", "empty",
+          "empty_like", "new_empty", "empty_strided", "new_empty_strided", "normal", "bernoulli",
+          "eye", "randperm", "multinomial", "linspace", "logspace", "tril_indices", "triu_indices")
+def _positional(b, n, p, name):
+    b.emit("Range", [], [b.out()])  # values depend on positions (or are undefined): pinned
+
+
+@lowering("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones",
+          "new_full", "scalar_tensor")
+def _filled(b, n, p, name):
+    fill = p.get("fill_value")
+    if fill is not None and b.t(fill):  # filled from a tensor's value: that tensor is a parameter
+        return _unknown(b, n, "fill value is a tensor")
+    b.emit("ConstantOfShape", [], [b.out()])  # the same value everywhere: any permutation keeps it
+
+
+def _unknown(b, n, why=None):
+    ins = [b.t(a) for a in _flat_args(n)]
+    outs = [b.out()] if not isinstance(n.meta.get("val"), (tuple, list)) else \
+        [b.out(i) for i in range(len(n.meta["val"]))]
+    schema = getattr(n.target, "_schema", None)
+    domain = schema.name.split("::")[0] if schema is not None and "::" in schema.name else "python"
+    b.emit(_op_name(n.target), ins, outs, domain=domain, **({"reason": why} if why else {}))
+
+
+def _flat_args(n):
+    import torch
+
+    flat, _ = torch.utils._pytree.tree_flatten((n.args, n.kwargs))
+    return [a for a in flat if isinstance(a, torch.fx.Node)]
+
+
+def _op_name(target) -> str:
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+_IGNORED = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "sym_constrain_range",
+            "sym_constrain_range_for_size", "_functional_assert_async", "_functional_assert_scalar",
+            "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_set_grad_enabled",
+            "_enter_autocast", "_exit_autocast", "item", "_local_scalar_dense", "_assert"}
+
+
+def lower(tr: Traced, model) -> Graph:
+    """Lower a traced graph to the IR, naming parameters and buffers by their state_dict keys."""
+    import torch
+
+    names: dict[str, str] = {}
+    first: dict[tuple, str] = {}  # storage -> the key that names it (tied weights share one name)
+    tied: dict[str, list[str]] = {}
+    for ph, key in {**tr.param_names, **tr.constant_names}.items():
+        t = tr.tensors.get(ph)
+        ident = _storage(t) if isinstance(t, torch.Tensor) else ("ph", ph)
+        if ident in first and ph in tr.param_names:
+            tied.setdefault(first[ident], []).append(key)
+        names[ph] = first.setdefault(ident, key)
+    taken = set(names.values())
+    b = _Builder(names)
+    weights, values, constants = {}, {}, set()
+    for ph, key in {**tr.param_names, **tr.constant_names}.items():
+        t = tr.tensors.get(ph)
+        if not isinstance(t, torch.Tensor) or names[ph] != key:
+            continue
+        b.shapes[key] = tuple(t.shape)
+        arr = t.detach().cpu()
+        if t.is_floating_point() and ph in tr.param_names:
+            weights[key] = arr.float().numpy() if arr.dtype == torch.bfloat16 else arr.numpy()
+        elif t.is_floating_point():
+            constants.add(key)
+        elif t.numel() <= 64:
+            values[key] = arr.numpy()
+        else:
+            constants.add(key)
+    outputs: list[str] = []
+    for n in tr.graph.nodes:
+        if n.op == "placeholder":
+            if n.name in names:
+                continue
+            name = n.name if n.name not in taken else f"%{n.name}"
+            names[n.name] = name
+            if _shape_of(n.meta.get("val")) is not None:
+                b.shapes[name] = _shape_of(n.meta["val"])
+            continue
+        if n.op == "output":
+            flat, _ = torch.utils._pytree.tree_flatten(n.args)
+            for a in flat:
+                if isinstance(a, torch.fx.Node) and a.name in names:
+                    if a.name in tr.mutations and tr.mutations[a.name]:  # new buffer value
+                        b.fx = a
+                        b.emit("Identity", [names[a.name]], [names[tr.mutations[a.name]]])
+                    else:
+                        outputs.append(names[a.name])
+            continue
+        if n.op == "get_attr":
+            continue  # fx fallback: captured constants were named in trace()
+        name = n.name if n.name not in taken else f"%{n.name}"
+        names[n.name] = name
+        b.fx = n
+        val = n.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            for i, v in enumerate(val):
+                if _shape_of(v) is not None:
+                    b.shapes[f"{name}#{i}"] = _shape_of(v)
+        elif _shape_of(val) is not None:
+            b.shapes[name] = _shape_of(val)
+        if n.target is operator.getitem:
+            src = b.t(n.args[0])
+            if src is not None:
+                b.emit("Identity", [f"{src}#{int(n.args[1])}"], [name])
+            continue
+        op = _op_name(n.target)
+        if op in _IGNORED:
+            continue
+        fn = LOWERINGS.get(op) or (LOWERINGS.get(op[:-1]) if op.endswith("_") else None)
+        if fn is None or n.op != "call_function" or not hasattr(n.target, "_schema"):
+            _unknown(b, n)
+            continue
+        try:
+            p = _schema_args(n.target, n.args, n.kwargs)
+            fn(b, n, p, op if op in LOWERINGS else op[:-1])
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
+            del e
+            _unknown(b, n)
+    aliases = _aliases(model, set(weights))
+    for key, others in tied.items():
+        aliases[key] = list(dict.fromkeys(aliases.get(key, []) + others))
+    inputs = [names[i] for i in tr.user_inputs if i in names]
+    return Graph(tr, to_networkx(b.nodes), b.nodes, b.shapes, {**values, **b.values}, weights, inputs,
+                 outputs, constants=constants, aliases=aliases, frontend=f"torch.{tr.tracer}")
+
+
+def _storage(t) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype) if t.device.type != "meta" else ("id", id(t))
+
+
+def _aliases(model, analysed: set) -> dict:
+    """state_dict keys that name the same tensor as an analysed weight (tied weights)."""
+    import torch
+
+    by_storage: dict[tuple, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if isinstance(v, torch.Tensor):
+            by_storage.setdefault(_storage(v), []).append(k)
+    out = {}
+    for keys in by_storage.values():
+        main = [k for k in keys if k in analysed]
+        if main and len(keys) > 1:
+            out[main[0]] = [k for k in keys if k != main[0]]
+    return out
+
+
+def build_graph(model, example_inputs, tracer: str = "auto") -> Graph:
+    """Trace ``model`` and build its :class:`~rebasin.graph.ir.Graph`."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ModelLoadError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    was_training = model.training
+    try:
+        tr = trace(model, example_inputs, tracer)
+    finally:
+        model.train(was_training)
+    return lower(tr, model)
