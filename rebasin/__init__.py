@@ -14,8 +14,8 @@ from rebasin.errors import (
 from rebasin.graph.infer import infer_spec
 from rebasin.graph.rewrite import apply_permutation
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
-from rebasin.verify import verify
+from rebasin.verify import verify, verify_torch
 
-__all__ = ["infer_spec", "apply_permutation", "verify", "Spec", "PermutationClass", "Member",
+__all__ = ["infer_spec", "apply_permutation", "verify", "verify_torch", "Spec", "PermutationClass", "Member",
            "BlockedAxis", "RebasinError", "ModelLoadError", "UnsupportedModelError",
            "SpecMismatchError", "SolverError", "VerificationError"]

@@ -1,5 +1,7 @@
 """Command line: ``rebasin infer-spec | permute | verify``.
 
+MODEL is an ONNX file or ``package.module:factory`` returning a ``torch.nn.Module``.
+
 Errors from the package print one line on stderr and exit non-zero (``--debug`` shows the
 traceback). Model files are written atomically (temp file + rename) after verification.
 """
@@ -56,12 +58,28 @@ def _load_feeds(path):
         raise ModelLoadError(f"cannot read inputs {path}: {e}") from e
 
 
-def cmd_infer_spec(args) -> int:
+def _torch_source(args):
+    """(module, example inputs) when ``args.model`` is ``module:callable``, else None."""
+    from rebasin.graph import torch_frontend as tf
+
+    if not tf.is_callable_ref(args.model):
+        return None
+    model = tf.load_callable(args.model, getattr(args, "state_dict", None))
+    return model, tf.example_inputs(args.input_shape, args.input_dtype)
+
+
+def _infer(args, src):
     from rebasin.graph.infer import infer_spec
 
-    t = time.perf_counter()
-    spec = infer_spec(args.model, strict=args.strict, feeds=_load_feeds(args.inputs),
+    if src is not None:
+        return infer_spec(src[0], src[1], strict=args.strict, frozen=args.frozen, tracer=args.tracer)
+    return infer_spec(args.model, strict=args.strict, feeds=_load_feeds(getattr(args, "inputs", None)),
                       frozen=args.frozen)
+
+
+def cmd_infer_spec(args) -> int:
+    t = time.perf_counter()
+    spec = _infer(args, _torch_source(args))
     dt = time.perf_counter() - t
     text = spec.to_json() if args.json else spec.table() + f"\n(analysis {dt:.2f} s)"
     if args.output:
@@ -75,16 +93,16 @@ def cmd_infer_spec(args) -> int:
 def cmd_permute(args) -> int:
     import numpy as np
 
-    from rebasin.graph.infer import infer_spec
     from rebasin.graph.rewrite import apply_permutation
     from rebasin.spec import Spec
-    from rebasin.verify import verify
+    from rebasin.verify import verify, verify_torch
 
+    src = _torch_source(args)
     if args.spec:
         with open(args.spec) as f:
             spec = Spec.from_json(f.read())
     else:
-        spec = infer_spec(args.model, strict=args.strict, frozen=args.frozen)
+        spec = _infer(args, src)
     if args.random:
         perms = spec.random_permutations(args.seed)
     elif args.perms:
@@ -92,13 +110,26 @@ def cmd_permute(args) -> int:
             perms = {k: np.asarray(v) for k, v in json.load(f).items()}
     else:
         raise RebasinError("give --random or --perms FILE")
-    out = apply_permutation(args.model, spec, perms)
-    if not args.no_verify:
-        res = verify(args.model, out)
+    if src is not None:
+        out = apply_permutation(src[0].state_dict(), spec, perms)
+        res = None if args.no_verify else verify_torch(src[0], out, src[1])
+    else:
+        out = apply_permutation(args.model, spec, perms)
+        res = None if args.no_verify else verify(args.model, out)
+    if res is not None:
         print(res)
         if not res.equal:
             raise VerificationError(f"permuted model differs from {args.model}: {res}")
-    _save_model(out, args.output)
+    if src is not None:
+        import torch
+
+        def write(tmp):
+            with open(tmp, "wb") as f:  # torch names the archive after the path: a file object avoids it
+                torch.save(out, f)
+
+        _write_atomic(args.output, write)
+    else:
+        _save_model(out, args.output)
     print(f"wrote {args.output} ({len(perms)} classes permuted)")
     return 0
 
@@ -116,6 +147,14 @@ def _analysis_args(s) -> None:
     s.add_argument("--strict", action="store_true", help="error on ops without a rule")
     s.add_argument("--frozen", action="append", default=[], metavar="NAME",
                    help="initializer that is a fixed buffer, not a weight (repeatable)")
+    t = s.add_argument_group("torch models (MODEL given as package.module:factory)")
+    t.add_argument("--input-shape", action="append", default=[], metavar="D0,D1,..",
+                   help="shape of one model input (repeat for several inputs)")
+    t.add_argument("--input-dtype", action="append", default=[], metavar="DTYPE",
+                   help="dtype per input (float32 default; int64 for token ids)")
+    t.add_argument("--state-dict", help="weights to load into the module (torch.save'd state_dict)")
+    t.add_argument("--tracer", choices=["auto", "export", "fx"], default="auto",
+                   help="torch.export, torch.fx, or export then fx (default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,14 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("infer-spec", help="print the permutation classes of a model")
-    s.add_argument("model")
+    s.add_argument("model", help="model.onnx, or package.module:factory returning an nn.Module")
     s.add_argument("--json", action="store_true")
     s.add_argument("-o", "--output")
     _analysis_args(s)
     s.add_argument("--inputs", help=".npz with model inputs for the shape run")
     s.set_defaults(fn=cmd_infer_spec)
     s = sub.add_parser("permute", help="apply permutations to a model (verified before writing)")
-    s.add_argument("model")
+    s.add_argument("model", help="model.onnx, or package.module:factory (writes a state_dict .pt)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--random", action="store_true", help="a random permutation of every class")
     s.add_argument("--seed", type=int, default=0)

@@ -96,6 +96,7 @@ class Spec:
     classes: tuple[PermutationClass, ...]
     blocked: tuple[BlockedAxis, ...] = ()
     shapes: dict = field(default_factory=dict, compare=False, repr=False)
+    source: str = field(default="", compare=False)  # frontend that produced it: onnx, torch.export ...
 
     def __post_init__(self):
         names = [c.name for c in self.classes]
@@ -135,8 +136,11 @@ class Spec:
 
     # ----------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict:
-        return {"version": SPEC_VERSION, "classes": [c.to_dict() for c in self.classes],
-                "blocked": [b.to_dict() for b in self.blocked]}
+        d = {"version": SPEC_VERSION, "classes": [c.to_dict() for c in self.classes],
+             "blocked": [b.to_dict() for b in self.blocked]}
+        if self.source:
+            d["source"] = self.source
+        return d
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -150,7 +154,7 @@ class Spec:
             blocked = tuple(BlockedAxis(**b) for b in d.get("blocked", ()))
         except (KeyError, TypeError, ValueError) as e:
             raise SpecMismatchError(f"malformed spec: {e}") from e
-        return cls(classes, blocked)
+        return cls(classes, blocked, source=str(d.get("source", "")))
 
     @classmethod
     def from_json(cls, text: str) -> Spec:
@@ -161,7 +165,8 @@ class Spec:
 
     def table(self) -> str:
         """Human-readable table of classes and blocked axes."""
-        lines = [f"{len(self.classes)} permutation classes, sum log(size!) = {self.log_symmetry:.1f}",
+        src = f" (from {self.source})" if self.source else ""
+        lines = [f"{len(self.classes)} permutation classes, sum log(size!) = {self.log_symmetry:.1f}{src}",
                  f"{'class':<10} {'size':>5}  members"]
         for c in self.classes:
             mem = ", ".join(

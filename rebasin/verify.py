@@ -109,7 +109,7 @@ class VerifyResult:
     def __str__(self) -> str:
         word = "EQUAL" if self.equal else "DIFFERENT"
         return (f"{word}: max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g} "
-                f"(onnxruntime {self.provider})")
+                f"({self.provider if self.provider.startswith('torch') else 'onnxruntime ' + self.provider})")
 
 
 def verify(a, b, feeds: dict | None = None, rtol: float = 1e-4, seeds=(0,)) -> VerifyResult:
@@ -125,27 +125,75 @@ def verify(a, b, feeds: dict | None = None, rtol: float = 1e-4, seeds=(0,)) -> V
     out_b = [o.name for o in b.graph.output]
     if len(out_a) != len(out_b):
         raise VerificationError(f"models have {len(out_a)} and {len(out_b)} outputs")
-    worst_abs = worst_rel = 0.0
+    pairs = []
     for s in seeds:
         f = feeds if feeds is not None else make_inputs(a, seed=s)
         ra, rb = run_model(a, f), run_model(b, f)
-        for na, nb in zip(out_a, out_b):
-            x, y = np.asarray(ra[na], dtype=np.float64), np.asarray(rb[nb], dtype=np.float64)
-            if x.shape != y.shape:
-                raise VerificationError(f"output {na}: shapes {x.shape} vs {y.shape}")
-            if x.size == 0:
-                continue
-            bad_x, bad_y = ~np.isfinite(x), ~np.isfinite(y)
-            if not np.array_equal(bad_x, bad_y) or not np.array_equal(x[bad_x], y[bad_y], equal_nan=True):
-                worst_abs = worst_rel = float("inf")  # NaN/inf in different places
-                continue
-            if bad_x.all():
-                continue
-            ok = ~bad_x
-            d = float(np.max(np.abs(x[ok] - y[ok])))
-            worst_abs = max(worst_abs, d)
-            worst_rel = max(worst_rel, d / max(float(np.max(np.abs(x[ok]))), 1e-12))
+        pairs += [(na, ra[na], rb[nb]) for na, nb in zip(out_a, out_b)]
         if feeds is not None:
             break
+    worst_abs, worst_rel = _compare(pairs)
     ok = bool(np.isfinite(worst_rel) and worst_rel < rtol)
     return VerifyResult(worst_abs, worst_rel, providers()[0].replace("ExecutionProvider", ""), ok)
+
+
+def _compare(pairs) -> tuple[float, float]:
+    """Worst absolute and relative (``max|a-b| / max|a|``) error over ``(name, a, b)`` outputs;
+    NaN/inf must sit in the same places with the same values, else both errors are inf."""
+    worst_abs = worst_rel = 0.0
+    for name, x, y in pairs:
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        if x.shape != y.shape:
+            raise VerificationError(f"output {name}: shapes {x.shape} vs {y.shape}")
+        if x.size == 0:
+            continue
+        bad_x, bad_y = ~np.isfinite(x), ~np.isfinite(y)
+        if not np.array_equal(bad_x, bad_y) or not np.array_equal(x[bad_x], y[bad_y], equal_nan=True):
+            return float("inf"), float("inf")
+        if bad_x.all():
+            continue
+        ok = ~bad_x
+        d = float(np.max(np.abs(x[ok] - y[ok])))
+        worst_abs = max(worst_abs, d)
+        worst_rel = max(worst_rel, d / max(float(np.max(np.abs(x[ok]))), 1e-12))
+    return worst_abs, worst_rel
+
+
+def verify_torch(model, state_dict, example_inputs, rtol: float = 1e-5) -> VerifyResult:
+    """Compare ``model`` with a copy of it that loads ``state_dict``, on ``example_inputs`` (eval mode).
+
+    Example:
+        >>> import torch, rebasin
+        >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> x = (torch.randn(5, 3),)
+        >>> spec = rebasin.infer_spec(m, x)
+        >>> sd = rebasin.apply_permutation(m.state_dict(), spec, spec.random_permutations(0))
+        >>> verify_torch(m, sd, x).equal
+        True
+    """
+    import copy
+
+    import torch
+
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    other = copy.deepcopy(model)
+    try:
+        other.load_state_dict(state_dict)
+    except (RuntimeError, KeyError) as e:
+        raise VerificationError(f"state_dict does not fit the model: {str(e).splitlines()[0]}") from e
+    was = model.training
+    model.eval()
+    other.eval()
+    try:
+        with torch.no_grad():
+            ya, yb = model(*example_inputs), other(*example_inputs)
+    finally:
+        model.train(was)
+    fa, _ = torch.utils._pytree.tree_flatten(ya)
+    fb, _ = torch.utils._pytree.tree_flatten(yb)
+    pairs = [(f"output {i}", x.detach().float().cpu().numpy(), y.detach().float().cpu().numpy())
+             for i, (x, y) in enumerate(zip(fa, fb)) if isinstance(x, torch.Tensor)]
+    worst_abs, worst_rel = _compare(pairs)
+    ok = bool(np.isfinite(worst_rel) and worst_rel < rtol)
+    return VerifyResult(worst_abs, worst_rel, "torch " + str(fa[0].device) if fa else "torch", ok)

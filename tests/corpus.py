@@ -92,6 +92,34 @@ def _vit():
     return m, (torch.randn(2, 3, 32, 32),)
 
 
+class AttentionBlock(nn.Module):
+    """Pre-norm transformer block on ``nn.MultiheadAttention`` (packed in_proj weight)."""
+
+    def __init__(self, d=32, heads=4, d_out=5):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, d_out)
+
+    def forward(self, x):
+        h = self.embed(x)
+        q = self.norm1(h)
+        h = h + self.attn(q, q, q, need_weights=False)[0]
+        h = h + self.mlp(self.norm2(h))
+        return self.head(h)
+
+
+def _timm(name, size=32, **kw):
+    def make():
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10, **kw), \
+            (torch.randn(2, 3, size, size),)
+    return make
+
+
 BUILDERS = {
     "mlp": lambda: (MLP(), (torch.randn(2, 16),)),
     "resnet18": _tv("resnet18", num_classes=10),
@@ -108,8 +136,11 @@ BUILDERS = {
     "gpt2": _hf("gpt2"),
     "bert": _hf("bert"),
     "llama": _hf("llama"),
+    "mha": lambda: (AttentionBlock(), (torch.randn(2, 6, 8),)),
+    "timm_vit": _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2),
+    "timm_resnet10t": _timm("resnet10t"),
 }
-FAST = ["mlp", "resnet18", "mobilenet_v2", "squeezenet1_1", "vit", "gpt2", "bert", "llama"]
+FAST = ["mlp", "resnet18", "mobilenet_v2", "squeezenet1_1", "vit", "gpt2", "bert", "llama", "mha"]
 SLOW = [n for n in BUILDERS if n not in FAST]
 
 

@@ -1,5 +1,6 @@
 """The real CLI in a subprocess: exit codes, one-line errors, no traceback, no partial output."""
 
+import json
 import subprocess
 import sys
 
@@ -133,3 +134,67 @@ def test_verify_is_not_fooled_by_nan(tmp_path):
     assert code == 1 and "DIFFERENT" in so
     code, so, _ = run("verify", b, b)
     assert code == 0 and "EQUAL" in so
+
+
+USER_MODELS = '''
+import torch.nn as nn
+
+
+def make_model():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(16 * 8 * 8, 10))
+
+
+def not_a_model():
+    return 42
+
+
+def broken():
+    raise ValueError("no weights here")
+'''
+
+
+def run_in(cwd, *args):
+    r = subprocess.run([sys.executable, "-m", "rebasin.cli", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_torch_callable_infer_and_permute(tmp_path):
+    import torch
+
+    (tmp_path / "usermodels.py").write_text(USER_MODELS)
+    code, so, se = run_in(tmp_path, "infer-spec", "usermodels:make_model", "--input-shape", "2,3,8,8")
+    assert code == 0, se
+    assert "1 permutation classes" in so and "torch.export" in so and "1.running_mean" not in so
+    code, so, se = run_in(tmp_path, "infer-spec", "usermodels:make_model", "--input-shape", "2,3,8,8",
+                          "--json")
+    members = {m["tensor"] for c in json.loads(so)["classes"] for m in c["members"]}
+    assert {"0.weight", "1.running_mean", "1.running_var", "4.weight"} <= members
+    code, so, se = run_in(tmp_path, "permute", "usermodels:make_model", "--input-shape", "2,3,8,8",
+                          "--random", "--seed", "3", "-o", "p.pt")
+    assert code == 0 and "EQUAL" in so, se
+    sd = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert set(sd) >= {"0.weight", "1.running_var", "4.weight"}
+
+
+@pytest.mark.parametrize("ref,extra,msg", [
+    ("usermodels:not_a_model", ["--input-shape", "2,3,8,8"], "returned int, not a torch.nn.Module"),
+    ("usermodels:nothing", ["--input-shape", "2,3,8,8"], "has no attribute 'nothing'"),
+    ("nosuchpkg.mod:make", ["--input-shape", "2,3,8,8"], "cannot import module 'nosuchpkg.mod'"),
+    ("usermodels:broken", ["--input-shape", "2,3,8,8"], "raised ValueError: no weights here"),
+    ("usermodels:make_model", [], "needs --input-shape"),
+    ("usermodels:make_model", ["--input-shape", "2,x"], "bad --input-shape"),
+    ("usermodels:make_model", ["--input-shape", "2,3,5,5"], "cannot trace the module"),
+    ("usermodels:make_model", ["--input-shape", "2,3,8,8", "--input-dtype", "float99"],
+     "unknown --input-dtype"),
+])
+def test_torch_callable_errors(tmp_path, ref, extra, msg):
+    (tmp_path / "usermodels.py").write_text(USER_MODELS)
+    both = "not_a" in ref or "5,5" in extra[-1:]
+    cmds = [["infer-spec"]] + ([["permute", "--random", "-o", "p.pt"]] if both else [])
+    for cmd in cmds:
+        code, so, se = run_in(tmp_path, cmd[0], ref, *extra, *cmd[1:])
+        assert code == 2, (code, se)
+        assert msg in se and "Traceback" not in se and len(se.strip().splitlines()) == 1, se
+        assert not (tmp_path / "p.pt").exists()

@@ -8,6 +8,8 @@ members (offset/block/stride).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from rebasin.errors import SpecMismatchError, UnsupportedModelError
@@ -154,7 +156,9 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
             cx.alg.pin(v, f"constant {name}")
     cx.alg.propagate_pins()
     spec = _extract(cx, {k: v for k, v in g.weights.items() if k not in set(frozen)})
-    return _with_aliases(spec, g.aliases, g.weights) if g.aliases else spec
+    if g.aliases:
+        spec = _with_aliases(spec, g.aliases, g.weights)
+    return dataclasses.replace(spec, source=g.frontend)
 
 
 def _is_torch_module(model) -> bool:

@@ -77,8 +77,13 @@ def _apply_state_dict(sd: dict, spec: Spec, perms: dict) -> dict:
         import torch
     except ImportError:  # pragma: no cover
         torch = None
-    arrays = {k: (v.detach().cpu().numpy() if torch is not None and isinstance(v, torch.Tensor)
-                  else np.asarray(v)) for k, v in sd.items()}
+    def numpy(v):  # bfloat16 has no numpy type: float32 holds it exactly, a permutation only moves it
+        if torch is not None and isinstance(v, torch.Tensor):
+            v = v.detach().cpu()
+            return (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+        return np.asarray(v)
+
+    arrays = {k: numpy(v) for k, v in sd.items()}
     new = permute_arrays(arrays, spec, perms)
     out = {}
     for k, v in sd.items():

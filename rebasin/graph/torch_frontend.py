@@ -16,7 +16,10 @@ Tensor names: parameters and buffers get their ``state_dict`` key; other tensors
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import operator
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,6 +113,20 @@ def _trace_fx(model, example_inputs) -> Traced:
     return Traced(traced.graph, params, consts, tensors, placeholders[len(keys):], {}, "fx")
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Tracers log failed attempts and warn on stderr; their errors are reported by ``trace``."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def trace(model, example_inputs, tracer: str = "auto") -> Traced:
     """Trace ``model`` on ``example_inputs`` with torch.export, or torch.fx where export fails."""
     if tracer not in ("auto", "export", "fx"):
@@ -123,7 +140,8 @@ def trace(model, example_inputs, tracer: str = "auto") -> Traced:
         if tracer not in ("auto", name):
             continue
         try:
-            return fn(model.eval(), example_inputs)
+            with _quiet():
+                return fn(model.eval(), example_inputs)
         except Exception as e:  # tracers raise many unrelated types
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             errors.append(f"torch.{'export' if name == 'export' else 'fx'}: {type(e).__name__}: {first}")
@@ -558,8 +576,9 @@ def _max(b, n, p, name):
     dim, keep = _norm(int(n.args[1]), len(xs)), int(bool(p.get("keepdim", False)))
     b.emit("ReduceMax" if name == "max" else "ReduceMin", [b.t(n.args[0])], [b.out(0)], axes=[dim],
            keepdims=keep)
-    b.emit("ArgMax" if name == "max" else "ArgMin", [b.t(n.args[0])], [b.out(1)], axis=dim,
-           keepdims=keep)
+    if 1 in _used_items(n):
+        b.emit("ArgMax" if name == "max" else "ArgMin", [b.t(n.args[0])], [b.out(1)], axis=dim,
+               keepdims=keep)
 
 
 @lowering("argmax", "argmin")
@@ -603,7 +622,7 @@ def _pool(b, n, p, name):
     if len(xs) != _spatial(name) + 2:
         return _unknown(b, n, "pooling input without a batch axis")
     multi = isinstance(n.meta.get("val"), (tuple, list))
-    outs = [b.out(0), b.out(1)] if multi else [b.out()]
+    outs = [b.out(0), b.out(1) if 1 in _used_items(n) else ""] if multi else [b.out()]
     ys = b.shapes[outs[0]]
     op = "MaxPool" if "max" in name else "LpPool" if "lp" in name else "AveragePool"
     if "adaptive" in name and all(d == 1 for d in ys[2:]):
@@ -649,6 +668,11 @@ def _filled(b, n, p, name):
     if fill is not None and b.t(fill):  # filled from a tensor's value: that tensor is a parameter
         return _unknown(b, n, "fill value is a tensor")
     b.emit("ConstantOfShape", [], [b.out()])  # the same value everywhere: any permutation keeps it
+
+
+def _used_items(n) -> set:
+    """Which items of a multi-output node are read (``getitem`` users)."""
+    return {u.args[1] for u in n.users if u.target is operator.getitem}
 
 
 def _unknown(b, n, why=None):
@@ -801,3 +825,77 @@ def build_graph(model, example_inputs, tracer: str = "auto") -> Graph:
     finally:
         model.train(was_training)
     return lower(tr, model)
+
+
+# --------------------------------------------------------------------------- command-line sources
+
+
+def is_callable_ref(ref: str) -> bool:
+    """``package.module:factory`` (and not an existing file)."""
+    import os
+    import re
+
+    return not os.path.exists(ref) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", ref) is not None
+
+
+def load_callable(ref: str, state_dict: str | None = None):
+    """Import ``module:callable``, call it, and return the ``nn.Module`` it builds."""
+    import importlib
+    import os
+    import sys
+
+    import torch
+
+    mod_name, _, attr_path = ref.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like ``python -m``: the user's own packages
+    try:
+        obj = importlib.import_module(mod_name)
+    except Exception as e:  # the user's module may raise anything on import
+        raise ModelLoadError(f"cannot import module {mod_name!r} ({type(e).__name__}: {e})") from e
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ModelLoadError(f"{mod_name!r} has no attribute {attr_path!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.nn.Module):
+        if not callable(obj):
+            raise ModelLoadError(f"{ref} is a {type(obj).__name__}, not a callable or nn.Module")
+        try:
+            obj = obj()
+        except Exception as e:
+            raise ModelLoadError(f"{ref}() raised {type(e).__name__}: {e}") from e
+    if not isinstance(obj, torch.nn.Module):
+        raise ModelLoadError(f"{ref}() returned {type(obj).__name__}, not a torch.nn.Module")
+    if state_dict:
+        try:
+            obj.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise ModelLoadError(f"cannot load state_dict {state_dict}: {str(e).splitlines()[0]}") from e
+    return obj.eval()
+
+
+def example_inputs(shapes: list[str], dtypes: list[str] | None = None, seed: int = 0) -> tuple:
+    """Random inputs from ``["1,3,32,32", ...]`` shapes and dtype names (integers in [0, 2))."""
+    import torch
+
+    if not shapes:
+        raise UnsupportedModelError("a torch model needs --input-shape (e.g. --input-shape 1,3,32,32)")
+    dtypes = list(dtypes or [])
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, text in enumerate(shapes):
+        try:
+            shape = tuple(int(d) for d in text.split(","))
+        except ValueError:
+            raise UnsupportedModelError(f"bad --input-shape {text!r}: use comma-separated integers") from None
+        if any(d <= 0 for d in shape):
+            raise UnsupportedModelError(f"bad --input-shape {text!r}: dimensions must be positive")
+        name = dtypes[i] if i < len(dtypes) else (dtypes[-1] if dtypes else "float32")
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise UnsupportedModelError(f"unknown --input-dtype {name!r}")
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=g).to(dtype))
+        else:
+            out.append(torch.randint(0, 2, shape, generator=g).to(dtype))
+    return tuple(out)

@@ -1,0 +1,319 @@
+"""Torch frontend: specs of nn.Modules are sound through the state_dict and equal the ONNX-path specs."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import rebasin
+from rebasin.errors import UnsupportedModelError
+from tests.corpus import BUILDERS, FAST, build, export
+
+SLOW_TORCH = [n for n in BUILDERS if n not in FAST]
+
+
+def assert_sound(model, inputs, spec, seeds=(0, 1, 2), rtol=1e-5):
+    for seed in seeds:
+        sd = rebasin.apply_permutation(model.state_dict(), spec, spec.random_permutations(seed))
+        res = rebasin.verify_torch(model, sd, inputs, rtol=rtol)
+        assert res.equal, f"seed {seed}: {res}"
+
+
+def signature(spec, keep):
+    """Classes as (size, member set) restricted to tensors both specs know, as a multiset."""
+    out = collections.Counter()
+    for c in spec.classes:
+        mem = frozenset((m.tensor, m.axis, m.offset, m.block, m.stride)
+                        for m in c.members if m.tensor in keep)
+        if mem:
+            out[(c.size, mem)] += 1
+    return out
+
+
+def _check_corpus(name):
+    model, inputs = build(name)
+    spec = rebasin.infer_spec(model, inputs)
+    assert spec.source == "torch.export"
+    assert spec.classes, "no symmetry found"
+    keys = set(model.state_dict())
+    assert {m.tensor for c in spec.classes for m in c.members} <= keys
+    assert_sound(model, inputs, spec)
+    # the same classes as the ONNX path (rotary inv_freq is a non-persistent buffer: frozen there too)
+    frozen = [k for k in ("m.model.rotary_emb.inv_freq",) if name == "llama"]
+    onnx_spec = rebasin.infer_spec(export(name), frozen=frozen)
+    keep = set(spec.shapes) & set(onnx_spec.shapes)
+    assert len(keep) >= 0.9 * len([k for k in spec.shapes if k in keys])
+    assert signature(spec, keep) == signature(onnx_spec, keep)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_corpus_torch_sound_and_equal_to_onnx(name):
+    _check_corpus(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW_TORCH)
+def test_corpus_torch_sound_and_equal_to_onnx_slow(name):
+    _check_corpus(name)
+
+
+def test_wrong_spec_is_caught():
+    """The soundness check can fail: leave BatchNorm running statistics out of their class."""
+    model, inputs = build("resnet18")
+    spec = rebasin.infer_spec(model, inputs)
+    c = next(c for c in spec.classes if any("running_mean" in m.tensor for m in c.members))
+    bad = rebasin.Spec((rebasin.PermutationClass(
+        c.name, c.size, tuple(m for m in c.members if "running" not in m.tensor)),))
+    sd = rebasin.apply_permutation(model.state_dict(), bad, {c.name: torch.randperm(c.size).numpy()})
+    assert not rebasin.verify_torch(model, sd, inputs).equal
+
+
+# --------------------------------------------------------------------------- named structures
+
+
+def _members(spec, tensor, axis):
+    return [(c, m) for c in spec.classes for m in c.members if m.tensor == tensor and m.axis == axis]
+
+
+def test_multihead_attention_packed_in_proj():
+    model, inputs = build("mha")
+    spec = rebasin.infer_spec(model, inputs)
+    blocks = {m.block for _, m in _members(spec, "attn.in_proj_weight", 0)}
+    heads = [c for c, m in _members(spec, "attn.in_proj_weight", 0) if m.block == 8]
+    assert blocks == {1, 8} and heads and heads[0].size == 4
+    # q, k and v pieces of the packed weight all move with the head permutation
+    assert {m.offset for m in heads[0].members if m.tensor == "attn.in_proj_weight"} == {0, 32, 64}
+    per_head = [c for c, m in _members(spec, "attn.in_proj_weight", 0) if m.block == 1]
+    assert len({c.name for c in per_head}) == 4  # an independent head-dim class per head
+
+
+def test_gpt2_conv1d_and_tied_embeddings():
+    model, inputs = build("gpt2")
+    spec = rebasin.infer_spec(model, inputs)
+    wte = {c.name for c, _ in _members(spec, "m.transformer.wte.weight", 1)}
+    head = {c.name for c, _ in _members(spec, "m.lm_head.weight", 1)}
+    resid = {c.name for c, _ in _members(spec, "m.transformer.h.0.attn.c_attn.weight", 0)}
+    assert wte == head == resid and len(wte) == 1  # tied, and the residual stream
+    # Conv1D stores [in, out]: c_fc's hidden units are axis 1
+    assert _members(spec, "m.transformer.h.0.mlp.c_fc.weight", 1)
+    assert_sound(model, inputs, spec)
+
+
+def test_llama_rope_gqa_swiglu():
+    model, inputs = build("llama")
+    spec = rebasin.infer_spec(model, inputs)
+    q = "m.model.layers.0.self_attn.q_proj.weight"
+    # RoPE (inv_freq is a non-persistent buffer): query dims inside a head cannot move
+    assert all(m.block > 1 for _, m in _members(spec, q, 0))
+    kv_groups = [c for c, m in _members(spec, "m.model.layers.0.self_attn.k_proj.weight", 0)]
+    assert kv_groups and kv_groups[0].size == 2  # 2 key/value heads
+    v = _members(spec, "m.model.layers.0.self_attn.v_proj.weight", 0)
+    assert any(m.block == 1 for _, m in v)  # value dims permute
+    gate = {c.name for c, _ in _members(spec, "m.model.layers.0.mlp.gate_proj.weight", 0)}
+    up = {c.name for c, _ in _members(spec, "m.model.layers.0.mlp.up_proj.weight", 0)}
+    assert gate == up and len(gate) == 1  # SwiGLU: gate and up tied
+
+
+# --------------------------------------------------------------------------- one tiny model per op family
+
+
+class Ops(nn.Module):
+    """A few ops between two Linear layers; ``fn(self, h)`` is the body."""
+
+    def __init__(self, fn, d_in=6, hidden=8, d_out=3, extra=None):
+        super().__init__()
+        self.fn = fn
+        self.a = nn.Linear(d_in, hidden)
+        self.b = nn.Linear(hidden, d_out)
+        self.extra = nn.ModuleDict(extra or {})
+
+    def forward(self, x):
+        return self.b(self.fn(self, self.a(x)))
+
+
+def _conv_body(m, x):
+    h = m.extra["bn"](m.extra["conv"](x))
+    return torch.flatten(F.adaptive_avg_pool2d(h, 2), 1)
+
+
+OP_CASES = {
+    "chunk_cat": (lambda m, h: torch.cat(list(reversed(h.chunk(2, -1))), -1), {}),
+    "split_stack_repeat": (lambda m, h: torch.stack(h.split([4, 4], -1)[::-1], 0).sum(0).repeat(1, 2)
+                           * h.mean(0, keepdim=True).expand(4, 8).sum(-1, keepdim=True), {}),
+    "unbind_permute": (lambda m, h: torch.stack(h.reshape(4, 2, 4).permute(1, 0, 2).unbind(0), -1)
+                       .flatten(1), {}),
+    "softmax_max": (lambda m, h: torch.softmax(h, -1) * h.max(-1, keepdim=True).values, {}),
+    "rmsnorm_groupnorm": (lambda m, h: m.extra["gn"](m.extra["rms"](h).unsqueeze(-1)).squeeze(-1),
+                          {"rms": nn.RMSNorm(8), "gn": nn.GroupNorm(2, 8)}),
+    "where_clamp": (lambda m, h: torch.where(h > 0, h, -h).clamp(min=-h.abs().mean(), max=m.b.weight[0].abs()
+                                                                  .mean()) + F.pad(h, (0, 0)), {}),
+    "cumsum_pinned": (lambda m, h: torch.cumsum(h, -1), {}),
+    "gather_index": (lambda m, h: torch.gather(h, 0, torch.zeros_like(h, dtype=torch.long))
+                     + h.index_select(0, torch.tensor([3, 2, 1, 0])), {}),
+    "masked_fill_tril": (lambda m, h: h.masked_fill(h < -1, 0.0) + torch.tril(h @ h.T) @ h, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OP_CASES))
+def test_op_family_sound(case):
+    fn, extra = OP_CASES[case]
+    torch.manual_seed(0)
+    model = Ops(fn, extra=extra).eval()
+    x = (torch.randn(4, 6),)
+    spec = rebasin.infer_spec(model, x)
+    assert_sound(model, x, spec)
+    if case == "cumsum_pinned":
+        assert not _members(spec, "a.weight", 0)
+        assert any("cumulative" in b.reason for b in spec.blocked if b.tensor == "a.weight")
+    else:
+        assert _members(spec, "a.weight", 0), spec.table()
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.inorm = nn.InstanceNorm2d(6, affine=True)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        h = F.interpolate(self.dw(h), scale_factor=0.5)
+        h = self.inorm(self.up(h))
+        return self.fc(F.adaptive_avg_pool2d(h, 4).flatten(1))
+
+
+def test_convnet_flatten_depthwise_transpose():
+    from tests.corpus import randomize_bn
+
+    torch.manual_seed(0)
+    model = randomize_bn(ConvNet())
+    x = (torch.randn(2, 3, 16, 16),)
+    spec = rebasin.infer_spec(model, x)
+    assert_sound(model, x, spec)
+    fc_in = _members(spec, "fc.weight", 1)
+    assert fc_in and fc_in[0][1].block == 16  # a flattened channel is a block of 4x4 positions
+    bn = {c.name for c, _ in _members(spec, "bn.running_var", 0)}
+    assert bn == {c.name for c, _ in _members(spec, "dw.weight", 0)}  # depthwise keeps the class
+
+
+class GQA(nn.Module):
+    def __init__(self, d=16, hq=4, hkv=2):
+        super().__init__()
+        self.hq, self.hkv, self.hd = hq, hkv, d // hq
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * hkv * self.hd)
+        self.o = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.hq, self.hd).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2 * self.hkv, self.hd).transpose(1, 2).chunk(2, 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_sdpa_grouped_query_attention():
+    torch.manual_seed(0)
+    model = GQA().eval()
+    x = (torch.randn(2, 5, 16),)
+    spec = rebasin.infer_spec(model, x)
+    assert_sound(model, x, spec)
+    groups = [c for c, m in _members(spec, "kv.weight", 0) if m.block > 1 and c.size == 2]
+    assert groups, spec.table()
+
+
+# --------------------------------------------------------------------------- tracing: fallback, failures
+
+
+def test_fx_tracer_gives_the_same_spec():
+    for name in ("mlp", "mha"):
+        model, inputs = build(name)
+        a = rebasin.infer_spec(model, inputs, tracer="export")
+        b = rebasin.infer_spec(model, inputs, tracer="fx")
+        assert b.source == "torch.fx"
+        keep = set(a.shapes)
+        assert signature(a, keep) == signature(b, keep)
+        assert_sound(model, inputs, b)
+
+
+def test_auto_falls_back_to_fx(monkeypatch):
+    from rebasin.graph import torch_frontend
+
+    def broken(model, inputs):
+        raise RuntimeError("export is unavailable")
+
+    monkeypatch.setattr(torch_frontend, "_trace_export", broken)
+    model, inputs = build("mlp")
+    assert rebasin.infer_spec(model, inputs).source == "torch.fx"
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # data-dependent control flow
+            return self.b(h)
+        return self.c(h)
+
+
+def test_data_dependent_control_flow_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError, match=r"cannot trace.*torch\.export.*torch\.fx"):
+        rebasin.infer_spec(Branchy(), (torch.randn(3, 4),))
+
+
+def test_missing_example_inputs():
+    with pytest.raises(UnsupportedModelError, match="example_inputs"):
+        rebasin.infer_spec(Branchy())
+
+
+@torch.library.custom_op("rebasin_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1).contiguous()  # not element-wise: an analyzer must not assume it is
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.b = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.mid(mystery(torch.relu(self.a(x))))))
+
+
+def test_unknown_custom_op_blocks_with_reason():
+    model = Custom().eval()
+    x = (torch.randn(3, 4),)
+    spec = rebasin.infer_spec(model, x)
+    reasons = [b.reason for b in spec.blocked if b.tensor == "a.weight" and b.axis == 0]
+    assert reasons and "mystery" in reasons[0] and "no rule" in reasons[0]
+    assert _members(spec, "mid.weight", 0)  # symmetry after the op survives
+    assert_sound(model, x, spec)
+    with pytest.raises(UnsupportedModelError, match="mystery"):
+        rebasin.infer_spec(model, x, strict=True)
+
+
+def test_bfloat16_state_dict_permutes_exactly():
+    model, inputs = build("mlp")
+    spec = rebasin.infer_spec(model, inputs)
+    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    perms = spec.random_permutations(0)
+    out = rebasin.apply_permutation(sd, spec, perms)
+    ref = rebasin.apply_permutation(model.state_dict(), spec, perms)
+    assert all(out[k].dtype == torch.bfloat16 for k in out)
+    assert all(torch.equal(out[k], ref[k].to(torch.bfloat16)) for k in out)
