@@ -176,8 +176,15 @@ class Spec:
             lines.append(f"{c.name:<10} {c.size:>5}  {mem}{more}")
         if self.blocked:
             lines.append(f"\n{len(self.blocked)} blocked weight axes:")
+            groups: dict[str, list[BlockedAxis]] = {}  # the same cause at many nodes: one line
             for b in self.blocked:
-                lines.append(f"  {b.tensor}[{b.axis}]: {b.reason}")
+                groups.setdefault(b.reason.split("': ", 1)[-1], []).append(b)
+            for cause, bs in groups.items():
+                if len(bs) <= 3:
+                    lines += [f"  {b.tensor}[{b.axis}]: {b.reason}" for b in bs]
+                else:
+                    some = ", ".join(f"{b.tensor}[{b.axis}]" for b in bs[:3])
+                    lines.append(f"  {len(bs)} axes: {cause} ({some}, ...; --json lists all)")
         return "\n".join(lines)
 
     def __str__(self) -> str:

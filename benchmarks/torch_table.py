@@ -1,0 +1,54 @@
+"""Print, per corpus model, the torch-frontend spec next to the ONNX-path spec: classes, trace +
+analysis time, worst relative output error (torch, state_dict permuted, reloaded) and whether the
+two specs agree class for class on the tensors both name.
+
+    python benchmarks/torch_table.py [--seeds 3] [model ...]
+"""
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rebasin  # noqa: E402
+from tests import corpus  # noqa: E402
+from tests.test_torch_frontend import signature  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("models", nargs="*", default=list(corpus.BUILDERS))
+    p.add_argument("--seeds", type=int, default=3)
+    args = p.parse_args()
+    print(f"| model | torch classes | onnx classes | equal specs | trace+analysis s | "
+          f"max rel error ({args.seeds} seeds) | sound |")
+    print("|---|---:|---:|---|---:|---:|---|")
+    bad = 0
+    for name in args.models:
+        model, inputs = corpus.build(name)
+        t = time.perf_counter()
+        spec = rebasin.infer_spec(model, inputs)
+        dt = time.perf_counter() - t
+        worst, ok = 0.0, True
+        for s in range(args.seeds):
+            sd = rebasin.apply_permutation(model.state_dict(), spec, spec.random_permutations(s))
+            res = rebasin.verify_torch(model, sd, inputs)
+            worst, ok = max(worst, res.max_rel), ok and res.equal
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = corpus.export(name)
+        frozen = [k for k in ("m.model.rotary_emb.inv_freq",) if name == "llama"]
+        onnx_spec = rebasin.infer_spec(path, frozen=frozen)
+        keep = set(spec.shapes) & set(onnx_spec.shapes)
+        same = signature(spec, keep) == signature(onnx_spec, keep)
+        bad += not (ok and same)
+        print(f"| {name} | {len(spec)} | {len(onnx_spec)} | {'yes' if same else 'NO'} | {dt:.2f} | "
+              f"{worst:.1e} | {'yes' if ok else 'NO'} |", flush=True)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
