@@ -1,4 +1,4 @@
-"""Command line: ``rebasin infer-spec | permute | verify``.
+"""Command line: ``rebasin infer-spec | permute | verify | align | merge | interpolate``.
 
 MODEL is an ONNX file or ``package.module:factory`` returning a ``torch.nn.Module``.
 
@@ -142,6 +142,89 @@ def cmd_verify(args) -> int:
     return 0 if res.equal else 1
 
 
+def _progress(it: int, objective: float, message: str) -> None:
+    print(f"  [{it:>4}] objective {objective:.6g}  {message}", file=sys.stderr, flush=True)
+
+
+def _models(args, paths):
+    """ONNX paths as given, or torch modules built by --torch-model with each state_dict loaded."""
+    if not args.torch_model:
+        return list(paths), None
+    from rebasin.graph import torch_frontend as tf
+
+    mods = [tf.load_callable(args.torch_model, p) for p in paths]
+    return mods, tf.example_inputs(args.input_shape, args.input_dtype)
+
+
+def _save_any(model, path):
+    if isinstance(model, dict):
+        import torch
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                torch.save(model, f)
+        _write_atomic(path, write)
+    else:
+        _save_model(model, path)
+
+
+def cmd_align(args) -> int:
+    from rebasin.align import align
+
+    (a, b), inputs = _models(args, [args.a, args.b])
+    data = _load_feeds(args.data)
+    options = {k: v for k, v in (("cost", args.cost), ("steps", args.steps), ("max_iter", args.max_iter))
+               if v is not None}
+    print(f"aligning {args.b} to {args.a} with {args.method}", file=sys.stderr)
+    res = align(a, b, args.method, example_inputs=inputs, data=data, seed=args.seed,
+                progress=_progress, verify=not args.no_verify, **options)
+    r = res.solve
+    print(f"{r.method}: {len(res.perms)} classes, objective {r.objective[0] if r.objective else 0:.6g} -> "
+          f"{r.objective[-1] if r.objective else 0:.6g}, converged {r.converged}, {r.wall_time:.2f} s")
+    if res.verification is not None:
+        print(res.verification)
+    if args.save_perms:
+        _write_atomic(args.save_perms, lambda tmp: open(tmp, "w").write(r.to_json(indent=1) + "\n"))
+    _save_any(res.model, args.output)
+    print(f"wrote {args.output}" + (f" and {args.save_perms}" if args.save_perms else ""))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from rebasin.align import merge
+
+    models, inputs = _models(args, args.models)
+    res = merge(models, example_inputs=inputs, seed=args.seed, max_iter=args.max_iter or 100,
+                progress=_progress)
+    print(f"merged {len(models)} models: {len(res.merge.objective)} rounds, converged {res.merge.converged}, "
+          f"{res.merge.wall_time:.2f} s (each aligned model verified equal to its original)")
+    if args.save_perms:
+        text = json.dumps([{k: [int(i) for i in v] for k, v in p.items()} for p in res.perms])
+        _write_atomic(args.save_perms, lambda tmp: open(tmp, "w").write(text + "\n"))
+    _save_any(res.model, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    from rebasin.align import interpolate
+
+    (a, b), inputs = _models(args, [args.a, args.b])
+    if not 0.0 <= args.t <= 1.0:
+        raise RebasinError(f"--t must lie in [0, 1], got {args.t}")
+    _save_any(interpolate(a, b, args.t, example_inputs=inputs), args.output)
+    print(f"wrote {args.output} = {1 - args.t:g} * {args.a} + {args.t:g} * {args.b}")
+    return 0
+
+
+def _torch_model_args(s) -> None:
+    t = s.add_argument_group("torch models (the model files are torch.save'd state_dicts)")
+    t.add_argument("--torch-model", metavar="PKG.MODULE:FACTORY",
+                   help="callable returning the nn.Module the state_dicts belong to")
+    t.add_argument("--input-shape", action="append", default=[], metavar="D0,D1,..")
+    t.add_argument("--input-dtype", action="append", default=[], metavar="DTYPE")
+
+
 def _analysis_args(s) -> None:
     """Options of every command that infers a spec."""
     s.add_argument("--strict", action="store_true", help="error on ops without a rule")
@@ -178,6 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
     _analysis_args(s)
     s.add_argument("--no-verify", action="store_true")
     s.set_defaults(fn=cmd_permute)
+    s = sub.add_parser("align", help="permute B into alignment with A (verified before writing)")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--method", default="weight", help="weight (default), activation, sinkhorn, ste")
+    s.add_argument("--cost", choices=["l2", "mid", "random"], help="sinkhorn cost (default l2)")
+    s.add_argument("--data", help=".npz: model inputs in order, optional 'labels'")
+    s.add_argument("--steps", type=int, help="optimisation steps (sinkhorn, ste)")
+    s.add_argument("--max-iter", type=int, help="sweeps of weight matching")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--save-perms", metavar="FILE", help="write the permutations as JSON")
+    s.add_argument("--no-verify", action="store_true")
+    _torch_model_args(s)
+    s.set_defaults(fn=cmd_align)
+    s = sub.add_parser("merge", help="align many models to each other (MergeMany) and average them")
+    s.add_argument("models", nargs="+")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-iter", type=int)
+    s.add_argument("--save-perms", metavar="FILE", help="JSON list: per model, its permutations")
+    _torch_model_args(s)
+    s.set_defaults(fn=cmd_merge)
+    s = sub.add_parser("interpolate", help="(1-t) A + t B on every weight (align B first)")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--t", type=float, default=0.5)
+    s.add_argument("-o", "--output", required=True)
+    _torch_model_args(s)
+    s.set_defaults(fn=cmd_interpolate)
     s = sub.add_parser("verify", help="check two models compute the same function")
     s.add_argument("a")
     s.add_argument("b")

@@ -60,6 +60,8 @@ class PermutationClass:
     name: str
     size: int
     members: tuple[Member, ...]
+    # where the class shows in intermediate tensors (graph value names), for activation matching
+    activations: tuple[Member, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
         if self.size < 2:
@@ -68,7 +70,10 @@ class PermutationClass:
             raise SpecMismatchError(f"class {self.name} has no members")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "size": self.size, "members": [m.to_dict() for m in self.members]}
+        d = {"name": self.name, "size": self.size, "members": [m.to_dict() for m in self.members]}
+        if self.activations:
+            d["activations"] = [m.to_dict() for m in self.activations]
+        return d
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ class Spec:
     def from_dict(cls, d: dict) -> Spec:
         try:
             classes = tuple(
-                PermutationClass(c["name"], int(c["size"]), tuple(Member(**m) for m in c["members"]))
+                PermutationClass(c["name"], int(c["size"]), tuple(Member(**m) for m in c["members"]),
+                                 tuple(Member(**m) for m in c.get("activations", ())))
                 for c in d["classes"])
             blocked = tuple(BlockedAxis(**b) for b in d.get("blocked", ()))
         except (KeyError, TypeError, ValueError) as e:

@@ -86,6 +86,9 @@ class _Context:
                 self.pin_tensor(n, why)
 
 
+_MAX_ACTIVATIONS = 4  # activation members kept per class
+
+
 class _NoShape(Exception):
     pass
 
@@ -180,7 +183,7 @@ def _with_aliases(spec: Spec, aliases: dict, weights: dict) -> Spec:
         for m in c.members:
             for other in aliases.get(m.tensor, ()):
                 members[Member(other, m.axis, m.offset, m.block, m.stride)] = None
-        classes.append(PermutationClass(c.name, c.size, tuple(members)))
+        classes.append(PermutationClass(c.name, c.size, tuple(members), c.activations))
     blocked = list(spec.blocked) + [BlockedAxis(o, b.axis, b.reason) for b in spec.blocked
                                     for o in aliases.get(b.tensor, ())]
     shapes = dict(spec.shapes)
@@ -230,6 +233,8 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
     blocked: list[BlockedAxis] = []
 
+    sink = occurrences
+
     def expand(v, tensor, axis, offset, unit, path, reasons):
         r = alg.find(v)
         var = alg.vars[r]
@@ -239,7 +244,7 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             reasons.append(var.pinned)
             return
         if var.kind is None:
-            occurrences.append((r, tensor, axis, offset, unit, tuple(path)))
+            sink.append((r, tensor, axis, offset, unit, tuple(path)))
         elif var.kind == "sum":
             for c in var.children:
                 expand(c, tensor, axis, offset, unit, path, reasons)
@@ -290,10 +295,22 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             for r in candidates & held:
                 nest[r] -= mixed
 
+    def key(r, path):
+        return r, tuple(sorted((o, i) for o, i in path if o in nest.get(r, ())))
+
     classes: dict[tuple, dict[Member, None]] = {}  # insertion-ordered sets of members
     for r, tensor, axis, offset, unit, path in occurrences:
-        key = (r, tuple(sorted((o, i) for o, i in path if o in nest.get(r, ()))))
-        classes.setdefault(key, {})[Member(tensor, axis, offset, unit, unit)] = None
-    out = [PermutationClass(f"P{i}", alg.size(key[0]), tuple(mems))
-           for i, (key, mems) in enumerate(classes.items())]
+        classes.setdefault(key(r, path), {})[Member(tensor, axis, offset, unit, unit)] = None
+    # where each class shows in activations the frontend can capture (for activation matching)
+    sink = []
+    for name in cx.g.capturable:
+        for axis, v in enumerate(cx.axes.get(name, ())):
+            expand(v, name, axis, 0, 1, [], [])
+    acts: dict[tuple, dict[Member, None]] = {}
+    for r, tensor, axis, offset, unit, path in sink:
+        k = key(r, path)
+        if k in classes and len(acts.setdefault(k, {})) < _MAX_ACTIVATIONS:
+            acts[k][Member(tensor, axis, offset, unit, unit)] = None
+    out = [PermutationClass(f"P{i}", alg.size(k[0]), tuple(mems), tuple(acts.get(k, ())))
+           for i, (k, mems) in enumerate(classes.items())]
     return Spec(tuple(out), tuple(blocked), shapes={k: tuple(v.shape) for k, v in weights.items()})

@@ -44,6 +44,7 @@ class Graph:
     constants: set = field(default_factory=set)  # float tensors that are fixed (pinned) buffers
     aliases: dict[str, list[str]] = field(default_factory=dict)  # weight -> other names (tied)
     frontend: str = "onnx"
+    capturable: list = field(default_factory=list)  # intermediate tensors a run can return
 
 
 def attr(node, name: str, default=None):

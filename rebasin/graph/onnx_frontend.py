@@ -126,4 +126,5 @@ def build_graph(model, feeds: dict | None = None) -> Graph:
     nxg = to_networkx(zip(names, g.node))
     reads = {name: _subgraph_reads(n) for name, n in zip(names, g.node)}
     return Graph(model, nxg, list(zip(names, g.node)), shapes, values, weights, inputs,
-                     outputs, {k: v for k, v in reads.items() if v})
+                     outputs, {k: v for k, v in reads.items() if v},
+                     capturable=[k for k in results if k not in outputs])

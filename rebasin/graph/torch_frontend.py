@@ -52,6 +52,7 @@ class Traced:
     user_inputs: list  # placeholder names of the model inputs
     mutations: dict = field(default_factory=dict)  # output node name -> mutated buffer placeholder
     tracer: str = "export"
+    module: object = None  # a GraphModule running ``graph`` on flat placeholder values
 
 
 def _trace_export(model, example_inputs) -> Traced:
@@ -83,7 +84,7 @@ def _trace_export(model, example_inputs) -> Traced:
     for spec in sig.output_specs:
         if spec.kind.name == "BUFFER_MUTATION":
             mutations[spec.arg.name] = buffer_args.get(spec.target)
-    return Traced(ep.graph, params, consts, tensors, inputs, mutations, "export")
+    return Traced(ep.graph, params, consts, tensors, inputs, mutations, "export", ep.graph_module)
 
 
 def _trace_fx(model, example_inputs) -> Traced:
@@ -110,7 +111,7 @@ def _trace_fx(model, example_inputs) -> Traced:
         if n.op == "get_attr":
             consts[n.name] = n.target
             tensors[n.name] = getattr(traced, n.target)
-    return Traced(traced.graph, params, consts, tensors, placeholders[len(keys):], {}, "fx")
+    return Traced(traced.graph, params, consts, tensors, placeholders[len(keys):], {}, "fx", traced)
 
 
 @contextlib.contextmanager
@@ -788,8 +789,11 @@ def lower(tr: Traced, model) -> Graph:
     for key, others in tied.items():
         aliases[key] = list(dict.fromkeys(aliases.get(key, []) + others))
     inputs = [names[i] for i in tr.user_inputs if i in names]
+    capturable = [names[n.name] for n in tr.graph.nodes if n.op == "call_function"
+                  and names.get(n.name) in b.shapes and names[n.name] not in outputs]
     return Graph(tr, to_networkx(b.nodes), b.nodes, b.shapes, {**values, **b.values}, weights, inputs,
-                 outputs, constants=constants, aliases=aliases, frontend=f"torch.{tr.tracer}")
+                 outputs, constants=constants, aliases=aliases, frontend=f"torch.{tr.tracer}",
+                 capturable=capturable)
 
 
 def _storage(t) -> tuple:

@@ -1,0 +1,326 @@
+"""Align model B to model A (and merge many models) with any registered solver.
+
+The stages: infer A's spec -> check B has A's tensors (same names and shapes) -> extract weights
+(and, for activation matching, per-class activations on a data batch; for STE and Sinkhorn with a
+loss cost, a differentiable loss of the torch model) -> solve -> rewrite B -> verify that the
+aligned B computes what B computes.
+
+Models are ONNX (path or ``onnx.ModelProto``) or ``torch.nn.Module``\\ s (with ``example_inputs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rebasin.errors import SolverError, SpecMismatchError, VerificationError
+from rebasin.spec import Spec
+
+# --------------------------------------------------------------------------- one model, either kind
+
+
+class _Model:
+    """Uniform access to an ONNX or torch model: weights, a rewrite, activations, verification."""
+
+    def __init__(self, model, example_inputs=None):
+        from rebasin.graph.infer import _is_torch_module
+
+        self.torch = _is_torch_module(model)
+        self.example_inputs = example_inputs
+        if self.torch:
+            self.module = model.eval()
+            sd = model.state_dict()
+            self.state = dict(sd)
+            self.params = {k: _np(v) for k, v in sd.items() if v.is_floating_point()}
+        else:
+            from onnx import numpy_helper
+
+            from rebasin.graph.onnx_frontend import FLOAT_TYPES, load_model
+
+            self.onnx = load_model(model)
+            self.params = {t.name: numpy_helper.to_array(t) for t in self.onnx.graph.initializer
+                           if t.data_type in FLOAT_TYPES}
+
+    def spec(self, **kw) -> Spec:
+        from rebasin.graph.infer import infer_spec
+
+        if self.torch:
+            return infer_spec(self.module, self.example_inputs, **kw)
+        return infer_spec(self.onnx, **kw)
+
+    def permuted(self, spec, perms):
+        from rebasin.graph.rewrite import apply_permutation
+
+        if self.torch:
+            return apply_permutation(self.state, spec, perms)
+        return apply_permutation(self.onnx, spec, perms)
+
+    def with_params(self, params: dict):
+        """The model (a state_dict for torch, a ModelProto for ONNX) with some weights replaced."""
+        if self.torch:
+            import torch
+
+            return {k: (torch.from_numpy(np.ascontiguousarray(params[k])).to(v.dtype) if k in params else v)
+                    for k, v in self.state.items()}
+        import onnx
+        from onnx import numpy_helper
+
+        m = onnx.ModelProto()
+        m.CopyFrom(self.onnx)
+        for t in m.graph.initializer:
+            if t.name in params:
+                t.CopyFrom(numpy_helper.from_array(
+                    np.ascontiguousarray(params[t.name]).astype(numpy_helper.to_array(t).dtype), t.name))
+        return m
+
+    def verify_against(self, new, inputs=None):
+        """Does ``new`` (output of :meth:`permuted`) compute what this model computes?"""
+        from rebasin.verify import verify, verify_torch
+
+        if self.torch:
+            return verify_torch(self.module, new, inputs or self.example_inputs)
+        feeds = self.feeds(inputs) if inputs is not None else None
+        return verify(self.onnx, new, feeds=feeds)
+
+    def feeds(self, inputs) -> dict:
+        names = [i.name for i in self.onnx.graph.input if i.name not in {t.name for t in
+                                                                        self.onnx.graph.initializer}]
+        if len(inputs) != len(names):
+            raise SpecMismatchError(f"data has {len(inputs)} input arrays, the model takes {len(names)}: "
+                                    f"{names}")
+        return dict(zip(names, inputs))
+
+    def activations(self, spec: Spec, inputs) -> dict[str, np.ndarray]:
+        """class name -> (n_samples, size) features from the class's activation members."""
+        wanted = sorted({m.tensor for c in spec.classes for m in c.activations})
+        if self.torch:
+            values = _torch_activations(self, wanted, inputs)
+        else:
+            from rebasin.verify import run_model
+
+            values = run_model(self.onnx, self.feeds(inputs), extra_outputs=wanted)
+        feats = {}
+        for c in spec.classes:
+            cols = [_item_features(np.asarray(values[m.tensor], dtype=np.float64), m, c.size)
+                    for m in c.activations if m.tensor in values]
+            if cols:
+                feats[c.name] = np.concatenate(cols, axis=0)
+        return feats
+
+    def loss_fn(self, inputs, labels):
+        """``params -> cross-entropy`` of the torch model at the given weights (differentiable)."""
+        if not self.torch:
+            raise SolverError("this method needs a differentiable model: give torch models "
+                              "(nn.Module, or on the command line --torch-model package.module:factory)")
+        if labels is None:
+            raise SolverError("this method needs labels in the data (an array named 'labels')")
+        import torch
+
+        module = self.module
+        x = tuple(torch.as_tensor(i) for i in inputs)
+        y = torch.as_tensor(np.asarray(labels)).long()
+        fixed = {k: v for k, v in self.state.items() if k not in self.params}
+
+        def loss(params):
+            out = torch.func.functional_call(module, {**fixed, **params}, x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+        return loss
+
+
+def _np(t):
+    t = t.detach().cpu()
+    return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
+
+
+def _item_features(x: np.ndarray, m, size: int) -> np.ndarray:
+    """Rows: every position of the other axes; column i: item i of member ``m`` (block -> its norm)."""
+    x = np.moveaxis(x, m.axis, -1).reshape(-1, x.shape[m.axis])
+    pos = m.offset + np.arange(size)[:, None] * m.stride + np.arange(m.block)[None, :]
+    items = x[:, pos]  # (rows, size, block)
+    return items[..., 0] if m.block == 1 else np.sqrt((items ** 2).sum(-1))
+
+
+def _torch_activations(model: _Model, wanted, inputs) -> dict:
+    """Run the traced ATen graph with this model's tensors, keeping the named node values."""
+    import torch
+
+    from rebasin.graph.torch_frontend import trace
+
+    batch = tuple(torch.as_tensor(i) for i in inputs)
+    tr = trace(model.module, batch)  # shapes are specialised: trace on the data batch itself
+    by_key = {**model.state}
+    args = []
+    user = iter(batch)
+    for n in tr.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        if n.name in tr.param_names:
+            args.append(by_key[tr.param_names[n.name]])
+        elif n.name in tr.constant_names:
+            args.append(tr.tensors[n.name])
+        else:
+            args.append(next(user))
+    keep = set(wanted)
+    out = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n.name in keep and isinstance(v, torch.Tensor):
+                out[n.name] = v.detach().float().cpu().numpy()
+            return v
+
+    with torch.no_grad():
+        Recorder(tr.module).run(*args)
+    return out
+
+
+def check_compatible(a: _Model, b: _Model) -> None:
+    """Same weight names and shapes, or an error naming the first difference."""
+    for name, arr in a.params.items():
+        if name not in b.params:
+            raise SpecMismatchError(f"models differ: tensor {name} of model A is missing in model B")
+        if arr.shape != b.params[name].shape:
+            raise SpecMismatchError(f"models differ: tensor {name} has shape {arr.shape} in A "
+                                    f"but {b.params[name].shape} in B")
+    extra = sorted(set(b.params) - set(a.params))
+    if extra:
+        raise SpecMismatchError(f"models differ: tensor {extra[0]} of model B is missing in model A")
+    for label, m in (("A", a), ("B", b)):
+        for name, arr in m.params.items():
+            if not np.all(np.isfinite(arr)):
+                raise SolverError(f"model {label}: tensor {name} contains NaN or inf")
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@dataclass
+class AlignResult:
+    """The aligned B (state_dict or ModelProto), its permutations and the solver's record."""
+
+    model: object
+    perms: dict
+    solve: object  # rebasin.solvers.SolveResult
+    spec: Spec
+    verification: object  # VerifyResult, or None with verify=False
+
+
+def _split_data(data):
+    """``data``: dict of arrays (npz contents) -> (inputs list, labels or None)."""
+    if data is None:
+        return None, None
+    data = dict(data)
+    labels = data.pop("labels", None)
+    if not data:
+        raise SolverError("data holds no input arrays")
+    inputs = [np.asarray(v) for v in data.values()]
+    if any(v.size == 0 for v in inputs) or (labels is not None and np.asarray(labels).size == 0):
+        raise SolverError("data is empty")
+    return inputs, labels
+
+
+def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec: Spec | None = None,
+          seed: int = 0, progress=None, verify: bool = True, **options) -> AlignResult:
+    """Permute model B into alignment with model A.
+
+    Args:
+        a, b: two models of one architecture: ONNX (path / ModelProto) or ``torch.nn.Module``.
+        method: a solver name (``weight``, ``activation``, ``sinkhorn``, ``ste``).
+        example_inputs: torch models: inputs to trace with.
+        data: dict of arrays (e.g. an ``.npz``): the model inputs in order, plus optional
+            ``labels``; needed by ``activation``, and with labels by ``ste`` and by ``sinkhorn``
+            with ``cost="mid"`` / ``"random"``.
+        spec: A's spec (inferred when None).
+        verify: check that the aligned B computes what B computes (raises VerificationError).
+        options: passed to the solver (``cost``, ``steps``, ``max_iter`` ...).
+
+    Example:
+        >>> import torch, rebasin
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> mk = lambda: torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> a = mk()
+        >>> b = mk()
+        >>> b.load_state_dict({k: v.flip(0) if k.startswith("0.") else v.flip(1) if k == "2.weight" else v
+        ...                    for k, v in a.state_dict().items()})
+        <All keys matched successfully>
+        >>> res = rebasin.align(a, b, example_inputs=(torch.randn(3, 4),))
+        >>> bool(torch.equal(res.model["0.weight"], a.state_dict()["0.weight"]))
+        True
+    """
+    from rebasin import solvers
+
+    solve = solvers.get(method)
+    ma, mb = _Model(a, example_inputs), _Model(b, example_inputs)
+    if ma.torch != mb.torch:
+        raise SpecMismatchError("models differ: one is ONNX, the other torch")
+    check_compatible(ma, mb)
+    spec = spec or ma.spec()
+    inputs, labels = _split_data(data)
+    kw = dict(options)
+    if method == "activation":
+        if inputs is None:
+            raise SolverError("activation matching needs data (--data batch.npz)")
+        kw["feats_a"], kw["feats_b"] = ma.activations(spec, inputs), mb.activations(spec, inputs)
+    elif method == "ste" or (method == "sinkhorn" and kw.get("cost", "l2") != "l2"):
+        if inputs is None:
+            raise SolverError(f"{method} needs data with labels (--data train.npz)")
+        kw["loss_fn"] = ma.loss_fn(inputs, labels)
+    result = solve(spec, ma.params, mb.params, seed=seed, progress=progress, **kw)
+    aligned = mb.permuted(spec, result.perms)
+    res = None
+    if verify:
+        res = mb.verify_against(aligned)
+        if not res.equal:
+            raise VerificationError(f"aligned B differs from B: {res}")
+    return AlignResult(aligned, result.perms, result, spec, res)
+
+
+@dataclass
+class MergedModel:
+    """The average of the aligned models, each model's permutations, and the merge record."""
+
+    model: object
+    perms: list
+    merge: object  # rebasin.solvers.MergeResult
+
+
+def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, progress=None,
+          verify: bool = True) -> MergedModel:
+    """MergeMany (Git Re-Basin): align every model to the mean of the others, then average.
+
+    Each model's aligned version is verified to compute what the model computes before averaging.
+    """
+    from rebasin.graph.rewrite import permute_arrays
+    from rebasin.solvers import merge_many
+
+    if len(models) < 2:
+        raise SolverError("merge needs at least two models")
+    ms = [_Model(m, example_inputs) for m in models]
+    if len({m.torch for m in ms}) > 1:
+        raise SpecMismatchError("models differ: some are ONNX, some torch")
+    for m in ms[1:]:
+        check_compatible(ms[0], m)
+    spec = ms[0].spec()
+    res = merge_many(spec, [m.params for m in ms], seed=seed, max_iter=max_iter, progress=progress)
+    if verify:
+        for i, (m, p) in enumerate(zip(ms, res.perms)):
+            check = m.verify_against(m.permuted(spec, p))
+            if not check.equal:
+                raise VerificationError(f"model {i}: its aligned version differs from it: {check}")
+    mean = {k: np.mean([permute_arrays(m.params, spec, p)[k] for m, p in zip(ms, res.perms)], axis=0)
+            for k in ms[0].params}
+    return MergedModel(ms[0].with_params(mean), res.perms, res)
+
+
+def interpolate(a, b, t: float, *, example_inputs=None):
+    """``(1 - t) A + t B`` on every float weight (B as given: align it first)."""
+    ma, mb = _Model(a, example_inputs), _Model(b, example_inputs)
+    check_compatible(ma, mb)
+    return ma.with_params({k: (1 - t) * v + t * mb.params[k] for k, v in ma.params.items()})
+
+
+__all__ = ["align", "merge", "interpolate", "AlignResult", "MergedModel", "check_compatible"]
