@@ -3,6 +3,7 @@
 Pipeline: frontend -> graph IR -> symmetry inference -> spec -> rewrite -> verify.
 """
 
+from rebasin.align import align, interpolate, merge
 from rebasin.errors import (
     ModelLoadError,
     RebasinError,
@@ -11,12 +12,11 @@ from rebasin.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from rebasin.align import align, interpolate, merge
 from rebasin.graph.infer import infer_spec
 from rebasin.graph.rewrite import apply_permutation
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 from rebasin.verify import verify, verify_torch
 
-__all__ = ["infer_spec", "align", "merge", "interpolate", "apply_permutation", "verify", "verify_torch", "Spec", "PermutationClass", "Member",
-           "BlockedAxis", "RebasinError", "ModelLoadError", "UnsupportedModelError",
-           "SpecMismatchError", "SolverError", "VerificationError"]
+__all__ = ["infer_spec", "align", "merge", "interpolate", "apply_permutation", "verify", "verify_torch",
+           "Spec", "PermutationClass", "Member", "BlockedAxis", "RebasinError", "ModelLoadError",
+           "UnsupportedModelError", "SpecMismatchError", "SolverError", "VerificationError"]

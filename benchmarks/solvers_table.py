@@ -1,0 +1,101 @@
+"""Every method on corpus models, ONNX and torch: B = A with every class permuted at random plus
+weight noise (relative scale ``--noise``), then align B back to A. Prints method x model -> time,
+first/last objective, the fraction of classes whose planted permutation was recovered, and whether
+the aligned B verified equal to B (it always must).
+
+    .venv/bin/python benchmarks/solvers_table.py [--models mlp resnet18 vit gpt2] [--noise 0.1]
+
+Sinkhorn (mid) and STE need a differentiable model and labels: they run on the torch models, with
+random labels (the point here is that they run and what they cost, not the barrier; see
+benchmarks/barriers.py for barriers on trained models).
+"""
+
+import argparse
+import copy
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rebasin  # noqa: E402
+from tests import corpus  # noqa: E402
+
+METHODS = [("weight", {}), ("activation", {}), ("sinkhorn", {"cost": "l2", "steps": 100}),
+           ("sinkhorn", {"cost": "mid", "steps": 30}), ("ste", {"steps": 10})]
+
+
+def planted(a, spec, noise, seed=1):
+    perms = spec.random_permutations(seed)
+    sd = rebasin.apply_permutation(a.state_dict(), spec, perms)
+    g = torch.Generator().manual_seed(seed)
+    noisy = {k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1}
+    sd = {k: v + noise * v.std() * torch.randn(v.shape, generator=g) if k in noisy else v
+          for k, v in sd.items()}
+    b = copy.deepcopy(a)
+    b.load_state_dict(sd)
+    return b, perms
+
+
+def recovered(spec, planted_perms, found):
+    """Classes where found = inverse of the planted permutation."""
+    ok = sum(np.array_equal(np.argsort(planted_perms[c.name]), found[c.name]) for c in spec.classes)
+    return ok / max(len(spec.classes), 1)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="*", default=["mlp", "resnet18", "vit", "gpt2"])
+    p.add_argument("--noise", type=float, default=0.1)
+    args = p.parse_args()
+    print("| model | frontend | method | s | objective first -> last | planted classes recovered "
+          "| verified |")
+    print("|---|---|---|---:|---|---:|---|")
+    for name in args.models:
+        a, x = corpus.build(name)
+        spec = rebasin.infer_spec(a, x)
+        b, perms = planted(a, spec, args.noise)
+        with torch.no_grad():
+            out = a(*x)
+        labels = torch.randint(0, out.shape[-1], out.shape[:-1]).numpy()
+        data = {"x": x[0].numpy(), "labels": labels}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pa, pb = corpus.CACHE / f"{name}-A.onnx", corpus.CACHE / f"{name}-B.onnx"
+            for m, path in ((a, pa), (b, pb)):
+                torch.onnx.export(m, x, str(path), dynamo=name in ("gpt2", "bert", "llama"),
+                                  opset_version=18 if name in ("gpt2", "bert", "llama") else 17,
+                                  input_names=["input"], output_names=["output"],
+                                  **({"optimize": False} if name in ("gpt2", "bert", "llama") else
+                                     {"do_constant_folding": False}))
+        onnx_spec = rebasin.infer_spec(pa)
+        for frontend in ("torch", "onnx"):
+            for method, opts in METHODS:
+                label = method + (f" ({opts['cost']})" if "cost" in opts else "")
+                if frontend == "onnx" and (method == "ste" or opts.get("cost") == "mid"):
+                    print(f"| {name} | onnx | {label} | - | needs a torch model | - | - |")
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    if frontend == "torch":
+                        res = rebasin.align(a, b, method, example_inputs=x, data=data, spec=spec, **opts)
+                        rec = f"{recovered(spec, perms, res.perms):.2f}"
+                    else:
+                        res = rebasin.align(pa, pb, method, data={"input": x[0].numpy()}, spec=onnx_spec,
+                                            **opts)
+                        rec = "-"
+                except rebasin.RebasinError as e:
+                    print(f"| {name} | {frontend} | {label} | - | error: {e} | - | - |")
+                    continue
+                dt = time.perf_counter() - t0
+                obj = res.solve.objective
+                print(f"| {name} | {frontend} | {label} | {dt:.2f} | {obj[0]:.4g} -> {obj[-1]:.4g} | {rec} | "
+                      f"{'yes' if res.verification.equal else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The one interface every solver shares: a registry, :class:`SolveResult`, input checks.
+
+A solver is a function ``solve(spec, params_a, params_b, *, seed=0, progress=None, **options)``
+that returns a :class:`SolveResult` whose ``perms`` align model B to model A:
+``permute_arrays(params_b, spec, result.perms)`` is B expressed in A's basis.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rebasin.errors import SolverError, SpecMismatchError
+
+Progress = Callable[[int, float, str], None]
+"""``progress(iteration, objective, message)``; solvers call it once per sweep / logged step."""
+
+REGISTRY: dict[str, Callable[..., SolveResult]] = {}
+
+
+def register(name: str):
+    """Decorator adding a solver to :data:`REGISTRY` under ``name``."""
+
+    def add(fn):
+        if name in REGISTRY:
+            raise SolverError(f"solver {name!r} registered twice")
+        REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def get(name: str) -> Callable[..., SolveResult]:
+    """The solver registered as ``name``; an unknown name raises :class:`SolverError`.
+
+    Example:
+        >>> from rebasin import solvers
+        >>> solvers.get("weight").__name__
+        'weight_matching'
+    """
+    if name not in REGISTRY:
+        raise SolverError(f"unknown solver {name!r}; valid: {sorted(REGISTRY) or 'none yet'}")
+    return REGISTRY[name]
+
+
+@dataclass
+class SolveResult:
+    """What every solver returns.
+
+    Attributes:
+        perms: class name -> permutation (int array); ``permute_arrays(params_b, spec, perms)``
+            aligns B to A.
+        objective: one value per iteration (sweep or optimisation step); each solver's docstring
+            says what it measures and whether it is maximised or minimised.
+        converged: whether the solver met its stopping rule before its iteration limit.
+        wall_time: seconds spent in the solver.
+        method: the registry name of the solver that produced the result.
+        info: solver-specific facts (e.g. which classes fell back to weight matching).
+    """
+
+    perms: dict[str, np.ndarray]
+    objective: list[float]
+    converged: bool
+    wall_time: float
+    method: str
+    info: dict = field(default_factory=dict)
+
+    def perms_dict(self) -> dict[str, list[int]]:
+        """Permutations as plain lists of ints, keyed by class name."""
+        return {k: [int(i) for i in v] for k, v in self.perms.items()}
+
+    def to_json(self, indent: int | None = None) -> str:
+        """The permutations as JSON (the file format of ``rebasin permute --perms``).
+
+        Example:
+            >>> SolveResult({"P0": np.array([1, 0])}, [0.0], True, 0.0, "weight").to_json()
+            '{"P0": [1, 0]}'
+        """
+        return json.dumps(self.perms_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_json` to ``path``."""
+        Path(path).write_text(self.to_json(indent=1))
+
+    def summary(self) -> str:
+        last = f"{self.objective[-1]:.6g}" if self.objective else "n/a"
+        return (f"{self.method}: {len(self.perms)} classes, {len(self.objective)} iterations, "
+                f"objective {last}, converged={self.converged}, {self.wall_time:.2f} s")
+
+
+# --------------------------------------------------------------------------- input checks
+def member_tensors(spec) -> list[str]:
+    """Names of the tensors that appear in some class, in spec order, without repeats."""
+    return list(dict.fromkeys(m.tensor for c in spec.classes for m in c.members))
+
+
+def check_params(spec, params_a: Mapping, params_b: Mapping) -> None:
+    """Raise if the two models do not both fit ``spec`` or hold non-finite weights.
+
+    Missing tensors, shapes that differ between A and B or do not fit a member raise
+    :class:`SpecMismatchError` naming the first offending tensor; NaN/inf in a member tensor
+    raises :class:`SolverError` naming it.
+    """
+    for c in spec.classes:
+        for m in c.members:
+            for label, params in (("A", params_a), ("B", params_b)):
+                if m.tensor not in params:
+                    raise SpecMismatchError(f"class {c.name}: tensor {m.tensor!r} missing from model {label}")
+            sa, sb = np.shape(params_a[m.tensor]), np.shape(params_b[m.tensor])
+            if sa != sb:
+                raise SpecMismatchError(f"tensor {m.tensor!r} has shape {sa} in model A but {sb} in B")
+            if m.axis >= len(sa) or m.extent(c.size) > sa[m.axis]:
+                raise SpecMismatchError(
+                    f"class {c.name}: member {m.tensor!r} axis {m.axis} does not fit shape {sa}")
+    for name in member_tensors(spec):
+        for label, params in (("A", params_a), ("B", params_b)):
+            if not np.all(np.isfinite(np.asarray(params[name]))):
+                raise SolverError(f"tensor {name!r} of model {label} contains NaN or inf")
+
+
+def check_perms(spec, perms: Mapping | None) -> dict[str, np.ndarray]:
+    """Every class's permutation from ``perms`` (identity where absent), validated."""
+    perms = dict(perms or {})
+    unknown = set(perms) - {c.name for c in spec.classes}
+    if unknown:
+        raise SpecMismatchError(f"permutations for unknown classes: {sorted(unknown)[:5]}")
+    out = {}
+    for c in spec.classes:
+        p = np.asarray(perms.get(c.name, np.arange(c.size)))
+        if p.shape != (c.size,) or not np.array_equal(np.sort(p), np.arange(c.size)):
+            raise SpecMismatchError(f"class {c.name}: not a permutation of {c.size} items")
+        out[c.name] = p.astype(np.int64)
+    return out
+
+
+def check_options(method: str, options: Mapping) -> None:
+    """Unknown keyword options are a mistake the caller should hear about."""
+    if options:
+        raise SolverError(f"solver {method!r} got unknown options: {sorted(options)}")
