@@ -5,9 +5,9 @@ the aligned B verified equal to B (it always must).
 
     .venv/bin/python benchmarks/solvers_table.py [--models mlp resnet18 vit gpt2] [--noise 0.1]
 
-Sinkhorn (mid) and STE need a differentiable model and labels: they run on the torch models, with
-random labels (the point here is that they run and what they cost, not the barrier; see
-benchmarks/barriers.py for barriers on trained models).
+Sinkhorn (mid) and STE need a differentiable model and labels: the torch model, or the ONNX model
+converted by onnx2torch; labels are random (the point here is that they run and what they cost,
+not the barrier; see benchmarks/barriers.py for barriers on trained models).
 """
 
 import argparse
@@ -76,17 +76,14 @@ def main():
         for frontend in ("torch", "onnx"):
             for method, opts in METHODS:
                 label = method + (f" ({opts['cost']})" if "cost" in opts else "")
-                if frontend == "onnx" and (method == "ste" or opts.get("cost") == "mid"):
-                    print(f"| {name} | onnx | {label} | - | needs a torch model | - | - |")
-                    continue
                 t0 = time.perf_counter()
                 try:
                     if frontend == "torch":
                         res = rebasin.align(a, b, method, example_inputs=x, data=data, spec=spec, **opts)
                         rec = f"{recovered(spec, perms, res.perms):.2f}"
                     else:
-                        res = rebasin.align(pa, pb, method, data={"input": x[0].numpy()}, spec=onnx_spec,
-                                            **opts)
+                        res = rebasin.align(pa, pb, method, data={"input": x[0].numpy(), "labels": labels},
+                                            spec=onnx_spec, **opts)
                         rec = "-"
                 except rebasin.RebasinError as e:
                     print(f"| {name} | {frontend} | {label} | - | error: {e} | - | - |")

@@ -110,23 +110,59 @@ class _Model:
 
     def loss_fn(self, inputs, labels):
         """``params -> cross-entropy`` of the torch model at the given weights (differentiable)."""
-        if not self.torch:
-            raise SolverError("this method needs a differentiable model: give torch models "
-                              "(nn.Module, or on the command line --torch-model package.module:factory)")
         if labels is None:
             raise SolverError("this method needs labels in the data (an array named 'labels')")
         import torch
 
-        module = self.module
+        if self.torch:
+            module, rename = self.module, {}
+            fixed = {k: v for k, v in self.state.items() if k not in self.params}
+        else:
+            module, rename = self._onnx_as_torch()
+            fixed = {}
         x = tuple(torch.as_tensor(i) for i in inputs)
         y = torch.as_tensor(np.asarray(labels)).long()
-        fixed = {k: v for k, v in self.state.items() if k not in self.params}
 
         def loss(params):
+            params = {rename.get(k, k): v for k, v in params.items()}
             out = torch.func.functional_call(module, {**fixed, **params}, x)
             out = out[0] if isinstance(out, (tuple, list)) else out
             return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
         return loss
+
+
+def _onnx_as_torch(self):
+    """The ONNX model as a torch module (onnx2torch), and initializer name -> parameter key.
+
+    Keys are found by value: each float initializer must equal exactly one tensor of the
+    converted module, else the mapping is ambiguous and refused.
+    """
+    import torch
+
+    try:
+        from onnx2torch import convert
+    except ImportError:
+        raise SolverError("a loss of an ONNX model needs onnx2torch (pip install onnx2torch), or give "
+                          "the torch model (--torch-model package.module:factory)") from None
+    try:
+        module = convert(self.onnx).eval()
+    except Exception as e:  # the converter raises NotImplementedError and others per op
+        raise SolverError(f"onnx2torch cannot convert the model for a differentiable loss "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "give the torch model (--torch-model package.module:factory)") from e
+    state = {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+    rename = {}
+    for name, arr in self.params.items():
+        hits = [k for k, v in state.items() if tuple(v.shape) == arr.shape
+                and torch.equal(v, torch.from_numpy(np.array(arr)).to(v.dtype))]
+        if len(hits) != 1:
+            raise SolverError(f"initializer {name}: found {len(hits)} matching tensors in the onnx2torch "
+                              "module (need exactly one); give the torch model instead")
+        rename[name] = hits[0]
+    return module, rename
+
+
+_Model._onnx_as_torch = _onnx_as_torch
 
 
 def _np(t):
