@@ -5,7 +5,7 @@ The stages: infer A's spec -> check B has A's tensors (same names and shapes) ->
 loss cost, a differentiable loss of the torch model) -> solve -> rewrite B -> verify that the
 aligned B computes what B computes.
 
-Models are ONNX (path or ``onnx.ModelProto``) or ``torch.nn.Module``\\ s (with ``example_inputs``).
+Models are ONNX (path or ``onnx.ModelProto``) or ``torch.nn.Module`` objects (with ``example_inputs``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rebasin.errors import SolverError, SpecMismatchError, VerificationError
+from rebasin.errors import SolverError, SpecMismatchError, UnsupportedModelError, VerificationError
 from rebasin.spec import Spec
 
 # --------------------------------------------------------------------------- one model, either kind
@@ -84,12 +84,29 @@ class _Model:
         return verify(self.onnx, new, feeds=feeds)
 
     def feeds(self, inputs) -> dict:
-        names = [i.name for i in self.onnx.graph.input if i.name not in {t.name for t in
-                                                                        self.onnx.graph.initializer}]
-        if len(inputs) != len(names):
-            raise SpecMismatchError(f"data has {len(inputs)} input arrays, the model takes {len(names)}: "
-                                    f"{names}")
-        return dict(zip(names, inputs))
+        """Data arrays -> named ONNX inputs, checked against the declared ranks, dims and dtypes."""
+        from rebasin.verify import _ONNX_TO_NP
+
+        inits = {t.name for t in self.onnx.graph.initializer}
+        decl = [i for i in self.onnx.graph.input if i.name not in inits]
+        if len(inputs) != len(decl):
+            raise SpecMismatchError(f"data has {len(inputs)} input arrays, the model takes {len(decl)}: "
+                                    f"{[i.name for i in decl]}")
+        out = {}
+        for arr, vi in zip(inputs, decl):
+            tt = vi.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            want = np.dtype(_ONNX_TO_NP.get(tt.elem_type, np.float32))
+            shown = [d if d is not None else "?" for d in dims]
+            fixed = zip(dims[1:], arr.shape[1:])  # the batch axis may differ
+            if arr.ndim != len(dims) or any(d is not None and d != n for d, n in fixed):
+                raise SpecMismatchError(f"data for input {vi.name!r} has shape {arr.shape}; the model "
+                                        f"expects {shown}")
+            if arr.dtype.kind != want.kind and not (arr.dtype.kind in "iu" and want.kind in "iu"):
+                raise SpecMismatchError(f"data for input {vi.name!r} has dtype {arr.dtype}; the model "
+                                        f"expects {want}")
+            out[vi.name] = arr.astype(want, copy=False)
+        return out
 
     def activations(self, spec: Spec, inputs) -> dict[str, np.ndarray]:
         """class name -> (n_samples, size) features from the class's activation members."""
@@ -128,6 +145,11 @@ class _Model:
             out = torch.func.functional_call(module, {**fixed, **params}, x)
             out = out[0] if isinstance(out, (tuple, list)) else out
             return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
+        try:  # one evaluation at A's weights: data that does not fit fails here, clearly
+            with torch.no_grad():
+                loss({k: torch.from_numpy(np.array(v)) for k, v in self.params.items()})
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            raise SpecMismatchError(f"data does not fit the model: {str(e).splitlines()[0]}") from e
         return loss
 
 
@@ -185,7 +207,10 @@ def _torch_activations(model: _Model, wanted, inputs) -> dict:
     from rebasin.graph.torch_frontend import trace
 
     batch = tuple(torch.as_tensor(i) for i in inputs)
-    tr = trace(model.module, batch)  # shapes are specialised: trace on the data batch itself
+    try:
+        tr = trace(model.module, batch)  # shapes are specialised: trace on the data batch itself
+    except UnsupportedModelError as e:
+        raise SpecMismatchError(f"data does not fit the model: {e}") from e
     by_key = {**model.state}
     args = []
     user = iter(batch)
@@ -258,12 +283,34 @@ def _split_data(data):
     return inputs, labels
 
 
+def _from_state_dicts(models, template):
+    """state_dicts -> copies of ``template`` holding them (modules and ONNX pass through)."""
+    if not any(isinstance(m, dict) for m in models):
+        return list(models)
+    if template is None:
+        raise SolverError("state_dicts need model=<an nn.Module of their architecture>")
+    import copy
+
+    out = []
+    for m in models:
+        if isinstance(m, dict):
+            mod = copy.deepcopy(template)
+            try:
+                mod.load_state_dict(m)
+            except (RuntimeError, KeyError) as e:
+                raise SpecMismatchError(f"models differ: {str(e).splitlines()[0]}") from e
+            m = mod
+        out.append(m)
+    return out
+
+
 def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec: Spec | None = None,
-          seed: int = 0, progress=None, verify: bool = True, **options) -> AlignResult:
+          seed: int = 0, progress=None, verify: bool = True, model=None, **options) -> AlignResult:
     """Permute model B into alignment with model A.
 
     Args:
-        a, b: two models of one architecture: ONNX (path / ModelProto) or ``torch.nn.Module``.
+        a, b: two models of one architecture: ONNX (path / ModelProto), ``torch.nn.Module`` objects, or
+            ``state_dict`` dicts together with ``model``, a module of their architecture.
         method: a solver name (``weight``, ``activation``, ``sinkhorn``, ``ste``).
         example_inputs: torch models: inputs to trace with.
         data: dict of arrays (e.g. an ``.npz``): the model inputs in order, plus optional
@@ -290,6 +337,7 @@ def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec:
     from rebasin import solvers
 
     solve = solvers.get(method)
+    a, b = _from_state_dicts([a, b], model)
     ma, mb = _Model(a, example_inputs), _Model(b, example_inputs)
     if ma.torch != mb.torch:
         raise SpecMismatchError("models differ: one is ONNX, the other torch")
@@ -325,7 +373,7 @@ class MergedModel:
 
 
 def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, progress=None,
-          verify: bool = True) -> MergedModel:
+          verify: bool = True, model=None) -> MergedModel:
     """MergeMany (Git Re-Basin): align every model to the mean of the others, then average.
 
     Each model's aligned version is verified to compute what the model computes before averaging.
@@ -335,6 +383,7 @@ def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, pr
 
     if len(models) < 2:
         raise SolverError("merge needs at least two models")
+    models = _from_state_dicts(models, model)
     ms = [_Model(m, example_inputs) for m in models]
     if len({m.torch for m in ms}) > 1:
         raise SpecMismatchError("models differ: some are ONNX, some torch")

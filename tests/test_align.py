@@ -147,10 +147,27 @@ def test_nan_weights_empty_and_bad_data():
         rebasin.align(a, b, "activation", example_inputs=x, data={"x": np.zeros((0, 16), "f")})
     with pytest.raises(SolverError, match="labels"):
         rebasin.align(a, b, "ste", example_inputs=x, data={"x": np.zeros((4, 16), "f")})
-    with pytest.raises(rebasin.RebasinError):
-        rebasin.align(a, b, "activation", example_inputs=x, data={"x": np.zeros((4, 5), "f")})
     with pytest.raises(SolverError, match="unknown solver 'magic'.*valid"):
         rebasin.align(a, b, "magic", example_inputs=x)
+
+
+def test_state_dicts_and_data_that_does_not_fit():
+    a, x = build("mlp")
+    spec = rebasin.infer_spec(a, x)
+    sd_b = rebasin.apply_permutation(a.state_dict(), spec, spec.random_permutations(4))
+    res = rebasin.align(a.state_dict(), sd_b, model=a, example_inputs=x)
+    assert all(torch.allclose(res.model[k], v, atol=1e-6) for k, v in a.state_dict().items())
+    with pytest.raises(SolverError, match="need model="):
+        rebasin.align(a.state_dict(), sd_b, example_inputs=x)
+    bad = {"x": np.zeros((4, 5), "f"), "labels": np.zeros(4, "int64")}
+    for method in ("activation", "ste"):
+        with pytest.raises(SpecMismatchError, match="data does not fit the model"):
+            rebasin.align(a, copy.deepcopy(a), method, example_inputs=x, data=bad)
+    path = export("mlp")
+    with pytest.raises(SpecMismatchError, match=r"data for input 'input' has shape \(4, 5\)"):
+        rebasin.align(path, path, "activation", data=bad)
+    with pytest.raises(SpecMismatchError, match="has dtype int64"):
+        rebasin.align(path, path, "activation", data={"x": np.zeros((4, 16), "int64")})
 
 
 def test_onnx_loss_methods_through_onnx2torch():
