@@ -41,6 +41,14 @@ def planted(a, spec, noise, seed=1):
     return b, perms
 
 
+def _batch(x, n, seed=0):
+    """``n`` inputs like the example ``x`` (token ids stay within the ids seen in ``x``)."""
+    g = torch.Generator().manual_seed(seed)
+    if x.is_floating_point():
+        return torch.randn((n, *x.shape[1:]), generator=g)
+    return torch.randint(0, int(x.max()) + 1, (n, *x.shape[1:]), generator=g)
+
+
 def recovered(spec, planted_perms, found):
     """Classes where found = inverse of the planted permutation."""
     ok = sum(np.array_equal(np.argsort(planted_perms[c.name]), found[c.name]) for c in spec.classes)
@@ -51,6 +59,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="*", default=["mlp", "resnet18", "vit", "gpt2"])
     p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--samples", type=int, default=32, help="data batch for activation / loss methods")
     args = p.parse_args()
     print("| model | frontend | method | s | objective first -> last | planted classes recovered "
           "| verified |")
@@ -59,15 +68,16 @@ def main():
         a, x = corpus.build(name)
         spec = rebasin.infer_spec(a, x)
         b, perms = planted(a, spec, args.noise)
+        batch = _batch(x[0], args.samples)
         with torch.no_grad():
-            out = a(*x)
+            out = a(batch)
         labels = torch.randint(0, out.shape[-1], out.shape[:-1]).numpy()
-        data = {"x": x[0].numpy(), "labels": labels}
+        data = {"x": batch.numpy(), "labels": labels}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pa, pb = corpus.CACHE / f"{name}-A.onnx", corpus.CACHE / f"{name}-B.onnx"
             for m, path in ((a, pa), (b, pb)):
-                torch.onnx.export(m, x, str(path), dynamo=name in ("gpt2", "bert", "llama"),
+                torch.onnx.export(m, (batch,), str(path), dynamo=name in ("gpt2", "bert", "llama"),
                                   opset_version=18 if name in ("gpt2", "bert", "llama") else 17,
                                   input_names=["input"], output_names=["output"],
                                   **({"optimize": False} if name in ("gpt2", "bert", "llama") else
@@ -82,7 +92,7 @@ def main():
                         res = rebasin.align(a, b, method, example_inputs=x, data=data, spec=spec, **opts)
                         rec = f"{recovered(spec, perms, res.perms):.2f}"
                     else:
-                        res = rebasin.align(pa, pb, method, data={"input": x[0].numpy(), "labels": labels},
+                        res = rebasin.align(pa, pb, method, data={"input": batch.numpy(), "labels": labels},
                                             spec=onnx_spec, **opts)
                         rec = "-"
                 except rebasin.RebasinError as e:
