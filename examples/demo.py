@@ -110,4 +110,7 @@ def rebasin_demo():
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    import warnings
+
+    warnings.simplefilter("ignore")  # exporter deprecation notices are not the demo's subject
     main()
