@@ -277,10 +277,17 @@ _BINARY = ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", 
            "fmin", "xlogy", "heaviside"]
 
 
+_BINARY_OP = {"add": "Add", "sub": "Sub", "rsub": "Sub", "mul": "Mul", "div": "Div", "true_divide": "Div",
+              "pow": "Pow", "maximum": "Max", "minimum": "Min", "fmax": "Max", "fmin": "Min", "eq": "Equal",
+              "lt": "Less", "gt": "Greater", "le": "LessOrEqual", "ge": "GreaterOrEqual", "fmod": "Mod",
+              "remainder": "Mod", "__and__": "And", "__or__": "Or", "__xor__": "Xor", "logical_and": "And",
+              "logical_or": "Or", "logical_xor": "Xor"}
+
+
 @lowering(*_BINARY)
 def _binary(b, n, p, name):
     ins = [b.t(a) for a in n.args if b.t(a)] + [b.t(v) for v in n.kwargs.values() if b.t(v)]
-    b.emit("Add" if name != "where" else "Where", ins, [b.out()])
+    b.emit(_BINARY_OP.get(name, "Where"), ins, [b.out()])  # one broadcasting rule serves them all
 
 
 @lowering("native_dropout")
