@@ -140,8 +140,13 @@ class _Model:
         x = tuple(torch.as_tensor(i) for i in inputs)
         y = torch.as_tensor(np.asarray(labels)).long()
 
+        # buffers (BatchNorm running statistics) take the interpolated values but no gradient:
+        # torch's batch_norm is not differentiable in them
+        buffers = {k for k, _ in module.named_buffers()}
+
         def loss(params):
             params = {rename.get(k, k): v for k, v in params.items()}
+            params = {k: v.detach() if k in buffers else v for k, v in params.items()}
             out = torch.func.functional_call(module, {**fixed, **params}, x)
             out = out[0] if isinstance(out, (tuple, list)) else out
             return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))

@@ -106,6 +106,22 @@ def test_every_method_lowers_the_barrier(digits_pair, method, opts):
     assert naive > 0.1 and after < 0.5 * naive, (naive, after)
 
 
+@pytest.mark.parametrize("method,opts", [("ste", {"steps": 2}), ("sinkhorn", {"cost": "mid", "steps": 2})])
+def test_loss_methods_with_batchnorm(method, opts):
+    """Running statistics are interpolated but carry no gradient (batch_norm has none for them)."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    b = copy.deepcopy(a)
+    for m in (a, b):
+        m[1].running_mean.normal_()
+        nn.init.normal_(m[0].weight)
+    a.eval(), b.eval()
+    x = torch.randn(6, 3, 8, 8)
+    res = rebasin.align(a, b, method, example_inputs=(x,), data={"x": x.numpy(), "labels": np.arange(6) % 4},
+                        **opts)
+    assert res.verification.equal
+
+
 def test_merge_three_planted_copies():
     a, x = build("mlp")
     spec = rebasin.infer_spec(a, x)
