@@ -147,7 +147,8 @@ class _Model:
         def loss(params):
             params = {rename.get(k, k): v for k, v in params.items()}
             params = {k: v.detach() if k in buffers else v for k, v in params.items()}
-            out = torch.func.functional_call(module, {**fixed, **params}, x)
+            # every name is given (tied names with equal values), so no re-tying
+            out = torch.func.functional_call(module, {**fixed, **params}, x, tie_weights=False)
             out = out[0] if isinstance(out, (tuple, list)) else out
             return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1))
         try:  # one evaluation at A's weights: data that does not fit fails here, clearly
