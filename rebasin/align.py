@@ -135,7 +135,7 @@ class _Model:
             module, rename = self.module, {}
             fixed = {k: v for k, v in self.state.items() if k not in self.params}
         else:
-            module, rename = self._onnx_as_torch()
+            module, rename = _onnx_as_torch(self.onnx, self.params)
             fixed = {}
         x = tuple(torch.as_tensor(i) for i in inputs)
         y = torch.as_tensor(np.asarray(labels)).long()
@@ -159,7 +159,7 @@ class _Model:
         return loss
 
 
-def _onnx_as_torch(self):
+def _onnx_as_torch(model, params: dict):
     """The ONNX model as a torch module (onnx2torch), and initializer name -> parameter key.
 
     Keys are found by value: each float initializer must equal exactly one tensor of the
@@ -173,14 +173,14 @@ def _onnx_as_torch(self):
         raise SolverError("a loss of an ONNX model needs onnx2torch (pip install onnx2torch), or give "
                           "the torch model (--torch-model package.module:factory)") from None
     try:
-        module = convert(self.onnx).eval()
+        module = convert(model).eval()
     except Exception as e:  # the converter raises NotImplementedError and others per op
         raise SolverError(f"onnx2torch cannot convert the model for a differentiable loss "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "give the torch model (--torch-model package.module:factory)") from e
     state = {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
     rename = {}
-    for name, arr in self.params.items():
+    for name, arr in params.items():
         hits = [k for k, v in state.items() if tuple(v.shape) == arr.shape
                 and torch.equal(v, torch.from_numpy(np.array(arr)).to(v.dtype))]
         if len(hits) != 1:
@@ -188,9 +188,6 @@ def _onnx_as_torch(self):
                               "module (need exactly one); give the torch model instead")
         rename[name] = hits[0]
     return module, rename
-
-
-_Model._onnx_as_torch = _onnx_as_torch
 
 
 def _np(t):

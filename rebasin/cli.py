@@ -120,16 +120,7 @@ def cmd_permute(args) -> int:
         print(res)
         if not res.equal:
             raise VerificationError(f"permuted model differs from {args.model}: {res}")
-    if src is not None:
-        import torch
-
-        def write(tmp):
-            with open(tmp, "wb") as f:  # torch names the archive after the path: a file object avoids it
-                torch.save(out, f)
-
-        _write_atomic(args.output, write)
-    else:
-        _save_model(out, args.output)
+    _save_any(out, args.output)
     print(f"wrote {args.output} ({len(perms)} classes permuted)")
     return 0
 
@@ -161,7 +152,7 @@ def _save_any(model, path):
         import torch
 
         def write(tmp):
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb") as f:  # torch names the archive after the path: a file object avoids it
                 torch.save(model, f)
         _write_atomic(path, write)
     else:
