@@ -7,6 +7,7 @@ from rebasin.align import align, interpolate, merge
 from rebasin.errors import (
     ModelLoadError,
     RebasinError,
+    ResourceLimitError,
     SolverError,
     SpecMismatchError,
     UnsupportedModelError,
@@ -15,8 +16,9 @@ from rebasin.errors import (
 from rebasin.graph.infer import infer_spec
 from rebasin.graph.rewrite import apply_permutation
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
-from rebasin.verify import verify, verify_torch
+from rebasin.verify import check_permutation, verify, verify_torch
 
-__all__ = ["infer_spec", "align", "merge", "interpolate", "apply_permutation", "verify", "verify_torch",
-           "Spec", "PermutationClass", "Member", "BlockedAxis", "RebasinError", "ModelLoadError",
-           "UnsupportedModelError", "SpecMismatchError", "SolverError", "VerificationError"]
+__all__ = ["infer_spec", "align", "merge", "interpolate", "apply_permutation", "check_permutation", "verify",
+           "verify_torch", "Spec", "PermutationClass", "Member", "BlockedAxis", "RebasinError",
+           "ModelLoadError", "UnsupportedModelError", "SpecMismatchError", "SolverError", "VerificationError",
+           "ResourceLimitError"]

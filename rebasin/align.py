@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rebasin.errors import SolverError, SpecMismatchError, UnsupportedModelError, VerificationError
+from rebasin.errors import SolverError, SpecMismatchError, UnsupportedModelError
 from rebasin.spec import Spec
 
 # --------------------------------------------------------------------------- one model, either kind
@@ -74,14 +74,13 @@ class _Model:
                     np.ascontiguousarray(params[t.name]).astype(numpy_helper.to_array(t).dtype), t.name))
         return m
 
-    def verify_against(self, new, inputs=None):
-        """Does ``new`` (output of :meth:`permuted`) compute what this model computes?"""
-        from rebasin.verify import verify, verify_torch
+    def checked_permutation(self, spec, perms, label: str):
+        """The permuted model, verified to compute what this model computes (else VerificationError
+        naming the first class that breaks equivalence), and the VerifyResult."""
+        from rebasin.verify import check_permutation
 
-        if self.torch:
-            return verify_torch(self.module, new, inputs or self.example_inputs)
-        feeds = self.feeds(inputs) if inputs is not None else None
-        return verify(self.onnx, new, feeds=feeds)
+        src = self.module if self.torch else self.onnx
+        return check_permutation(src, spec, perms, example_inputs=self.example_inputs, label=label)
 
     def feeds(self, inputs) -> dict:
         """Data arrays -> named ONNX inputs, checked against the declared ranks, dims and dtypes."""
@@ -252,10 +251,10 @@ def check_compatible(a: _Model, b: _Model) -> None:
     extra = sorted(set(b.params) - set(a.params))
     if extra:
         raise SpecMismatchError(f"models differ: tensor {extra[0]} of model B is missing in model A")
+    from rebasin.verify import check_finite
+
     for label, m in (("A", a), ("B", b)):
-        for name, arr in m.params.items():
-            if not np.all(np.isfinite(arr)):
-                raise SolverError(f"model {label}: tensor {name} contains NaN or inf")
+        check_finite(m.params, f"model {label}")
 
 
 # --------------------------------------------------------------------------- public API
@@ -357,12 +356,10 @@ def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec:
             raise SolverError(f"{method} needs data with labels (--data train.npz)")
         kw["loss_fn"] = ma.loss_fn(inputs, labels)
     result = solve(spec, ma.params, mb.params, seed=seed, progress=progress, **kw)
-    aligned = mb.permuted(spec, result.perms)
-    res = None
     if verify:
-        res = mb.verify_against(aligned)
-        if not res.equal:
-            raise VerificationError(f"aligned B differs from B: {res}")
+        aligned, res = mb.checked_permutation(spec, result.perms, "model B")
+    else:
+        aligned, res = mb.permuted(spec, result.perms), None
     return AlignResult(aligned, result.perms, result, spec, res)
 
 
@@ -396,9 +393,7 @@ def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, pr
     res = merge_many(spec, [m.params for m in ms], seed=seed, max_iter=max_iter, progress=progress)
     if verify:
         for i, (m, p) in enumerate(zip(ms, res.perms)):
-            check = m.verify_against(m.permuted(spec, p))
-            if not check.equal:
-                raise VerificationError(f"model {i}: its aligned version differs from it: {check}")
+            m.checked_permutation(spec, p, f"model {i}")
     mean = {k: np.mean([permute_arrays(m.params, spec, p)[k] for m, p in zip(ms, res.perms)], axis=0)
             for k in ms[0].params}
     return MergedModel(ms[0].with_params(mean), res.perms, res)

@@ -2,8 +2,18 @@
 
 MODEL is an ONNX file or ``package.module:factory`` returning a ``torch.nn.Module``.
 
-Errors from the package print one line on stderr and exit non-zero (``--debug`` shows the
-traceback). Model files are written atomically (temp file + rename) after verification.
+Every error prints one line on stderr (``--debug`` shows the traceback) and exits with:
+
+  0  success (``verify``: the models are equal)
+  1  not equivalent: a permuted model would compute something else (nothing is written)
+  2  bad input: a file that is missing or not a valid model, models that do not fit each other,
+     data of the wrong shape, an unknown solver, a bad ``module:callable`` (and argparse usage errors)
+  3  a resource budget would be exceeded (``--memory-budget``); refused before starting
+  4  internal error (a bug: please report it with ``--debug`` output)
+  130 interrupted
+
+Model files are written atomically (temp file + rename) after verification, so a failed or
+interrupted run leaves no partial output.
 """
 
 from __future__ import annotations
@@ -15,16 +25,25 @@ import sys
 import tempfile
 import time
 
-from rebasin.errors import RebasinError, VerificationError
+from rebasin.errors import ModelLoadError, RebasinError, SpecMismatchError
 
 
 def _write_atomic(path: str, write) -> None:
+    """``write(tmp)`` into a temp file next to ``path``, then rename it over ``path``: a failed or
+    interrupted write leaves no partial file."""
     d = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".rebasin-", dir=d)
+    if os.path.isdir(path):
+        raise RebasinError(f"cannot write {path}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".rebasin-", dir=d)
+    except OSError as e:
+        raise RebasinError(f"cannot write {path}: {e.strerror} ({d})") from e
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise RebasinError(f"cannot write {path}: {e.strerror}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -68,13 +87,22 @@ def _torch_source(args):
     return model, tf.example_inputs(args.input_shape, args.input_dtype)
 
 
-def _infer(args, src):
+def _infer(args, src, model=None):
     from rebasin.graph.infer import infer_spec
 
     if src is not None:
         return infer_spec(src[0], src[1], strict=args.strict, frozen=args.frozen, tracer=args.tracer)
-    return infer_spec(args.model, strict=args.strict, feeds=_load_feeds(getattr(args, "inputs", None)),
-                      frozen=args.frozen)
+    return infer_spec(model or args.model, strict=args.strict,
+                      feeds=_load_feeds(getattr(args, "inputs", None)), frozen=args.frozen)
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not a text file"
+        raise ModelLoadError(f"cannot read {what} file {path}: {why}") from e
 
 
 def cmd_infer_spec(args) -> int:
@@ -92,34 +120,39 @@ def cmd_infer_spec(args) -> int:
 
 def cmd_permute(args) -> int:
     import numpy as np
+    from onnx import numpy_helper
 
+    from rebasin.graph.onnx_frontend import load_model
     from rebasin.graph.rewrite import apply_permutation
     from rebasin.spec import Spec
-    from rebasin.verify import verify, verify_torch
+    from rebasin.verify import check_finite, check_permutation
 
     src = _torch_source(args)
-    if args.spec:
-        with open(args.spec) as f:
-            spec = Spec.from_json(f.read())
+    if src is not None:
+        check_finite(src[0].state_dict(), args.model)
     else:
-        spec = _infer(args, src)
+        model = load_model(args.model)
+        check_finite({t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, args.model)
+    if args.spec:
+        spec = Spec.from_json(_read_text(args.spec, "spec"))
+    else:
+        spec = _infer(args, src, model if src is None else None)
     if args.random:
         perms = spec.random_permutations(args.seed)
     elif args.perms:
-        with open(args.perms) as f:
-            perms = {k: np.asarray(v) for k, v in json.load(f).items()}
+        try:
+            perms = {k: np.asarray(v) for k, v in json.loads(_read_text(args.perms, "permutations")).items()}
+        except (ValueError, AttributeError) as e:
+            raise SpecMismatchError(f"{args.perms} is not a JSON object of class name -> index list "
+                                    f"({e})") from e
     else:
         raise RebasinError("give --random or --perms FILE")
-    if src is not None:
-        out = apply_permutation(src[0].state_dict(), spec, perms)
-        res = None if args.no_verify else verify_torch(src[0], out, src[1])
+    if args.no_verify:
+        out = apply_permutation(src[0].state_dict() if src else model, spec, perms)
     else:
-        out = apply_permutation(args.model, spec, perms)
-        res = None if args.no_verify else verify(args.model, out)
-    if res is not None:
+        out, res = check_permutation(src[0] if src else model, spec, perms,
+                                     example_inputs=src[1] if src else None, label=args.model)
         print(res)
-        if not res.equal:
-            raise VerificationError(f"permuted model differs from {args.model}: {res}")
     _save_any(out, args.output)
     print(f"wrote {args.output} ({len(perms)} classes permuted)")
     return 0
@@ -234,6 +267,9 @@ def _analysis_args(s) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rebasin", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="refuse models whose analysis needs more memory (bytes or 512M, 4G; default 80%% "
+                        "of available memory, or $REBASIN_MEMORY_BUDGET)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("infer-spec", help="print the permutation classes of a model")
     s.add_argument("model", help="model.onnx, or package.module:factory returning an nn.Module")
@@ -293,15 +329,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.memory_budget:
+            from rebasin import limits
+
+            limits.set_memory_budget(args.memory_budget)
         return args.fn(args)
-    except RebasinError as e:
-        if args.debug:
-            raise
-        print(f"rebasin: error: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print("rebasin: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; --debug re-raises
+        if args.debug:
+            raise
+        err = _as_rebasin_error(e)
+        print(f"rebasin: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+def _as_rebasin_error(e: BaseException) -> RebasinError:
+    """Our errors as they are; running out of memory as a resource error; anything else is a bug."""
+    from rebasin.errors import InternalError, ResourceLimitError
+
+    if isinstance(e, RebasinError):
+        return e
+    if isinstance(e, MemoryError):
+        return ResourceLimitError("out of memory (set a budget with --memory-budget SIZE to be refused "
+                                  "before starting)")
+    return InternalError(f"internal error {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                         "(a bug in rebasin: please report it with the output of --debug)")
 
 
 if __name__ == "__main__":

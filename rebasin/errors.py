@@ -11,6 +11,10 @@ class ModelLoadError(RebasinError):
     """The model file is missing, unreadable or not a valid model."""
 
 
+class UnsupportedOpError(ModelLoadError):
+    """onnxruntime has no kernel for an op of the model (a custom or contrib op)."""
+
+
 class UnsupportedModelError(RebasinError):
     """The model uses something the analyzer refuses to handle (``strict`` mode)."""
 
@@ -27,3 +31,15 @@ class VerificationError(RebasinError):
     """Two models that must compute the same function do not."""
 
     exit_code = 1
+
+
+class ResourceLimitError(RebasinError):
+    """The work would exceed a resource budget (memory); refused before it starts."""
+
+    exit_code = 3
+
+
+class InternalError(RebasinError):
+    """A bug in rebasin: an exception it did not expect (``--debug`` shows the traceback)."""
+
+    exit_code = 4

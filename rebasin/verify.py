@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from rebasin.errors import ModelLoadError, VerificationError
+from rebasin.errors import ModelLoadError, UnsupportedOpError, VerificationError
 
-_ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
-               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+_ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
+               16: np.float32}  # bfloat16 inputs are made as float32: models run as their float32 image
 
 
 def providers() -> list[str]:
@@ -22,24 +23,29 @@ def providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
 
 
+_NO_KERNEL = ("is not a registered function/op", "No Op registered for", "NOT_IMPLEMENTED")
+
+
 def _session(model: onnx.ModelProto):
+    import tempfile
+
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    data = model.SerializeToString() if model.ByteSize() < 2**31 - 1 else None
-    if data is None:
-        import tempfile
-
-        d = tempfile.mkdtemp()
-        path = os.path.join(d, "m.onnx")
-        onnx.save(model, path, save_as_external_data=True)
-        data = path
     try:
-        return ort.InferenceSession(data, so, providers=providers())
+        if model.ByteSize() < 2**31 - 1:
+            return ort.InferenceSession(model.SerializeToString(), so, providers=providers())
+        with tempfile.TemporaryDirectory(prefix="rebasin-") as d:  # protobuf's 2 GB limit
+            path = os.path.join(d, "m.onnx")
+            onnx.save(model, path, save_as_external_data=True, location="m.onnx.data")
+            return ort.InferenceSession(path, so, providers=providers())
     except Exception as e:
-        raise ModelLoadError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if any(k in msg for k in _NO_KERNEL):
+            raise UnsupportedOpError(f"onnxruntime has no kernel for an op of the model: {msg}") from e
+        raise ModelLoadError(f"onnxruntime cannot load the model: {msg}") from e
 
 
 def _gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
@@ -80,7 +86,17 @@ def make_inputs(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[str
 
 
 def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str, np.ndarray]:
-    """Run ``model``; ``extra_outputs`` exposes intermediate tensors by name."""
+    """Run ``model``; ``extra_outputs`` exposes intermediate tensors by name.
+
+    A model with float16 / bfloat16 tensors runs as its float32 image (see
+    :func:`rebasin.graph.onnx_checks.float32_image`), and its float inputs are widened to match.
+    """
+    from rebasin.graph.onnx_checks import float32_image, has_half
+
+    if has_half(model):
+        model = float32_image(model)
+        feeds = {k: (v.astype(np.float32) if str(getattr(v, "dtype", "")) in ("float16", "bfloat16") else v)
+                 for k, v in feeds.items()}
     if extra_outputs:
         m = onnx.ModelProto()
         m.CopyFrom(model)
@@ -94,6 +110,10 @@ def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str
     names = [o.name for o in sess.get_outputs()]
     try:
         outs = sess.run(names, feeds)
+    except MemoryError as e:
+        from rebasin.errors import ResourceLimitError
+
+        raise ResourceLimitError("onnxruntime ran out of memory running the model") from e
     except Exception as e:
         raise ModelLoadError(f"onnxruntime failed to run the model: {str(e).splitlines()[0]}") from e
     return dict(zip(names, outs))
@@ -182,6 +202,13 @@ def verify_torch(model, state_dict, example_inputs, rtol: float = 1e-5) -> Verif
         other.load_state_dict(state_dict)
     except (RuntimeError, KeyError) as e:
         raise VerificationError(f"state_dict does not fit the model: {str(e).splitlines()[0]}") from e
+    half = (torch.float16, torch.bfloat16)
+    if any(t.dtype in half for t in model.state_dict().values()):
+        # a permutation moves values without rounding them: compare the float32 images, so that
+        # the check sees the structure, not 16-bit summation order
+        model, other = copy.deepcopy(model).float(), other.float()
+        example_inputs = tuple(x.float() if isinstance(x, torch.Tensor) and x.dtype in half else x
+                               for x in example_inputs)
     was = model.training
     model.eval()
     other.eval()
@@ -197,3 +224,72 @@ def verify_torch(model, state_dict, example_inputs, rtol: float = 1e-5) -> Verif
     worst_abs, worst_rel = _compare(pairs)
     ok = bool(np.isfinite(worst_rel) and worst_rel < rtol)
     return VerifyResult(worst_abs, worst_rel, "torch " + str(fa[0].device) if fa else "torch", ok)
+
+
+def check_finite(arrays: dict, what: str = "the model") -> None:
+    """Refuse weights holding NaN or inf: outputs would be NaN wherever they reach, so no comparison
+    of outputs could show that a rewrite of them is sound."""
+    for name, a in arrays.items():
+        if hasattr(a, "is_floating_point"):  # a torch tensor (bfloat16 has no numpy type)
+            if not a.is_floating_point():
+                continue
+            a = a.detach().float().cpu().numpy()
+        a = np.asarray(a)
+        if a.dtype.kind == "f" or str(a.dtype) == "bfloat16":
+            bad = int(a.size - np.count_nonzero(np.isfinite(a.astype(np.float32, copy=False))))
+            if bad:
+                raise ModelLoadError(f"{what}: weight {name} holds {bad} NaN/inf value(s); a permutation of "
+                                     "it could not be verified")
+
+
+def first_breaking_class(spec, perms: dict, is_equal) -> str:
+    """The class whose permutation breaks equivalence, by bisection over the classes in spec order.
+
+    ``is_equal(sub_perms) -> bool`` checks the model permuted by a subset of ``perms``. The prefix
+    of no classes is the model itself (equal) and all of them differ, so the bisection ends at a
+    class k such that classes 0..k-1 keep the function and adding class k breaks it.
+    """
+    names = [c.name for c in spec.classes if c.name in perms]
+    lo, hi = 0, len(names)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if is_equal({n: perms[n] for n in names[:mid]}):
+            lo = mid
+        else:
+            hi = mid
+    return names[hi - 1]
+
+
+def check_permutation(model, spec, perms: dict, example_inputs=None, feeds=None, label: str = "model"):
+    """Apply ``perms`` to ``model`` (ONNX or ``torch.nn.Module``) and verify the result.
+
+    Returns ``(permuted, VerifyResult)``: a ModelProto, or a state_dict for a torch module. When the
+    permuted model computes something else, raises :class:`VerificationError` naming the first
+    class that breaks equivalence (see :func:`first_breaking_class`).
+    """
+    from rebasin.graph.infer import _is_torch_module
+    from rebasin.graph.rewrite import apply_permutation
+
+    if _is_torch_module(model):
+        base = model.state_dict()
+
+        def run(p):
+            new = apply_permutation(base, spec, p)
+            return new, verify_torch(model, new, example_inputs)
+    else:
+        from rebasin.graph.onnx_frontend import load_model
+
+        base = load_model(model)
+
+        def run(p):
+            new = apply_permutation(base, spec, p)
+            return new, verify(base, new, feeds=feeds)
+    new, res = run(perms)
+    if not res.equal:
+        name = first_breaking_class(spec, perms, lambda p: run(p)[1].equal)
+        cls = next(c for c in spec.classes if c.name == name)
+        where = ", ".join(f"{m.tensor}[{m.axis}]" for m in cls.members[:3])
+        raise VerificationError(f"the permuted {label} differs from the original ({res}); the first class "
+                                f"that breaks equivalence is {name} (size {cls.size}: {where}"
+                                f"{', ...' if len(cls.members) > 3 else ''})")
+    return new, res

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 import rebasin
-from rebasin.errors import SolverError, SpecMismatchError
+from rebasin.errors import ModelLoadError, SolverError, SpecMismatchError
 from tests.corpus import build, export
 from tests.test_cli import run
 
@@ -154,7 +154,7 @@ def test_nan_weights_empty_and_bad_data():
     x = (torch.randn(2, 16),)
     with torch.no_grad():
         b.layers[0].weight[0, 0] = float("nan")
-    with pytest.raises(SolverError, match="layers.0.weight contains NaN"):
+    with pytest.raises(ModelLoadError, match="layers.0.weight holds 1 NaN"):
         rebasin.align(a, b, example_inputs=x)
     b = MLP(hidden=(8, 8))
     with pytest.raises(SolverError, match="needs data"):

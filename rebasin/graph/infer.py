@@ -119,8 +119,10 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     if isinstance(model, Graph):
         g = model
     elif _is_torch_module(model):
+        from rebasin import limits
         from rebasin.graph.torch_frontend import build_graph as build_torch_graph
 
+        limits.check(limits.torch_estimate(model), f"tracing {type(model).__name__}")
         g = build_torch_graph(model, example_inputs, tracer=tracer)
     else:
         g = build_graph(model, feeds)

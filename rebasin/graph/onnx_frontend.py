@@ -13,8 +13,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from rebasin.errors import ModelLoadError
+from rebasin import limits
+from rebasin.errors import ModelLoadError, UnsupportedOpError
 from rebasin.graph.ir import Graph, attr, to_networkx
+from rebasin.graph.onnx_checks import check_initializers, check_structure
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
@@ -32,11 +34,21 @@ def load_model(model) -> onnx.ModelProto:
     if os.path.getsize(path) == 0:
         raise ModelLoadError(f"{path} is empty")
     try:
-        m = onnx.load(path)
+        m = onnx.load(path, load_external_data=False)
     except Exception as e:  # protobuf raises several unrelated types
-        raise ModelLoadError(f"{path} is not a valid ONNX model ({type(e).__name__}: {e})") from e
+        raise ModelLoadError(f"{path} is not a valid ONNX model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from e
     if not m.graph.node and not m.graph.output:
         raise ModelLoadError(f"{path} is not a valid ONNX model (empty graph)")
+    check_structure(m, path)
+    limits.check(limits.onnx_estimate(m), f"analysing {path}")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer):
+        try:
+            onnx.load_external_data_for_model(m, os.path.dirname(os.path.abspath(path)))
+        except Exception as e:  # missing file, a location outside the model's folder ...
+            raise ModelLoadError(f"cannot read the external data of {path} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from e
+        check_initializers(m, path)
     return m
 
 
@@ -84,6 +96,9 @@ def build_graph(model, feeds: dict | None = None) -> Graph:
     """Build the :class:`~rebasin.graph.ir.Graph` of ``model`` (path or ModelProto)."""
     from rebasin.verify import make_inputs, run_model
 
+    if isinstance(model, onnx.ModelProto):  # a path is checked by load_model, before its data loads
+        check_structure(model)
+        limits.check(limits.onnx_estimate(model), "analysing the model")
     model = load_model(model)
     g = model.graph
     init_names = {t.name for t in g.initializer}
@@ -113,8 +128,8 @@ def build_graph(model, feeds: dict | None = None) -> Graph:
     try:
         results = {k: v for k, v in run_model(model, feeds, extra_outputs=intermediates).items()
                    if isinstance(v, np.ndarray)}  # sequences and maps have no axes to analyse
-    except ModelLoadError:
-        # onnxruntime cannot run it (e.g. a custom op): static shapes from ONNX shape inference;
+    except UnsupportedOpError:
+        # onnxruntime has no kernel for an op (e.g. a custom op): static shapes from ONNX shape inference;
         # tensors without a static shape get no variables and their ops are blocked
         results = {}
         shapes.update(_static_shapes(model))

@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
+import os
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from rebasin.errors import ModelLoadError, UnsupportedModelError
+from rebasin.errors import ModelLoadError, SpecMismatchError, UnsupportedModelError
 from rebasin.graph.ir import Graph, Node, to_networkx
 
 LOWERINGS: dict = {}
@@ -843,7 +844,6 @@ def build_graph(model, example_inputs, tracer: str = "auto") -> Graph:
 
 def is_callable_ref(ref: str) -> bool:
     """``package.module:factory`` (and not an existing file)."""
-    import os
     import re
 
     return not os.path.exists(ref) and re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", ref) is not None
@@ -852,7 +852,6 @@ def is_callable_ref(ref: str) -> bool:
 def load_callable(ref: str, state_dict: str | None = None):
     """Import ``module:callable``, call it, and return the ``nn.Module`` it builds."""
     import importlib
-    import os
     import sys
 
     import torch
@@ -878,10 +877,22 @@ def load_callable(ref: str, state_dict: str | None = None):
     if not isinstance(obj, torch.nn.Module):
         raise ModelLoadError(f"{ref}() returned {type(obj).__name__}, not a torch.nn.Module")
     if state_dict:
+        if not os.path.isfile(state_dict):
+            raise ModelLoadError(f"no such state_dict file: {state_dict}")
         try:
-            obj.load_state_dict(torch.load(state_dict, map_location="cpu", weights_only=True))
-        except Exception as e:
-            raise ModelLoadError(f"cannot load state_dict {state_dict}: {str(e).splitlines()[0]}") from e
+            sd = torch.load(state_dict, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and torch errors alike
+            raise ModelLoadError(f"cannot read state_dict {state_dict} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from e
+        if not isinstance(sd, dict):
+            raise ModelLoadError(f"{state_dict} holds a {type(sd).__name__}, not a state_dict")
+        try:
+            obj.load_state_dict(sd)
+        except Exception as e:  # torch lists every problem, one per line after a header
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+            raise SpecMismatchError(f"models differ: state_dict {state_dict} does not fit {ref}(): "
+                                    f"{why}") from e
     return obj.eval()
 
 
