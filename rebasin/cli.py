@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", metavar="SIZE",
                    help="refuse models whose analysis needs more memory (bytes or 512M, 4G; default 80%% "
                         "of available memory, or $REBASIN_MEMORY_BUDGET)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop an onnxruntime run of a model after this long (default 600, or "
+                        "$REBASIN_TIME_LIMIT)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("infer-spec", help="print the permutation classes of a model")
     s.add_argument("model", help="model.onnx, or package.module:factory returning an nn.Module")
@@ -329,10 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.memory_budget:
-            from rebasin import limits
+        from rebasin import limits
 
+        if args.memory_budget:
             limits.set_memory_budget(args.memory_budget)
+        if args.time_limit is not None:
+            if not args.time_limit > 0:
+                raise RebasinError(f"--time-limit must be a positive number of seconds: {args.time_limit}")
+            limits.set_time_limit(args.time_limit)
         return args.fn(args)
     except KeyboardInterrupt:
         print("rebasin: interrupted", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Resource limits: refuse a model whose analysis would not fit in memory, before loading it.
+"""Resource limits: refuse a model whose analysis would not fit in memory, before loading it, and
+stop a model run that takes too long (:func:`time_limit`).
 
 The budget is, in order: :func:`set_memory_budget`, the ``REBASIN_MEMORY_BUDGET`` environment
 variable (bytes, or with a ``K``/``M``/``G`` suffix), or 80 % of the memory available when the
@@ -15,6 +16,8 @@ import os
 from rebasin.errors import RebasinError, ResourceLimitError
 
 _budget: int | None = None
+_seconds: float | None = None
+DEFAULT_SECONDS = 600.0
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -36,6 +39,27 @@ def set_memory_budget(size) -> None:
     """Set the budget in bytes (int) or as text (``"4G"``); ``None`` returns to the default."""
     global _budget
     _budget = None if size is None else (size if isinstance(size, int) else parse_size(size))
+
+
+def set_time_limit(seconds) -> None:
+    """Seconds one onnxruntime run may take (``None``: back to the default)."""
+    global _seconds
+    _seconds = None if seconds is None else float(seconds)
+
+
+def time_limit() -> float:
+    """Seconds one onnxruntime run may take: :func:`set_time_limit`, ``REBASIN_TIME_LIMIT`` or 600.
+
+    A run past it is stopped (onnxruntime's terminate flag) and reported as a
+    :class:`ResourceLimitError`: a Loop whose trip count is 2**61 must not hang the analysis.
+    """
+    if _seconds is not None:
+        return _seconds
+    env = os.environ.get("REBASIN_TIME_LIMIT")
+    try:
+        return float(env) if env else DEFAULT_SECONDS
+    except ValueError:
+        raise RebasinError(f"REBASIN_TIME_LIMIT must be a number of seconds, got {env!r}") from None
 
 
 def _available() -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 
@@ -32,15 +34,16 @@ def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions and one line of ours
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        if model.ByteSize() < 2**31 - 1:
-            return ort.InferenceSession(model.SerializeToString(), so, providers=providers())
-        with tempfile.TemporaryDirectory(prefix="rebasin-") as d:  # protobuf's 2 GB limit
-            path = os.path.join(d, "m.onnx")
-            onnx.save(model, path, save_as_external_data=True, location="m.onnx.data")
-            return ort.InferenceSession(path, so, providers=providers())
+    try:  # onnxruntime prints "EP Error" banners on stdout before its own retry: keep them out
+        with contextlib.redirect_stdout(io.StringIO()):
+            if model.ByteSize() < 2**31 - 1:
+                return ort.InferenceSession(model.SerializeToString(), so, providers=providers())
+            with tempfile.TemporaryDirectory(prefix="rebasin-") as d:  # protobuf's 2 GB limit
+                path = os.path.join(d, "m.onnx")
+                onnx.save(model, path, save_as_external_data=True, location="m.onnx.data")
+                return ort.InferenceSession(path, so, providers=providers())
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if any(k in msg for k in _NO_KERNEL):
@@ -54,8 +57,10 @@ def _gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
     bounds: dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in inits:
+            dims = inits[n.input[0]].dims
             axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-            bounds[n.input[1]] = min(bounds.get(n.input[1], 1 << 30), inits[n.input[0]].dims[axis])
+            if -len(dims) <= axis < len(dims):  # else onnxruntime refuses the model itself
+                bounds[n.input[1]] = min(bounds.get(n.input[1], 1 << 30), dims[axis])
     return bounds
 
 
@@ -106,16 +111,32 @@ def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str
                 m.graph.output.append(onnx.ValueInfoProto(name=name))
                 have.add(name)
         model = m
+    import threading
+
+    import onnxruntime as ort
+
+    from rebasin import limits
+    from rebasin.errors import ResourceLimitError
+
     sess = _session(model)
     names = [o.name for o in sess.get_outputs()]
+    opts = ort.RunOptions()
+    opts.log_severity_level = 4
+    seconds = limits.time_limit()
+    timer = threading.Timer(seconds, lambda: setattr(opts, "terminate", True))
+    timer.daemon = True
+    timer.start()
     try:
-        outs = sess.run(names, feeds)
+        outs = sess.run(names, feeds, opts)
     except MemoryError as e:
-        from rebasin.errors import ResourceLimitError
-
         raise ResourceLimitError("onnxruntime ran out of memory running the model") from e
     except Exception as e:
+        if opts.terminate:
+            raise ResourceLimitError(f"onnxruntime stopped running the model after the time limit of "
+                                     f"{seconds:g} s (--time-limit SECONDS)") from e
         raise ModelLoadError(f"onnxruntime failed to run the model: {str(e).splitlines()[0]}") from e
+    finally:
+        timer.cancel()
     return dict(zip(names, outs))
 
 

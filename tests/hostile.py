@@ -90,8 +90,8 @@ def control_if(seed=0) -> onnx.ModelProto:
                   [h.make_tensor_value_info("y", T.FLOAT, [2, 3])])
 
 
-def control_loop(seed=0) -> onnx.ModelProto:
-    """Three iterations of s = tanh(s @ Wl) started from x @ W1."""
+def control_loop(seed=0, trips=3) -> onnx.ModelProto:
+    """``trips`` iterations of s = tanh(s @ Wl) started from x @ W1."""
     rng = np.random.default_rng(seed)
     body = h.make_graph(
         [h.make_node("MatMul", ["s_in", "Wl"], ["s0"]), h.make_node("Tanh", ["s0"], ["s_out"]),
@@ -104,7 +104,7 @@ def control_loop(seed=0) -> onnx.ModelProto:
              h.make_node("Loop", ["n", "t", "h"], ["s"], body=body, name="loop"),
              h.make_node("MatMul", ["s", "W2"], ["y"])]
     return _model(nodes, {"W1": _rand(rng, 4, 8), "Wl": _rand(rng, 8, 8), "W2": _rand(rng, 8, 3),
-                          "n": np.array(3, np.int64), "t": np.array(True)}, *_io([2, 4]))
+                          "n": np.array(trips, np.int64), "t": np.array(True)}, *_io([2, 4]))
 
 
 def control_scan(seed=0) -> onnx.ModelProto:
@@ -174,3 +174,18 @@ def big_external(path: Path, hidden: int, fill: str = "sparse") -> Path:
     m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     path.write_bytes(m.SerializeToString())
     return path
+
+
+def conv_bn(seed=0) -> onnx.ModelProto:
+    """Conv -> BatchNormalization (random statistics) -> Relu -> grouped Conv -> GlobalAveragePool -> Gemm."""
+    rng = np.random.default_rng(seed)
+    nodes = [h.make_node("Conv", ["x", "C1", "c1"], ["a"], pads=[1, 1, 1, 1], name="conv1"),
+             h.make_node("BatchNormalization", ["a", "g", "b", "mu", "var"], ["n"], name="bn"),
+             h.make_node("Relu", ["n"], ["r"]),
+             h.make_node("Conv", ["r", "C2"], ["c"], group=2, name="conv2"),
+             h.make_node("GlobalAveragePool", ["c"], ["p"]), h.make_node("Flatten", ["p"], ["f"]),
+             h.make_node("Gemm", ["f", "G", "gb"], ["y"], transB=1, name="fc")]
+    inits = {"C1": _rand(rng, 6, 3, 3, 3), "c1": _rand(rng, 6), "g": _rand(rng, 6), "b": _rand(rng, 6),
+             "mu": _rand(rng, 6), "var": rng.uniform(0.5, 2, 6).astype(np.float32),
+             "C2": _rand(rng, 4, 3, 1, 1), "G": _rand(rng, 3, 4), "gb": _rand(rng, 3)}
+    return _model(nodes, inits, *_io([2, 3, 5, 5]))

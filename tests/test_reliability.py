@@ -202,6 +202,9 @@ case("over 2 GB, over the memory budget",
      lambda d: ["--memory-budget", "1G", "permute", hostile.big_external(d / "m.onnx", 80_000_000),
                 "--random", "-o", d / "out.onnx"], 3,
      r"needs at least 8\.9 GiB, over the memory budget of 1\.0")
+case("Loop that runs for ever", lambda d: ["--time-limit", "1", "infer-spec",
+                                           hostile.save(hostile.control_loop(trips=2**61), d / "m.onnx")], 3,
+     "onnxruntime stopped running the model after the time limit of 1 s")
 case("bad memory budget", lambda d: ["--memory-budget", "lots", "infer-spec", _good(d)], 2,
      "cannot read memory size 'lots'")
 case("data wrong shape", _data({"x": np.zeros((5, 7), np.float32)}), 2,

@@ -87,6 +87,15 @@ def check_structure(model: onnx.ModelProto, where: str = "model") -> None:
             raise ModelLoadError(f"{where} uses ONNX opset {op.version}; the installed onnx "
                                  f"{onnx.__version__} knows opsets up to {newest}")
     g = model.graph
+    for sub in _graphs(g):  # protobuf hands back bytes for strings that are not UTF-8
+        for n in sub.node:
+            for x in [n.name, n.op_type, n.domain, *n.input, *n.output]:
+                if not isinstance(x, str):
+                    raise ModelLoadError(f"{where}: a {n.op_type!r} node has a name that is not valid UTF-8: "
+                                         f"{x[:40]!r}")
+        for x in [*sub.input, *sub.output, *sub.initializer, *sub.value_info]:
+            if not isinstance(x.name, str):
+                raise ModelLoadError(f"{where}: tensor name {x.name[:40]!r} is not valid UTF-8")
     check_initializers(model, where)
     defined = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
     produced: dict[str, str] = {}
