@@ -52,9 +52,10 @@ def _write_atomic(path: str, write) -> None:
 def _save_model(model, path: str) -> None:
     import onnx
 
+    from rebasin.graph.onnx_checks import fits_in_protobuf
+
     def write(tmp):
-        large = model.ByteSize() > 2**31 - 1 if model.ByteSize() >= 0 else True
-        if large:
+        if not fits_in_protobuf(model):
             onnx.save(model, tmp, save_as_external_data=True,
                       location=os.path.basename(path) + ".data")
         else:
@@ -120,8 +121,8 @@ def cmd_infer_spec(args) -> int:
 
 def cmd_permute(args) -> int:
     import numpy as np
-    from onnx import numpy_helper
 
+    from rebasin.graph.onnx_checks import array_view
     from rebasin.graph.onnx_frontend import load_model
     from rebasin.graph.rewrite import apply_permutation
     from rebasin.spec import Spec
@@ -132,7 +133,7 @@ def cmd_permute(args) -> int:
         check_finite(src[0].state_dict(), args.model)
     else:
         model = load_model(args.model)
-        check_finite({t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, args.model)
+        check_finite({t.name: array_view(t) for t in model.graph.initializer}, args.model)
     if args.spec:
         spec = Spec.from_json(_read_text(args.spec, "spec"))
     else:

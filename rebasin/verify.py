@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,27 +27,61 @@ def providers() -> list[str]:
 _NO_KERNEL = ("is not a registered function/op", "No Op registered for", "NOT_IMPLEMENTED")
 
 
-def _session(model: onnx.ModelProto):
-    import tempfile
+_IN_MEMORY = 1 << 20  # in a model past protobuf's 2 GiB, initializers this large go to onnxruntime as arrays
 
+
+def _session(model: onnx.ModelProto, extra_outputs=()):
+    """An onnxruntime session for ``model`` with ``extra_outputs`` exposed, the model untouched.
+
+    The session is built from a shell: the graph with the extra outputs added. Past protobuf's
+    2 GiB the shell's large initializers are marked external and their arrays are handed to
+    onnxruntime in memory (no copy of the model, no temp file).
+    """
     import onnxruntime as ort
+
+    from rebasin.graph.onnx_checks import array_view, fits_in_protobuf
 
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions and one line of ours
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_cpu_mem_arena = False  # one run per session: an arena only holds memory longer
+    so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of MatMul weights
+    graph = model.graph
+    shell = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
+                            functions=model.functions)
+    g = shell.graph
+    g.name = graph.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(g, field).extend(getattr(graph, field))
+    have = {o.name for o in g.output}
+    for name in extra_outputs:
+        if name not in have:
+            g.output.append(onnx.ValueInfoProto(name=name))
+            have.add(name)
+    big = not fits_in_protobuf(model)
+    names, arrays = [], []
+    for t in graph.initializer:
+        if not big or t.ByteSize() < _IN_MEMORY:
+            g.initializer.append(t)
+            continue
+        ph = g.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
+        ph.data_location = onnx.TensorProto.EXTERNAL
+        ph.external_data.add(key="location", value="rebasin-in-memory")
+        names.append(t.name)
+        arrays.append(array_view(t))
     try:  # onnxruntime prints "EP Error" banners on stdout before its own retry: keep them out
         with contextlib.redirect_stdout(io.StringIO()):
-            if model.ByteSize() < 2**31 - 1:
-                return ort.InferenceSession(model.SerializeToString(), so, providers=providers())
-            with tempfile.TemporaryDirectory(prefix="rebasin-") as d:  # protobuf's 2 GB limit
-                path = os.path.join(d, "m.onnx")
-                onnx.save(model, path, save_as_external_data=True, location="m.onnx.data")
-                return ort.InferenceSession(path, so, providers=providers())
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+            if names:
+                so.add_external_initializers(names, values)
+            sess = ort.InferenceSession(shell.SerializeToString(), so, providers=providers())
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if any(k in msg for k in _NO_KERNEL):
             raise UnsupportedOpError(f"onnxruntime has no kernel for an op of the model: {msg}") from e
         raise ModelLoadError(f"onnxruntime cannot load the model: {msg}") from e
+    sess._rebasin_arrays = (arrays, values)  # onnxruntime may keep pointers into them
+    return sess
 
 
 def _gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
@@ -102,15 +135,6 @@ def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str
         model = float32_image(model)
         feeds = {k: (v.astype(np.float32) if str(getattr(v, "dtype", "")) in ("float16", "bfloat16") else v)
                  for k, v in feeds.items()}
-    if extra_outputs:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        have = {o.name for o in m.graph.output}
-        for name in extra_outputs:
-            if name not in have:
-                m.graph.output.append(onnx.ValueInfoProto(name=name))
-                have.add(name)
-        model = m
     import threading
 
     import onnxruntime as ort
@@ -118,7 +142,7 @@ def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str
     from rebasin import limits
     from rebasin.errors import ResourceLimitError
 
-    sess = _session(model)
+    sess = _session(model, extra_outputs)
     names = [o.name for o in sess.get_outputs()]
     opts = ort.RunOptions()
     opts.log_severity_level = 4

@@ -276,3 +276,22 @@ def test_debug_shows_traceback(tmp_path):
 def test_written_spec_is_valid_json(tmp_path):
     rc, _, err = run("infer-spec", _good(tmp_path), "--json", "-o", tmp_path / "s.json")
     assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["classes"]
+
+
+@pytest.mark.slow
+def test_model_over_2gb_with_external_data(tmp_path):
+    """A 2.24 GB MLP (70M hidden units, random weights in external data): permuted, verified and
+    written with its own external data file; the output is a permutation of the input."""
+    src = hostile.big_external(tmp_path / "m.onnx", 70_000_000, fill="random")
+    out = tmp_path / "out.onnx"
+    rc, so, err = run("permute", src, "--random", "-o", out)
+    assert rc == 0 and "EQUAL" in so, err
+    m = onnx.load(str(out), load_external_data=False)
+    assert {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"} == {
+        "out.onnx.data"}
+    assert (tmp_path / "out.onnx.data").stat().st_size == (src.parent / "m.onnx.data").stat().st_size
+    rc, so, _ = run("verify", src, out)
+    assert rc == 0 and "EQUAL" in so
+    a = np.fromfile(src.parent / "m.onnx.data", dtype=np.float32, count=4 * 1000)
+    b = np.fromfile(tmp_path / "out.onnx.data", dtype=np.float32, count=4 * 1000)
+    assert not np.array_equal(a, b)

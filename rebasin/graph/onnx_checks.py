@@ -162,3 +162,34 @@ def float32_image(model: onnx.ModelProto) -> onnx.ModelProto:
                 elif a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype") and a.i in HALF_TYPES:
                     a.i = onnx.TensorProto.FLOAT
     return m
+
+
+PROTO_LIMIT = 2**31 - 1 - (64 << 20)  # protobuf cannot serialize 2 GiB; keep a margin for the graph
+
+
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """Can ``model`` be serialized as one protobuf? (``ByteSize`` itself overflows past 2 GiB.)"""
+    total = 0
+    for g in _graphs(model.graph):
+        for t in g.initializer:
+            total += t.ByteSize()
+            if total > PROTO_LIMIT:
+                return False
+    return True
+
+
+_RAW_DTYPES = {onnx.TensorProto.FLOAT: "<f4", onnx.TensorProto.DOUBLE: "<f8", onnx.TensorProto.FLOAT16: "<f2",
+               onnx.TensorProto.INT64: "<i8", onnx.TensorProto.INT32: "<i4", onnx.TensorProto.INT8: "i1",
+               onnx.TensorProto.UINT8: "u1"}
+
+
+def array_view(t: onnx.TensorProto):
+    """The tensor's values as a read-only array over its raw bytes (no copy: a 2 GB weight stays
+    2 GB), or a copy from ``numpy_helper`` for other storage."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    dtype = _RAW_DTYPES.get(t.data_type)
+    if dtype is not None and t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL:
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)

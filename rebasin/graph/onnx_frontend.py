@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from rebasin import limits
 from rebasin.errors import ModelLoadError, UnsupportedOpError
 from rebasin.graph.ir import Graph, attr, to_networkx
-from rebasin.graph.onnx_checks import check_initializers, check_structure
+from rebasin.graph.onnx_checks import array_view, check_initializers, check_structure
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                onnx.TensorProto.BFLOAT16}
@@ -108,7 +108,7 @@ def build_graph(model, feeds: dict | None = None) -> Graph:
     values: dict[str, np.ndarray] = {}
     weights: dict[str, np.ndarray] = {}
     for t in g.initializer:
-        arr = numpy_helper.to_array(t)
+        arr = array_view(t)  # read-only, no copy
         (weights if t.data_type in FLOAT_TYPES else values)[t.name] = arr
     for n in g.node:
         if n.op_type == "Constant" and n.output:

@@ -49,27 +49,44 @@ def apply_permutation(model, spec: Spec, perms: dict):
     """
     if isinstance(model, dict):
         return _apply_state_dict(model, spec, perms)
+    from rebasin.graph.onnx_checks import array_view
     from rebasin.graph.onnx_frontend import load_model
 
-    m = onnx.ModelProto()
-    m.CopyFrom(load_model(model))
-    arrays = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
-    consts = {}
-    for n in m.graph.node:
-        if n.op_type == "Constant":
+    src = load_model(model)
+    touched = {mb.tensor for c in spec.classes if c.name in perms for mb in c.members}
+    arrays = {t.name: array_view(t) for t in src.graph.initializer if t.name in touched}
+    for n in src.graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] in touched:
             for a in n.attribute:
                 if a.name == "value":
-                    consts[n.output[0]] = a
                     arrays[n.output[0]] = numpy_helper.to_array(a.t)
     new = permute_arrays(arrays, spec, perms)
-    touched = {mb.tensor for c in spec.classes if c.name in perms for mb in c.members}
-    for t in m.graph.initializer:
-        if t.name in touched:
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name))
-    for name, a in consts.items():
-        if name in touched:
-            a.t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[name]), a.t.name))
+    # a new model sharing nothing with ``src``, in which only the permuted tensors are new bytes
+    m = onnx.ModelProto()
+    _copy_fields(m, src, skip="graph")
+    _copy_fields(m.graph, src.graph, skip="initializer")
+    for t in src.graph.initializer:
+        m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name)
+                                   if t.name in touched else t)
+    for n in m.graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] in touched:
+            for a in n.attribute:
+                if a.name == "value":
+                    a.t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[n.output[0]]), a.t.name))
     return m
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
 
 
 def _apply_state_dict(sd: dict, spec: Spec, perms: dict) -> dict:
