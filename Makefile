@@ -3,7 +3,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.stamp
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo lint clean fuzz
 
 venv: $(STAMP)
 
@@ -22,6 +22,20 @@ test: venv
 
 demo: venv
 	$(PY) examples/demo.py
+
+# Nightly-style fuzzing (not part of `make test`): FUZZ_EXAMPLES random architectures through
+# both frontends (tests/test_property.py, hypothesis "fuzz" profile), then FUZZ_CASES mutated
+# ONNX files through the loader. Counts go to out/fuzz-summary.txt.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_CASES    ?= 20000
+FUZZ_SEED     ?= 0
+fuzz: venv
+	mkdir -p out
+	rm -f out/fuzz-architectures.jsonl
+	HYPOTHESIS_PROFILE=fuzz REBASIN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) REBASIN_FUZZ_LOG=out/fuzz-architectures.jsonl \
+		$(PY) -m pytest -q tests/test_property.py
+	$(PY) -m tests.test_property out/fuzz-architectures.jsonl | tee out/fuzz-summary.txt
+	$(PY) -m tests.fuzz_loader --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) 2>/dev/null | tee -a out/fuzz-summary.txt
 
 lint:
 	$(VENV)/bin/ruff check rebasin tests
