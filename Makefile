@@ -29,11 +29,12 @@ demo: venv
 FUZZ_EXAMPLES ?= 2000
 FUZZ_CASES    ?= 20000
 FUZZ_SEED     ?= 0
+FUZZ_JOBS     ?= 2
 fuzz: venv
 	mkdir -p out
 	rm -f out/fuzz-architectures.jsonl
 	HYPOTHESIS_PROFILE=fuzz REBASIN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) REBASIN_FUZZ_LOG=out/fuzz-architectures.jsonl \
-		$(PY) -m pytest -q tests/test_property.py
+		$(PY) -m pytest -q -n $(FUZZ_JOBS) tests/test_property.py
 	$(PY) -m tests.test_property out/fuzz-architectures.jsonl | tee out/fuzz-summary.txt
 	$(PY) -m tests.fuzz_loader --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) 2>/dev/null | tee -a out/fuzz-summary.txt
 

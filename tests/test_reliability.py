@@ -80,6 +80,12 @@ def _short_initializer():
     return m
 
 
+def _valueless_initializer():
+    m = hostile.mlp()
+    m.graph.initializer.append(onnx.TensorProto(name="s", data_type=T.FLOAT))  # a scalar, no value
+    return m
+
+
 def _missing_external(d):
     p = hostile.big_external(d / "m.onnx", 16)
     (d / "m.onnx.data").unlink()
@@ -184,6 +190,8 @@ case("dangling input", _model_case(lambda: hostile.dangling(hostile.mlp())), 2, 
 case("opset from the future", _model_case(lambda: hostile.mlp(opset=99)), 2, "uses ONNX opset 99")
 case("initializer bytes short", _model_case(_short_initializer), 2,
      r"initializer 'W1' holds 120 bytes, its shape \[4, 8\] needs 128")
+case("initializer without values", _model_case(_valueless_initializer), 2,
+     r"initializer 's' does not hold the values of its shape \[\]")
 case("external data missing", _missing_external, 2, "cannot read the external data")
 case("align different width", _pair("align", lambda: hostile.mlp(hidden=9)), 2,
      r"models differ: tensor W1 has shape \(4, 8\) in A but \(4, 9\) in B")

@@ -54,7 +54,16 @@ def _node_name(n: onnx.NodeProto, i: int) -> str:
 def _check_initializer(t: onnx.TensorProto, where: str) -> None:
     if any(d < 0 for d in t.dims):
         raise ModelLoadError(f"{where}: initializer {t.name!r} has a negative dimension {list(t.dims)}")
-    if t.data_location == onnx.TensorProto.EXTERNAL or not t.HasField("raw_data"):
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    if not t.HasField("raw_data"):  # values in typed fields (float_data, int64_data ...)
+        from onnx import numpy_helper
+
+        try:
+            numpy_helper.to_array(t)
+        except Exception as e:  # noqa: BLE001 - too few or too many values for the shape
+            raise ModelLoadError(f"{where}: initializer {t.name!r} does not hold the values of its shape "
+                                 f"{list(t.dims)} ({type(e).__name__})") from None
         return
     try:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
