@@ -128,11 +128,10 @@ def onnx_estimate(model) -> int:
     try:
         # shape inference reads small constants (reshape targets), never the big weights: copy
         # the graph without them instead of the whole model
-        stripped = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
-                                   functions=model.functions)
+        from rebasin.graph.onnx_checks import without_initializers
+
+        stripped = without_initializers(model)
         g = stripped.graph
-        for field in ("node", "input", "output", "value_info"):
-            getattr(g, field).extend(getattr(model.graph, field))
         for t in model.graph.initializer:
             small = (t.data_location != onnx.TensorProto.EXTERNAL
                      and _tensor_bytes(t.dims, t.data_type) <= 4096)

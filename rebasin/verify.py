@@ -39,7 +39,7 @@ def _session(model: onnx.ModelProto, extra_outputs=()):
     """
     import onnxruntime as ort
 
-    from rebasin.graph.onnx_checks import array_view, fits_in_protobuf
+    from rebasin.graph.onnx_checks import array_view, fits_in_protobuf, without_initializers
 
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions and one line of ours
@@ -47,12 +47,8 @@ def _session(model: onnx.ModelProto, extra_outputs=()):
     so.enable_cpu_mem_arena = False  # one run per session: an arena only holds memory longer
     so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of MatMul weights
     graph = model.graph
-    shell = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import,
-                            functions=model.functions)
+    shell = without_initializers(model)
     g = shell.graph
-    g.name = graph.name
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(g, field).extend(getattr(graph, field))
     have = {o.name for o in g.output}
     for name in extra_outputs:
         if name not in have:

@@ -202,3 +202,26 @@ def array_view(t: onnx.TensorProto):
     if dtype is not None and t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL:
         return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
     return numpy_helper.to_array(t)
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A new model with every field of ``model`` but its top-level initializers, which the caller
+    adds back as it needs (as they are, permuted, or as data-less placeholders): a 2 GB model is
+    never copied whole."""
+    m = onnx.ModelProto()
+    _copy_fields(m, model, skip="graph")
+    _copy_fields(m.graph, model.graph, skip="initializer")
+    return m
+
+
+def _copy_fields(dst, src, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` except ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 from onnx import numpy_helper
 
 from rebasin.errors import SpecMismatchError
@@ -49,7 +48,7 @@ def apply_permutation(model, spec: Spec, perms: dict):
     """
     if isinstance(model, dict):
         return _apply_state_dict(model, spec, perms)
-    from rebasin.graph.onnx_checks import array_view
+    from rebasin.graph.onnx_checks import array_view, without_initializers
     from rebasin.graph.onnx_frontend import load_model
 
     src = load_model(model)
@@ -62,9 +61,7 @@ def apply_permutation(model, spec: Spec, perms: dict):
                     arrays[n.output[0]] = numpy_helper.to_array(a.t)
     new = permute_arrays(arrays, spec, perms)
     # a new model sharing nothing with ``src``, in which only the permuted tensors are new bytes
-    m = onnx.ModelProto()
-    _copy_fields(m, src, skip="graph")
-    _copy_fields(m.graph, src.graph, skip="initializer")
+    m = without_initializers(src)
     for t in src.graph.initializer:
         m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name)
                                    if t.name in touched else t)
@@ -74,19 +71,6 @@ def apply_permutation(model, spec: Spec, perms: dict):
                 if a.name == "value":
                     a.t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[n.output[0]]), a.t.name))
     return m
-
-
-def _copy_fields(dst, src, skip: str) -> None:
-    """Copy every set field of protobuf message ``src`` into ``dst`` except ``skip``."""
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        if fd.is_repeated:
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
 
 
 def _apply_state_dict(sd: dict, spec: Spec, perms: dict) -> dict:
