@@ -24,23 +24,20 @@ class _Model:
     """Uniform access to an ONNX or torch model: weights, a rewrite, activations, verification."""
 
     def __init__(self, model, example_inputs=None):
-        from rebasin.graph.infer import _is_torch_module
+        from rebasin.sources import open_model
 
-        self.torch = _is_torch_module(model)
+        src = open_model(model, example_inputs=example_inputs)
+        if src.kind not in ("onnx", "torch"):
+            raise SpecMismatchError(f"{src.label}: checkpoints on disk go through rebasin.checkpoints")
+        self.source = src
+        self.torch = src.kind == "torch"
         self.example_inputs = example_inputs
         if self.torch:
-            self.module = model.eval()
-            sd = model.state_dict()
-            self.state = dict(sd)
-            self.params = {k: _np(v) for k, v in sd.items() if v.is_floating_point()}
+            self.module, self.state = src.module, src.state
+            self.params = {k: _np(src.read(k)) for k in src.names()}
         else:
-            from onnx import numpy_helper
-
-            from rebasin.graph.onnx_frontend import FLOAT_TYPES, load_model
-
-            self.onnx = load_model(model)
-            self.params = {t.name: numpy_helper.to_array(t) for t in self.onnx.graph.initializer
-                           if t.data_type in FLOAT_TYPES}
+            self.onnx = src.proto
+            self.params = {k: src.read(k) for k in src.names()}
 
     def spec(self, **kw) -> Spec:
         from rebasin.graph.infer import infer_spec
@@ -84,7 +81,7 @@ class _Model:
 
     def feeds(self, inputs) -> dict:
         """Data arrays -> named ONNX inputs, checked against the declared ranks, dims and dtypes."""
-        from rebasin.verify import _ONNX_TO_NP
+        from rebasin.execute import _ONNX_TO_NP
 
         inits = {t.name for t in self.onnx.graph.initializer}
         decl = [i for i in self.onnx.graph.input if i.name not in inits]
@@ -113,7 +110,7 @@ class _Model:
         if self.torch:
             values = _torch_activations(self, wanted, inputs)
         else:
-            from rebasin.verify import run_model
+            from rebasin.execute import run_model
 
             values = run_model(self.onnx, self.feeds(inputs), extra_outputs=wanted)
         feats = {}
@@ -260,6 +257,13 @@ def check_compatible(a: _Model, b: _Model) -> None:
 # --------------------------------------------------------------------------- public API
 
 
+def _text_progress(progress):
+    """A solver-style ``progress(it, objective, message)`` as the text callback of checkpoints."""
+    if progress is None:
+        return None
+    return lambda message: progress(0, float("nan"), message)
+
+
 @dataclass
 class AlignResult:
     """The aligned B (state_dict or ModelProto), its permutations and the solver's record."""
@@ -286,24 +290,14 @@ def _split_data(data):
 
 
 def _from_state_dicts(models, template):
-    """state_dicts -> copies of ``template`` holding them (modules and ONNX pass through)."""
+    """state_dicts -> sources holding them in a copy of ``template`` (others pass through)."""
     if not any(isinstance(m, dict) for m in models):
         return list(models)
     if template is None:
         raise SolverError("state_dicts need model=<an nn.Module of their architecture>")
-    import copy
+    from rebasin.sources import open_model
 
-    out = []
-    for m in models:
-        if isinstance(m, dict):
-            mod = copy.deepcopy(template)
-            try:
-                mod.load_state_dict(m)
-            except (RuntimeError, KeyError) as e:
-                raise SpecMismatchError(f"models differ: {str(e).splitlines()[0]}") from e
-            m = mod
-        out.append(m)
-    return out
+    return [open_model(m, model=template) if isinstance(m, dict) else m for m in models]
 
 
 def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec: Spec | None = None,
@@ -311,8 +305,11 @@ def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec:
     """Permute model B into alignment with model A.
 
     Args:
-        a, b: two models of one architecture: ONNX (path / ModelProto), ``torch.nn.Module`` objects, or
-            ``state_dict`` dicts together with ``model``, a module of their architecture.
+        a, b: two models of one architecture: ONNX (path / ModelProto), ``torch.nn.Module`` objects,
+            ``state_dict`` dicts together with ``model``, a module of their architecture, or
+            checkpoints on disk (Hugging Face folders; ``.safetensors`` files with ``model``), which
+            are aligned out of core (weight matching only): ``model`` of the result is then a lazy
+            source whose ``save(path)`` writes it with B's layout.
         method: a solver name (``weight``, ``activation``, ``sinkhorn``, ``ste``).
         example_inputs: torch models: inputs to trace with.
         data: dict of arrays (e.g. an ``.npz``): the model inputs in order, plus optional
@@ -336,8 +333,13 @@ def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec:
         >>> bool(torch.equal(res.model["0.weight"], a.state_dict()["0.weight"]))
         True
     """
-    from rebasin import solvers
+    from rebasin import checkpoints, solvers
 
+    if checkpoints.is_checkpoint(a) or checkpoints.is_checkpoint(b):
+        r = checkpoints.align_checkpoints(a, b, method=method, spec=spec, seed=seed, verify=verify,
+                                          model=model, example_inputs=example_inputs,
+                                          progress=_text_progress(progress), **options)
+        return AlignResult(r.model, r.perms[0], r.solves[0], r.spec, r.verification[0])
     solve = solvers.get(method)
     a, b = _from_state_dicts([a, b], model)
     ma, mb = _Model(a, example_inputs), _Model(b, example_inputs)
@@ -378,9 +380,15 @@ def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, pr
 
     Each model's aligned version is verified to compute what the model computes before averaging.
     """
+    from rebasin import checkpoints
     from rebasin.graph.rewrite import permute_arrays
     from rebasin.solvers import merge_many
 
+    if any(checkpoints.is_checkpoint(m) for m in models):
+        r = checkpoints.merge_checkpoints(list(models), seed=seed, verify=verify, model=model,
+                                          example_inputs=example_inputs, progress=_text_progress(progress),
+                                          max_iter=max_iter)
+        return MergedModel(r.model, r.perms, r.solves)
     if len(models) < 2:
         raise SolverError("merge needs at least two models")
     models = _from_state_dicts(models, model)
@@ -399,8 +407,15 @@ def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, pr
     return MergedModel(ms[0].with_params(mean), res.perms, res)
 
 
-def interpolate(a, b, t: float, *, example_inputs=None):
-    """``(1 - t) A + t B`` on every float weight (B as given: align it first)."""
+def interpolate(a, b, t: float, *, example_inputs=None, model=None):
+    """``(1 - t) A + t B`` on every float weight (B as given: align it first).
+
+    Checkpoints on disk give a lazy result (``.save(path)`` writes it with A's layout).
+    """
+    from rebasin import checkpoints
+
+    if checkpoints.is_checkpoint(a) or checkpoints.is_checkpoint(b):
+        return checkpoints.interpolate_checkpoints(a, b, t, model=model).model
     ma, mb = _Model(a, example_inputs), _Model(b, example_inputs)
     check_compatible(ma, mb)
     return ma.with_params({k: (1 - t) * v + t * mb.params[k] for k, v in ma.params.items()})

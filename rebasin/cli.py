@@ -52,7 +52,7 @@ def _write_atomic(path: str, write) -> None:
 def _save_model(model, path: str) -> None:
     import onnx
 
-    from rebasin.graph.onnx_checks import fits_in_protobuf
+    from rebasin.sources.onnx_checks import fits_in_protobuf
 
     def write(tmp):
         if not fits_in_protobuf(model):
@@ -91,6 +91,12 @@ def _torch_source(args):
 def _infer(args, src, model=None):
     from rebasin.graph.infer import infer_spec
 
+    if src is None and os.path.isdir(args.model):  # a Hugging Face folder: config.json is enough
+        from rebasin.sources.hf import HFFolderSource
+
+        folder = HFFolderSource(args.model)
+        return infer_spec(folder.module, folder.example_inputs, strict=args.strict, frozen=args.frozen,
+                          tracer=args.tracer)
     if src is not None:
         return infer_spec(src[0], src[1], strict=args.strict, frozen=args.frozen, tracer=args.tracer)
     return infer_spec(model or args.model, strict=args.strict,
@@ -120,14 +126,15 @@ def cmd_infer_spec(args) -> int:
 
 
 def cmd_permute(args) -> int:
-    import numpy as np
 
-    from rebasin.graph.onnx_checks import array_view
-    from rebasin.graph.onnx_frontend import load_model
     from rebasin.graph.rewrite import apply_permutation
+    from rebasin.sources.onnx import load_model
+    from rebasin.sources.onnx_checks import array_view
     from rebasin.spec import Spec
     from rebasin.verify import check_finite, check_permutation
 
+    if os.path.isdir(args.model):
+        return _permute_folder(args)
     src = _torch_source(args)
     if src is not None:
         check_finite(src[0].state_dict(), args.model)
@@ -138,16 +145,7 @@ def cmd_permute(args) -> int:
         spec = Spec.from_json(_read_text(args.spec, "spec"))
     else:
         spec = _infer(args, src, model if src is None else None)
-    if args.random:
-        perms = spec.random_permutations(args.seed)
-    elif args.perms:
-        try:
-            perms = {k: np.asarray(v) for k, v in json.loads(_read_text(args.perms, "permutations")).items()}
-        except (ValueError, AttributeError) as e:
-            raise SpecMismatchError(f"{args.perms} is not a JSON object of class name -> index list "
-                                    f"({e})") from e
-    else:
-        raise RebasinError("give --random or --perms FILE")
+    perms = _perms(args, spec)
     if args.no_verify:
         out = apply_permutation(src[0].state_dict() if src else model, spec, perms)
     else:
@@ -159,30 +157,110 @@ def cmd_permute(args) -> int:
     return 0
 
 
+def _perms(args, spec) -> dict:
+    import numpy as np
+
+    if args.random:
+        return spec.random_permutations(args.seed)
+    if args.perms:
+        try:
+            return {k: np.asarray(v) for k, v in json.loads(_read_text(args.perms, "permutations")).items()}
+        except (ValueError, AttributeError) as e:
+            raise SpecMismatchError(f"{args.perms} is not a JSON object of class name -> index list "
+                                    f"({e})") from e
+    raise RebasinError("give --random or --perms FILE")
+
+
+def _permute_folder(args) -> int:
+    """``permute`` of a Hugging Face folder: verified streamed, written with the folder's layout."""
+    from rebasin.checkpoints import PermutedSource, check_permuted, open_checkpoint
+    from rebasin.sources.hf import check_target
+    from rebasin.spec import Spec
+
+    check_target(os.path.abspath(args.output), True)
+    folder = open_checkpoint(args.model)
+    spec = Spec.from_json(_read_text(args.spec, "spec")) if args.spec else _infer(args, None)
+    perms = _perms(args, spec)
+    if args.no_verify:
+        from rebasin.graph.rewrite import check_permutations
+
+        check_permutations(spec, perms)
+        new = PermutedSource(folder, spec, perms)
+    else:
+        new, res = check_permuted(folder, spec, perms, label=args.model)
+        print(res)
+    new.save(args.output, _stderr)
+    print(f"wrote {args.output} ({len(perms)} classes permuted)")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from rebasin.verify import verify
 
-    res = verify(args.a, args.b, feeds=_load_feeds(args.inputs), rtol=args.rtol)
+    if os.path.isdir(args.a) or os.path.isdir(args.b):  # folders: run both one layer at a time
+        from rebasin.checkpoints import check_compatible, open_checkpoint, token_batches, verify_sources
+
+        a, b = open_checkpoint(args.a), open_checkpoint(args.b)
+        check_compatible([a, b])
+        res = verify_sources(a.module, a, b, token_batches(a), rtol=args.rtol, buffers=a.buffers())
+    else:
+        res = verify(args.a, args.b, feeds=_load_feeds(args.inputs), rtol=args.rtol)
     print(res)
     return 0 if res.equal else 1
 
 
 def _progress(it: int, objective: float, message: str) -> None:
+    if objective != objective:  # NaN: a stage message, not a solver step
+        _stderr(message)
+        return
     print(f"  [{it:>4}] objective {objective:.6g}  {message}", file=sys.stderr, flush=True)
 
 
 def _models(args, paths):
-    """ONNX paths as given, or torch modules built by --torch-model with each state_dict loaded."""
-    if not args.torch_model:
-        return list(paths), None
+    """``(models, example inputs, module)``: ONNX paths and checkpoints (folders, .safetensors) as
+    given, with the --torch-model module built without weights for .safetensors files; or torch
+    modules built by --torch-model with each state_dict loaded."""
+    from rebasin.checkpoints import is_checkpoint
     from rebasin.graph import torch_frontend as tf
 
+    if any(is_checkpoint(p) for p in paths):
+        from rebasin.sources.hf import check_target
+
+        check_target(os.path.abspath(args.output), os.path.isdir(paths[0]))
+        if not args.torch_model:
+            return _opened(paths, None, None), None, None
+        from rebasin.sources.skeleton import empty_weights
+
+        with empty_weights():
+            module = tf.load_callable(args.torch_model, None)
+        inputs = tf.example_inputs(args.input_shape, args.input_dtype) if args.input_shape else None
+        return _opened(paths, module, inputs), inputs, module
+    if not args.torch_model:
+        return list(paths), None, None
     mods = [tf.load_callable(args.torch_model, p) for p in paths]
-    return mods, tf.example_inputs(args.input_shape, args.input_dtype)
+    return mods, tf.example_inputs(args.input_shape, args.input_dtype), None
+
+
+def _opened(paths, module, inputs):
+    """Checkpoints opened (headers read, keys matched to the architecture) and checked against each
+    other before any work starts, so a bad folder costs one line and nothing else."""
+    from rebasin.checkpoints import check_compatible, open_checkpoint
+
+    sources = [open_checkpoint(p, module, inputs) for p in paths]
+    for s in sources:
+        s.names()
+    check_compatible(sources)
+    return sources
+
+
+def _stderr(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 def _save_any(model, path):
-    if isinstance(model, dict):
+    if hasattr(model, "save"):  # a checkpoint result, written shard by shard with its input's layout
+        model.save(path, _stderr)
+    elif isinstance(model, dict):
         import torch
 
         def write(tmp):
@@ -196,12 +274,12 @@ def _save_any(model, path):
 def cmd_align(args) -> int:
     from rebasin.align import align
 
-    (a, b), inputs = _models(args, [args.a, args.b])
+    (a, b), inputs, module = _models(args, [args.a, args.b])
     data = _load_feeds(args.data)
     options = {k: v for k, v in (("cost", args.cost), ("steps", args.steps), ("max_iter", args.max_iter))
                if v is not None}
     print(f"aligning {args.b} to {args.a} with {args.method}", file=sys.stderr)
-    res = align(a, b, args.method, example_inputs=inputs, data=data, seed=args.seed,
+    res = align(a, b, args.method, example_inputs=inputs, data=data, seed=args.seed, model=module,
                 progress=_progress, verify=not args.no_verify, **options)
     r = res.solve
     print(f"{r.method}: {len(res.perms)} classes, objective {r.objective[0] if r.objective else 0:.6g} -> "
@@ -218,12 +296,17 @@ def cmd_align(args) -> int:
 def cmd_merge(args) -> int:
     from rebasin.align import merge
 
-    models, inputs = _models(args, args.models)
+    models, inputs, module = _models(args, args.models)
     res = merge(models, example_inputs=inputs, seed=args.seed, max_iter=args.max_iter or 100,
-                progress=_progress, verify=not args.no_verify)
-    print(f"merged {len(models)} models: {len(res.merge.objective)} rounds, converged {res.merge.converged}, "
-          f"{res.merge.wall_time:.2f} s" + ("" if args.no_verify else
-                                            " (each aligned model verified equal to its original)"))
+                progress=_progress, verify=not args.no_verify, model=module)
+    if isinstance(res.merge, list):  # checkpoints: each aligned to the first
+        record = (f"each aligned to the first by weight matching, "
+                  f"{sum(r.wall_time for r in res.merge):.2f} s")
+    else:
+        record = (f"{len(res.merge.objective)} rounds, converged {res.merge.converged}, "
+                  f"{res.merge.wall_time:.2f} s")
+    checked = "" if args.no_verify else " (each aligned model verified equal to its original)"
+    print(f"merged {len(models)} models: {record}{checked}")
     if args.save_perms:
         text = json.dumps([{k: [int(i) for i in v] for k, v in p.items()} for p in res.perms])
         _write_atomic(args.save_perms, lambda tmp: open(tmp, "w").write(text + "\n"))
@@ -235,10 +318,10 @@ def cmd_merge(args) -> int:
 def cmd_interpolate(args) -> int:
     from rebasin.align import interpolate
 
-    (a, b), inputs = _models(args, [args.a, args.b])
+    (a, b), inputs, module = _models(args, [args.a, args.b])
     if not 0.0 <= args.t <= 1.0:
         raise RebasinError(f"--t must lie in [0, 1], got {args.t}")
-    _save_any(interpolate(a, b, args.t, example_inputs=inputs), args.output)
+    _save_any(interpolate(a, b, args.t, example_inputs=inputs, model=module), args.output)
     print(f"wrote {args.output} = {1 - args.t:g} * {args.a} + {args.t:g} * {args.b}")
     return 0
 
@@ -277,14 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "$REBASIN_TIME_LIMIT)")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("infer-spec", help="print the permutation classes of a model")
-    s.add_argument("model", help="model.onnx, or package.module:factory returning an nn.Module")
+    s.add_argument("model", help="model.onnx, a Hugging Face folder (config.json is enough), or "
+                                 "package.module:factory returning an nn.Module")
     s.add_argument("--json", action="store_true")
     s.add_argument("-o", "--output")
     _analysis_args(s)
     s.add_argument("--inputs", help=".npz with model inputs for the shape run")
     s.set_defaults(fn=cmd_infer_spec)
     s = sub.add_parser("permute", help="apply permutations to a model (verified before writing)")
-    s.add_argument("model", help="model.onnx, or package.module:factory (writes a state_dict .pt)")
+    s.add_argument("model", help="model.onnx, a Hugging Face folder (writes a folder), or "
+                                 "package.module:factory (writes a state_dict .pt)")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--random", action="store_true", help="a random permutation of every class")
     s.add_argument("--seed", type=int, default=0)

@@ -5,8 +5,9 @@ The budget is, in order: :func:`set_memory_budget`, the ``REBASIN_MEMORY_BUDGET`
 variable (bytes, or with a ``K``/``M``/``G`` suffix), or 80 % of the memory available when the
 process starts (``MemAvailable`` in ``/proc/meminfo``; no limit where that cannot be read).
 
-Estimates are lower bounds from tensor shapes (see :func:`onnx_estimate`), so a model refused here
-would certainly have needed more than the budget.
+Estimates are lower bounds from tensor shapes (each model source gives its own, e.g.
+:func:`rebasin.sources.onnx.onnx_estimate`), so a model refused here would certainly have needed
+more than the budget.
 """
 
 from __future__ import annotations
@@ -101,53 +102,10 @@ def check(estimate: int, what: str) -> None:
             "raise it with --memory-budget SIZE (or REBASIN_MEMORY_BUDGET) on a larger machine")
 
 
-def _tensor_bytes(dims, elem_type: int) -> int:
-    import onnx
-
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        itemsize = 4
-    n = 1
-    for d in dims:
-        n *= max(int(d), 0)
-    return n * itemsize
-
-
-def onnx_estimate(model) -> int:
-    """Bytes an analysis of ``model`` (weights not yet loaded) holds at least at once.
-
-    Weights three times (the protobuf, their arrays, onnxruntime's copy) plus every intermediate
-    tensor whose static shape ONNX shape inference knows (symbolic dimensions counted as 2, the
-    batch the analysis runs): the shape run keeps all of them.
-    """
-    import onnx
-
-    weights = sum(_tensor_bytes(t.dims, t.data_type) for t in model.graph.initializer)
-    acts = 0
-    try:
-        # shape inference reads small constants (reshape targets), never the big weights: copy
-        # the graph without them instead of the whole model
-        from rebasin.graph.onnx_checks import without_initializers
-
-        stripped = without_initializers(model)
-        g = stripped.graph
-        for t in model.graph.initializer:
-            small = (t.data_location != onnx.TensorProto.EXTERNAL
-                     and _tensor_bytes(t.dims, t.data_type) <= 4096)
-            g.initializer.append(t if small else onnx.TensorProto(name=t.name, dims=t.dims,
-                                                                  data_type=t.data_type))
-        inferred = onnx.shape_inference.infer_shapes(stripped, strict_mode=False)
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-            tt = vi.type.tensor_type
-            if tt.HasField("shape"):
-                dims = [d.dim_value if d.HasField("dim_value") else 2 for d in tt.shape.dim]
-                acts += _tensor_bytes(dims, tt.elem_type)
-    except Exception:  # noqa: BLE001 - shape inference is best effort; the weights still count
-        pass
-    return 3 * weights + acts
-
-
 def torch_estimate(module) -> int:
-    """Bytes an analysis of a torch module holds at least: its tensors twice (the trace's copy)."""
-    return 2 * sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    """Bytes an analysis of a torch module holds at least: its tensors twice (the trace's copy).
+
+    Tensors on the meta device (a model built without its weights) hold no memory and count 0.
+    """
+    return 2 * sum(t.numel() * t.element_size() for t in module.state_dict().values()
+                   if t.device.type != "meta")

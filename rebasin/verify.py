@@ -1,163 +1,14 @@
-"""Run models in onnxruntime (CUDA execution provider when it loads, else CPU) and compare them."""
+"""Compare models: two ONNX models in onnxruntime, or a torch model with a state_dict, and the
+verify-before-write check of a permutation (:func:`check_permutation`)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
-from rebasin.errors import ModelLoadError, UnsupportedOpError, VerificationError
-
-_ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
-               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64,
-               16: np.float32}  # bfloat16 inputs are made as float32: models run as their float32 image
-
-
-def providers() -> list[str]:
-    """CUDA first when onnxruntime offers it, CPU always."""
-    import onnxruntime as ort
-
-    avail = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
-
-
-_NO_KERNEL = ("is not a registered function/op", "No Op registered for", "NOT_IMPLEMENTED")
-
-
-_IN_MEMORY = 1 << 20  # in a model past protobuf's 2 GiB, initializers this large go to onnxruntime as arrays
-
-
-def _session(model: onnx.ModelProto, extra_outputs=()):
-    """An onnxruntime session for ``model`` with ``extra_outputs`` exposed, the model untouched.
-
-    The session is built from a shell: the graph with the extra outputs added. Past protobuf's
-    2 GiB the shell's large initializers are marked external and their arrays are handed to
-    onnxruntime in memory (no copy of the model, no temp file).
-    """
-    import onnxruntime as ort
-
-    from rebasin.graph.onnx_checks import array_view, fits_in_protobuf, without_initializers
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # errors come back as exceptions and one line of ours
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.enable_cpu_mem_arena = False  # one run per session: an arena only holds memory longer
-    so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of MatMul weights
-    graph = model.graph
-    shell = without_initializers(model)
-    g = shell.graph
-    have = {o.name for o in g.output}
-    for name in extra_outputs:
-        if name not in have:
-            g.output.append(onnx.ValueInfoProto(name=name))
-            have.add(name)
-    big = not fits_in_protobuf(model)
-    names, arrays = [], []
-    for t in graph.initializer:
-        if not big or t.ByteSize() < _IN_MEMORY:
-            g.initializer.append(t)
-            continue
-        ph = g.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
-        ph.data_location = onnx.TensorProto.EXTERNAL
-        ph.external_data.add(key="location", value="rebasin-in-memory")
-        names.append(t.name)
-        arrays.append(array_view(t))
-    try:  # onnxruntime prints "EP Error" banners on stdout before its own retry: keep them out
-        with contextlib.redirect_stdout(io.StringIO()):
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-            if names:
-                so.add_external_initializers(names, values)
-            sess = ort.InferenceSession(shell.SerializeToString(), so, providers=providers())
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if any(k in msg for k in _NO_KERNEL):
-            raise UnsupportedOpError(f"onnxruntime has no kernel for an op of the model: {msg}") from e
-        raise ModelLoadError(f"onnxruntime cannot load the model: {msg}") from e
-    sess._rebasin_arrays = (arrays, values)  # onnxruntime may keep pointers into them
-    return sess
-
-
-def _gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """Integer inputs used as Gather indices get ids below the gathered axis length."""
-    inits = {t.name: t for t in model.graph.initializer}
-    bounds: dict[str, int] = {}
-    for n in model.graph.node:
-        if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in inits:
-            dims = inits[n.input[0]].dims
-            axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-            if -len(dims) <= axis < len(dims):  # else onnxruntime refuses the model itself
-                bounds[n.input[1]] = min(bounds.get(n.input[1], 1 << 30), dims[axis])
-    return bounds
-
-
-def make_inputs(model: onnx.ModelProto, seed: int = 0, dim: int = 2) -> dict[str, np.ndarray]:
-    """Random inputs matching the model's input types and shapes (symbolic dims -> ``dim``)."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    bounds = _gather_index_bounds(model)
-    feeds = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        tt = i.type.tensor_type
-        dtype = _ONNX_TO_NP.get(tt.elem_type)
-        if dtype is None:
-            raise ModelLoadError(f"input {i.name}: unsupported element type {tt.elem_type}")
-        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dim
-                 for d in tt.shape.dim]
-        if np.issubdtype(dtype, np.floating):
-            feeds[i.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[i.name] = np.ones(shape, dtype=bool)
-        elif i.name in bounds:
-            feeds[i.name] = rng.integers(0, max(1, min(bounds[i.name], 1000)), shape).astype(dtype)
-        else:
-            feeds[i.name] = np.ones(shape, dtype=dtype)
-    return feeds
-
-
-def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str, np.ndarray]:
-    """Run ``model``; ``extra_outputs`` exposes intermediate tensors by name.
-
-    A model with float16 / bfloat16 tensors runs as its float32 image (see
-    :func:`rebasin.graph.onnx_checks.float32_image`), and its float inputs are widened to match.
-    """
-    from rebasin.graph.onnx_checks import float32_image, has_half
-
-    if has_half(model):
-        model = float32_image(model)
-        feeds = {k: (v.astype(np.float32) if str(getattr(v, "dtype", "")) in ("float16", "bfloat16") else v)
-                 for k, v in feeds.items()}
-    import threading
-
-    import onnxruntime as ort
-
-    from rebasin import limits
-    from rebasin.errors import ResourceLimitError
-
-    sess = _session(model, extra_outputs)
-    names = [o.name for o in sess.get_outputs()]
-    opts = ort.RunOptions()
-    opts.log_severity_level = 4
-    seconds = limits.time_limit()
-    timer = threading.Timer(seconds, lambda: setattr(opts, "terminate", True))
-    timer.daemon = True
-    timer.start()
-    try:
-        outs = sess.run(names, feeds, opts)
-    except MemoryError as e:
-        raise ResourceLimitError("onnxruntime ran out of memory running the model") from e
-    except Exception as e:
-        if opts.terminate:
-            raise ResourceLimitError(f"onnxruntime stopped running the model after the time limit of "
-                                     f"{seconds:g} s (--time-limit SECONDS)") from e
-        raise ModelLoadError(f"onnxruntime failed to run the model: {str(e).splitlines()[0]}") from e
-    finally:
-        timer.cancel()
-    return dict(zip(names, outs))
+from rebasin.errors import ModelLoadError, VerificationError
+from rebasin.execute import make_inputs, providers, run_model
 
 
 @dataclass(frozen=True)
@@ -179,7 +30,7 @@ def verify(a, b, feeds: dict | None = None, rtol: float = 1e-4, seeds=(0,)) -> V
     The relative error of an output is ``max|a-b| / max|a|``. Raises nothing on a mismatch; the
     result says ``equal=False``. Use :func:`check_equal` to raise.
     """
-    from rebasin.graph.onnx_frontend import load_model
+    from rebasin.sources.onnx import load_model
 
     a, b = load_model(a), load_model(b)
     out_a = [o.name for o in a.graph.output]
@@ -318,7 +169,7 @@ def check_permutation(model, spec, perms: dict, example_inputs=None, feeds=None,
             new = apply_permutation(base, spec, p)
             return new, verify_torch(model, new, example_inputs)
     else:
-        from rebasin.graph.onnx_frontend import load_model
+        from rebasin.sources.onnx import load_model
 
         base = load_model(model)
 

@@ -109,7 +109,7 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 def run_case(path: str) -> str:
     """What ``rebasin permute --random`` does; returns "accepted" or raises."""
     import rebasin
-    from rebasin.graph.onnx_frontend import load_model
+    from rebasin.sources.onnx import load_model
     from rebasin.verify import check_finite
 
     check_finite({t.name: onnx.numpy_helper.to_array(t) for t in load_model(path).graph.initializer})

@@ -36,7 +36,7 @@ def test_random_permutation_of_every_class_is_sound(name, specs):
         assert res.equal, f"{name} seed {seed}: {res}"
         # the permutation really changed the weights (a test that cannot pass vacuously)
         import onnx.numpy_helper as nh
-        a = {t.name: nh.to_array(t) for t in rebasin.graph.onnx_frontend.load_model(path).graph.initializer}
+        a = {t.name: nh.to_array(t) for t in rebasin.sources.onnx.load_model(path).graph.initializer}
         b = {t.name: nh.to_array(t) for t in permuted.graph.initializer}
         assert any(not np.array_equal(a[k], b[k]) for k in a), f"{name}: nothing was permuted"
     print(f"\n{name}: classes={len(spec)} log_sym={spec.log_symmetry:.1f} time={dt:.2f}s "

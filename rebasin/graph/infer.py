@@ -110,6 +110,14 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
 
     Member tensors are ONNX initializer names, or ``state_dict`` keys for a torch module.
 
+    A torch module is called as ``model(*example_inputs)``, plus ``use_cache=False`` where its
+    forward takes ``use_cache`` (see ``rebasin.execute.TRACE_DEFAULTS``; the spec's ``source`` says
+    so); every tensor of its result is an output. Parameters on the ``meta`` device (a model built
+    under :func:`rebasin.sources.skeleton.empty_weights`) are traced as FakeTensors: the analysis
+    reads weight shapes only, so the spec is the materialised model's, with no weight allocated.
+    Only small integer buffers (64 elements or fewer, e.g. index tables) are read for their values;
+    a shape-only one is pinned instead.
+
     Example:
         >>> import rebasin  # doctest: +SKIP
         >>> spec = rebasin.infer_spec("mlp.onnx")  # doctest: +SKIP
@@ -122,7 +130,7 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
         from rebasin import limits
         from rebasin.graph.torch_frontend import build_graph as build_torch_graph
 
-        limits.check(limits.torch_estimate(model), f"tracing {type(model).__name__}")
+        limits.check(limits.torch_estimate(model), f"tracing {type(model).__name__}")  # meta: none
         g = build_torch_graph(model, example_inputs, tracer=tracer)
     else:
         g = build_graph(model, feeds)

@@ -7,49 +7,16 @@ models with symbolic dimensions or shape sub-graphs are handled the same way as 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from rebasin import limits
-from rebasin.errors import ModelLoadError, UnsupportedOpError
+from rebasin.errors import UnsupportedOpError
+from rebasin.execute import make_inputs, run_model
 from rebasin.graph.ir import Graph, attr, to_networkx
-from rebasin.graph.onnx_checks import array_view, check_initializers, check_structure
-
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-               onnx.TensorProto.BFLOAT16}
-
-
-def load_model(model) -> onnx.ModelProto:
-    """Load an ONNX model from a path (external data resolved) or pass a ModelProto through."""
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = os.fspath(model)
-    if not os.path.exists(path):
-        raise ModelLoadError(f"no such file: {path}")
-    if os.path.isdir(path):
-        raise ModelLoadError(f"{path} is a directory, not an ONNX file")
-    if os.path.getsize(path) == 0:
-        raise ModelLoadError(f"{path} is empty")
-    try:
-        m = onnx.load(path, load_external_data=False)
-    except Exception as e:  # protobuf raises several unrelated types
-        raise ModelLoadError(f"{path} is not a valid ONNX model ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from e
-    if not m.graph.node and not m.graph.output:
-        raise ModelLoadError(f"{path} is not a valid ONNX model (empty graph)")
-    check_structure(m, path)
-    limits.check(limits.onnx_estimate(m), f"analysing {path}")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in m.graph.initializer):
-        try:
-            onnx.load_external_data_for_model(m, os.path.dirname(os.path.abspath(path)))
-        except Exception as e:  # missing file, a location outside the model's folder ...
-            raise ModelLoadError(f"cannot read the external data of {path} ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from e
-        check_initializers(m, path)
-    return m
+from rebasin.sources.onnx import FLOAT_TYPES, load_model, onnx_estimate
+from rebasin.sources.onnx_checks import array_view, check_structure
 
 
 def node_names(graph: onnx.GraphProto) -> list[str]:
@@ -94,11 +61,9 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 def build_graph(model, feeds: dict | None = None) -> Graph:
     """Build the :class:`~rebasin.graph.ir.Graph` of ``model`` (path or ModelProto)."""
-    from rebasin.verify import make_inputs, run_model
-
     if isinstance(model, onnx.ModelProto):  # a path is checked by load_model, before its data loads
         check_structure(model)
-        limits.check(limits.onnx_estimate(model), "analysing the model")
+        limits.check(onnx_estimate(model), "analysing the model")
     model = load_model(model)
     g = model.graph
     init_names = {t.name for t in g.initializer}

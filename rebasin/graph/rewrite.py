@@ -40,6 +40,37 @@ def permute_arrays(arrays: dict, spec: Spec, perms: dict) -> dict:
     return out
 
 
+def permute_tensor(name: str, tensor, spec: Spec, perms: dict):
+    """One tensor (numpy array or torch tensor, any dtype) with every class that has a member on
+    it applied, in list order: the out-of-core rewrite, one tensor at a time, bit-exact in bf16.
+
+    Example:
+        >>> from rebasin import Member, PermutationClass, Spec
+        >>> spec = Spec((PermutationClass("h", 3, (Member("w", 0),)),))
+        >>> permute_tensor("w", np.array([10, 11, 12]), spec, {"h": np.array([2, 0, 1])}).tolist()
+        [12, 10, 11]
+    """
+    for c in spec.classes:
+        if c.name not in perms:
+            continue
+        p = np.asarray(perms[c.name])
+        for m in c.members:
+            if m.tensor != name:
+                continue
+            shape = tuple(tensor.shape)
+            if m.axis >= len(shape) or m.extent(c.size) > shape[m.axis]:
+                raise SpecMismatchError(
+                    f"class {c.name}: member {name}[{m.axis}] does not fit shape {shape}")
+            index = m.index(p, shape[m.axis])
+            if isinstance(tensor, np.ndarray):
+                tensor = np.take(tensor, index, axis=m.axis)
+            else:
+                import torch
+
+                tensor = torch.index_select(tensor, m.axis, torch.from_numpy(index).to(tensor.device))
+    return tensor
+
+
 def apply_permutation(model, spec: Spec, perms: dict):
     """Apply ``perms`` (class name -> index array) to a model.
 
@@ -48,8 +79,8 @@ def apply_permutation(model, spec: Spec, perms: dict):
     """
     if isinstance(model, dict):
         return _apply_state_dict(model, spec, perms)
-    from rebasin.graph.onnx_checks import array_view, without_initializers
-    from rebasin.graph.onnx_frontend import load_model
+    from rebasin.sources.onnx import load_model
+    from rebasin.sources.onnx_checks import array_view, without_initializers
 
     src = load_model(model)
     touched = {mb.tensor for c in spec.classes if c.name in perms for mb in c.members}

@@ -12,6 +12,19 @@ so the rules in ``rules.py`` serve both frontends. An ATen op without a lowering
 ``aten`` node, which has no rule, so its axes are blocked with a reason naming the node.
 
 Tensor names: parameters and buffers get their ``state_dict`` key; other tensors the fx node name.
+
+What is traced: the module's forward on the example inputs, with the keyword defaults of
+:data:`rebasin.execute.TRACE_DEFAULTS` added where the forward accepts them and the inputs do not give them
+(``use_cache=False``: a key/value cache is a decoding aid, not the function; traced as an output
+it would pin the key/value head axes). Every tensor of the result is a model output (pinned):
+tuples, dicts and ``ModelOutput`` values are flattened, and other objects in the result (a cache
+object) are searched for the tensors they hold. The spec's ``source`` records the added keywords,
+e.g. ``torch.export (use_cache=False)``.
+
+Shape-only weights: parameters (or buffers) on the ``meta`` device are traced as FakeTensors (no
+storage is allocated), so a model built under :func:`rebasin.sources.skeleton.empty_weights` gets
+the spec of the materialised model. Tied weights are recognised by the identity of the tensor
+object there (by shared storage otherwise).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rebasin.errors import ModelLoadError, SpecMismatchError, UnsupportedModelError
+from rebasin.execute import call_kwargs
 from rebasin.graph.ir import Graph, Node, to_networkx
 
 LOWERINGS: dict = {}
@@ -54,12 +68,102 @@ class Traced:
     mutations: dict = field(default_factory=dict)  # output node name -> mutated buffer placeholder
     tracer: str = "export"
     module: object = None  # a GraphModule running ``graph`` on flat placeholder values
+    call_kwargs: dict = field(default_factory=dict)  # keywords added to the traced call
 
 
-def _trace_export(model, example_inputs) -> Traced:
+_ATOMS = (bool, int, float, complex, str, bytes, type, range, slice, type(Ellipsis))
+
+
+def output_tensors(out) -> list:
+    """Every tensor in a module's result, in order.
+
+    Pytree containers (tuple, list, dict, ``ModelOutput``) are flattened; any other object (a
+    key/value cache) is searched through its attributes (``__dict__``, ``__slots__``), lists and
+    dicts. Scalars, strings, dtypes, devices, enums, modules and ``None`` hold no output tensor. An
+    object that cannot be searched raises :class:`UnsupportedModelError`: a tensor missed here would
+    be an output left free to move.
+
+    Example:
+        >>> import torch
+        >>> class Cache:
+        ...     def __init__(self):
+        ...         self.layers = [{"k": torch.zeros(1), "v": torch.ones(2)}]
+        >>> [tuple(t.shape) for t in output_tensors({"logits": torch.zeros(3), "cache": Cache(), "n": 4})]
+        [(3,), (1,), (2,)]
+    """
+    import enum
+
     import torch
 
-    ep = torch.export.export(model, tuple(example_inputs), strict=False)
+    found: list = []
+    seen: set = set()
+
+    def walk(x, depth):
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+            return
+        if x is None or isinstance(x, _ATOMS + (torch.dtype, torch.device, torch.nn.Module, enum.Enum,
+                                                np.generic)) or id(x) in seen:
+            return
+        if depth > 64:
+            raise UnsupportedModelError(f"the module's output nests objects too deeply ({type(x).__name__})")
+        seen.add(id(x))
+        leaves, _ = torch.utils._pytree.tree_flatten(x)
+        if not (len(leaves) == 1 and leaves[0] is x):  # a pytree container
+            items = leaves
+        elif isinstance(x, dict):
+            items = list(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            items = list(x)
+        elif hasattr(x, "__dict__") or hasattr(type(x), "__slots__"):
+            slots = [n for c in type(x).__mro__ for n in getattr(c, "__slots__", ()) if isinstance(n, str)]
+            items = list(getattr(x, "__dict__", {}).values()) + [getattr(x, n) for n in slots
+                                                                 if hasattr(x, n)]
+        else:
+            raise UnsupportedModelError(f"the module's output holds a {type(x).__name__}, which rebasin "
+                                        "cannot search for tensors")
+        for v in items:
+            walk(v, depth + 1)
+
+    walk(out, 0)
+    return found
+
+
+_PREFIX = "traced."  # the traced module's name inside the wrapper; stripped from every key
+
+
+def _flat_module(model, kwargs):
+    """A module calling ``model(*args, **kwargs)`` that returns the flat tuple of its output tensors."""
+    import torch
+
+    class FlatOutputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.traced = model
+
+        def forward(self, *args):
+            return tuple(output_tensors(self.traced(*args, **kwargs)))
+
+    wrapper = FlatOutputs()
+    wrapper.training = model.training
+    return wrapper
+
+
+def _key(target):
+    return target[len(_PREFIX):] if isinstance(target, str) and target.startswith(_PREFIX) else target
+
+
+def _trace_export(model, example_inputs, kwargs, fake_mode=None) -> Traced:
+    import torch
+
+    wrapper = _flat_module(model, kwargs)
+    if fake_mode is None:
+        ep = torch.export.export(wrapper, tuple(example_inputs), strict=False)
+    else:  # export in the mode that made the shape-only weights, so it takes them as they are
+        from torch._guards import TracingContext, tracing
+
+        with tracing(TracingContext(fake_mode)):
+            ep = torch.export.export(wrapper, tuple(example_inputs), strict=False)
     try:
         ep = ep.run_decompositions({})  # functional form, higher-order ops inlined
     except Exception:  # keep the training IR: its in-place ops alias their inputs, still sound
@@ -73,26 +177,27 @@ def _trace_export(model, example_inputs) -> Traced:
         if kind == "USER_INPUT":
             inputs.append(name)
         elif kind == "PARAMETER" or (kind == "BUFFER" and spec.persistent):
-            params[name] = spec.target
+            params[name] = _key(spec.target)
             tensors[name] = state[spec.target]
         elif kind == "BUFFER":
-            consts[name] = spec.target
+            consts[name] = _key(spec.target)
             tensors[name] = ep.constants[spec.target]
         elif kind in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
-            consts[name] = spec.target
+            consts[name] = _key(spec.target)
             tensors[name] = ep.constants.get(spec.target)
     buffer_args = {spec.target: spec.arg.name for spec in sig.input_specs if spec.kind.name == "BUFFER"}
     for spec in sig.output_specs:
         if spec.kind.name == "BUFFER_MUTATION":
             mutations[spec.arg.name] = buffer_args.get(spec.target)
-    return Traced(ep.graph, params, consts, tensors, inputs, mutations, "export", ep.graph_module)
+    return Traced(ep.graph, params, consts, tensors, inputs, mutations, "export", ep.graph_module,
+                  dict(kwargs))
 
 
-def _trace_fx(model, example_inputs) -> Traced:
+def _trace_fx(model, example_inputs, kwargs, fake_mode=None) -> Traced:
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = torch.fx.symbolic_trace(model)  # raises on Python control flow over tensors
+    gm = torch.fx.symbolic_trace(model, concrete_args=kwargs or None)  # raises on control flow
     named = dict(gm.named_parameters(remove_duplicate=True))
     named.update(dict(gm.named_buffers(remove_duplicate=True)))
     persistent = set(gm.state_dict(keep_vars=True))
@@ -101,7 +206,7 @@ def _trace_fx(model, example_inputs) -> Traced:
     def call(flat, *args):
         return torch.func.functional_call(gm, dict(zip(keys, flat)), args)
 
-    with torch.no_grad():
+    with torch.no_grad(), (fake_mode if fake_mode is not None else contextlib.nullcontext()):
         traced = make_fx(call, pre_dispatch=True)([named[k] for k in keys], *example_inputs)
     placeholders = [n.name for n in traced.graph.nodes if n.op == "placeholder"]
     params, consts, tensors = {}, {}, {}
@@ -112,7 +217,54 @@ def _trace_fx(model, example_inputs) -> Traced:
         if n.op == "get_attr":
             consts[n.name] = n.target
             tensors[n.name] = getattr(traced, n.target)
-    return Traced(traced.graph, params, consts, tensors, placeholders[len(keys):], {}, "fx", traced)
+    return Traced(traced.graph, params, consts, tensors, placeholders[len(keys):], {}, "fx", traced,
+                  dict(kwargs))
+
+
+def is_shape_only(t) -> bool:
+    """A tensor without values: on the ``meta`` device, or a FakeTensor."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.device.type == "meta" or isinstance(t, FakeTensor)
+
+
+@contextlib.contextmanager
+def _shape_only_weights(model):
+    """Swap the module's ``meta`` parameters and buffers for FakeTensors (on the device of its real
+    buffers, else the CPU; tied tensors stay one object) for the block, and yield their
+    FakeTensorMode; yield None when there are none.
+
+    A tracer then runs every op on shapes alone: nothing is allocated for the weights. The module
+    gets its own tensors back on exit."""
+    import torch
+
+    slots = [(d, k) for m in model.modules() for d in (m._parameters, m._buffers)
+             for k, t in d.items() if t is not None and t.device.type == "meta"]
+    if not slots:
+        yield None
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(tracked_fakes=[]), allow_non_fake_inputs=True, export=True)
+    device = next((t.device for t in model.state_dict().values() if t.device.type != "meta"),
+                  torch.device("cpu"))  # where the real buffers are, else the CPU
+    fakes: dict[int, object] = {}
+    saved = []
+    for d, k in slots:
+        t = d[k]
+        if id(t) not in fakes:
+            with mode:
+                f = torch.empty(t.shape, dtype=t.dtype, device=device)
+            fakes[id(t)] = torch.nn.Parameter(f, requires_grad=t.requires_grad) \
+                if isinstance(t, torch.nn.Parameter) else f
+        saved.append((d, k, t))
+        d[k] = fakes[id(t)]
+    try:
+        yield mode
+    finally:
+        for d, k, t in saved:
+            d[k] = t
 
 
 @contextlib.contextmanager
@@ -138,12 +290,13 @@ def trace(model, example_inputs, tracer: str = "auto") -> Traced:
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     errors = []
+    kwargs = call_kwargs(model, example_inputs)
     for name, fn in (("export", _trace_export), ("fx", _trace_fx)):
         if tracer not in ("auto", name):
             continue
         try:
-            with _quiet():
-                return fn(model.eval(), example_inputs)
+            with _quiet(), _shape_only_weights(model) as fake_mode:
+                return fn(model.eval(), example_inputs, kwargs, fake_mode)
         except Exception as e:  # tracers raise many unrelated types
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             errors.append(f"torch.{'export' if name == 'export' else 'fx'}: {type(e).__name__}: {first}")
@@ -734,15 +887,12 @@ def lower(tr: Traced, model) -> Graph:
         if not isinstance(t, torch.Tensor) or names[ph] != key:
             continue
         b.shapes[key] = tuple(t.shape)
-        arr = t.detach().cpu()
         if t.is_floating_point() and ph in tr.param_names:
-            weights[key] = arr.float().numpy() if arr.dtype == torch.bfloat16 else arr.numpy()
-        elif t.is_floating_point():
-            constants.add(key)
-        elif t.numel() <= 64:
-            values[key] = arr.numpy()
+            weights[key] = _weight_array(t)
+        elif t.is_floating_point() or is_shape_only(t) or t.numel() > 64:
+            constants.add(key)  # a shape-only index tensor has no values to read: pinned
         else:
-            constants.add(key)
+            values[key] = t.detach().cpu().numpy()
     outputs: list[str] = []
     for n in tr.graph.nodes:
         if n.op == "placeholder":
@@ -799,14 +949,31 @@ def lower(tr: Traced, model) -> Graph:
     inputs = [names[i] for i in tr.user_inputs if i in names]
     capturable = [names[n.name] for n in tr.graph.nodes if n.op == "call_function"
                   and names.get(n.name) in b.shapes and names[n.name] not in outputs]
+    frontend = f"torch.{tr.tracer}"
+    if tr.call_kwargs:
+        frontend += " (" + ", ".join(f"{k}={v!r}" for k, v in tr.call_kwargs.items()) + ")"
     return Graph(tr, to_networkx(b.nodes), b.nodes, b.shapes, {**values, **b.values}, weights, inputs,
-                 outputs, constants=constants, aliases=aliases, frontend=f"torch.{tr.tracer}",
+                 outputs, constants=constants, aliases=aliases, frontend=frontend,
                  capturable=capturable)
 
 
+def _weight_array(t) -> np.ndarray:
+    """The weight as an array; for a shape-only tensor, a read-only zero array of its shape that
+    holds no memory (the symmetry pass reads only the shapes of weights)."""
+    import torch
+
+    if is_shape_only(t):
+        return np.broadcast_to(np.zeros((), np.float32), tuple(t.shape))
+    arr = t.detach().cpu()
+    return arr.float().numpy() if arr.dtype == torch.bfloat16 else arr.numpy()
+
+
 def _storage(t) -> tuple:
+    """What identifies a tensor's memory: shared storage, or the tensor object for shape-only ones."""
+    if is_shape_only(t):
+        return ("id", id(t))
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-            t.dtype) if t.device.type != "meta" else ("id", id(t))
+            t.dtype)
 
 
 def _aliases(model, analysed: set) -> dict:

@@ -98,28 +98,75 @@ def member_tensors(spec) -> list[str]:
     return list(dict.fromkeys(m.tensor for c in spec.classes for m in c.members))
 
 
-def check_params(spec, params_a: Mapping, params_b: Mapping) -> None:
+def check_params(spec, params_a: Mapping, params_b: Mapping) -> dict[str, tuple[int, ...]]:
     """Raise if the two models do not both fit ``spec`` or hold non-finite weights.
 
     Missing tensors, shapes that differ between A and B or do not fit a member raise
     :class:`SpecMismatchError` naming the first offending tensor; NaN/inf in a member tensor
     raises :class:`SolverError` naming it.
+
+    Values may be numpy arrays or torch tensors of any dtype (bfloat16 included), and the
+    mappings may be lazy (e.g. reading from memory maps): each member tensor is read once, one
+    at a time, its shape taken from ``.shape`` and its finiteness checked before the next read.
+
+    Returns:
+        tensor name -> shape, for every member tensor.
     """
+    seen = set()
     for c in spec.classes:
         for m in c.members:
+            if m.tensor in seen:
+                continue
+            seen.add(m.tensor)
             for label, params in (("A", params_a), ("B", params_b)):
                 if m.tensor not in params:
                     raise SpecMismatchError(f"class {c.name}: tensor {m.tensor!r} missing from model {label}")
-            sa, sb = np.shape(params_a[m.tensor]), np.shape(params_b[m.tensor])
+    shapes, bad = {}, None
+    for name in member_tensors(spec):
+        for label, params in (("A", params_a), ("B", params_b)):
+            x = params[name]
+            shapes[name, label] = _shape(x)
+            if bad is None and not _all_finite(x):
+                bad = f"tensor {name!r} of model {label} contains NaN or inf"
+            del x
+    for c in spec.classes:
+        for m in c.members:
+            sa, sb = shapes[m.tensor, "A"], shapes[m.tensor, "B"]
             if sa != sb:
                 raise SpecMismatchError(f"tensor {m.tensor!r} has shape {sa} in model A but {sb} in B")
             if m.axis >= len(sa) or m.extent(c.size) > sa[m.axis]:
                 raise SpecMismatchError(
                     f"class {c.name}: member {m.tensor!r} axis {m.axis} does not fit shape {sa}")
-    for name in member_tensors(spec):
-        for label, params in (("A", params_a), ("B", params_b)):
-            if not np.all(np.isfinite(np.asarray(params[name]))):
-                raise SolverError(f"tensor {name!r} of model {label} contains NaN or inf")
+    if bad is not None:
+        raise SolverError(bad)
+    return {name: shapes[name, "A"] for name in member_tensors(spec)}
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
+def _all_finite(x) -> bool:
+    """Whether every value of ``x`` (numpy array, torch tensor or array-like) is finite."""
+    if hasattr(x, "detach") and hasattr(x, "is_floating_point"):  # a torch tensor
+        import torch
+
+        x = x.detach()
+        if not x.is_floating_point():
+            return True
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            x = x.numpy()  # numpy: no thread pool to wake for a one-pass check
+        else:
+            return bool(torch.isfinite(x).all())
+    a = np.asarray(x)
+    if a.dtype.kind in "biu":
+        return True
+    if a.dtype.kind not in "fc":
+        try:
+            a = a.astype(np.float64)  # e.g. ml_dtypes bfloat16, or objects that convert
+        except (TypeError, ValueError):
+            return True
+    return bool(np.isfinite(a).all())
 
 
 def check_perms(spec, perms: Mapping | None) -> dict[str, np.ndarray]:

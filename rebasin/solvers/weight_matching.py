@@ -3,8 +3,9 @@
 Maximise ``J(P) = sum_t <A_t, P(B)_t>`` over one permutation per class, which is the same as
 minimising ``sum_t ||A_t - P(B)_t||^2`` (permutations keep norms). With every class but ``c``
 fixed, ``J`` is linear in ``P_c``: ``J = const + sum_i C[i, p[i]]``, a linear assignment problem
-solved exactly by ``scipy.optimize.linear_sum_assignment``. Sweeping over classes in random order
-until no class changes is a monotone ascent that stops at a coordinate-wise optimum.
+solved exactly (``lapjv`` when installed, else ``scipy.optimize.linear_sum_assignment``). Sweeping
+over classes in random order until no class changes is a monotone ascent that stops at a
+coordinate-wise optimum.
 
 The cost matrix follows the spec's sequential semantics exactly. If the classes touching an axis
 are ``c1..cn`` in list order and ``c = ck``, the axis gather is ``G = before o g_c o after``, so
@@ -26,18 +27,37 @@ Two additions to the paper's algorithm, both keeping the monotone ascent:
   whose costs are themselves optimal inner assignments (``_nested``);
 - the default start matches each class's items by their sorted values, which the other classes
   cannot scramble (:meth:`WeightMatcher.sorted_start`); the paper starts from the identity.
+
+Engine (torch, CPU or CUDA; the assignments run on the CPU):
+
+- tensors are read from ``params_a`` / ``params_b`` (any mapping; numpy arrays or torch tensors of
+  any float dtype, possibly memory-mapped) one at a time when a step needs them, converted to
+  float32 (float64 stays float64) on the device, and kept in a byte-bounded LRU cache
+  (:class:`TensorCache`, ``cache_bytes``): a model whose member tensors fit is read once;
+- a class's cost is a sum of per-member products ``A_rows @ B_rows^T`` that do not depend on the
+  class's own permutation; each is cached with the versions of the other classes on its tensor,
+  so it is recomputed only when one of them changed. A class none of whose neighbours (classes
+  sharing one of its tensors) changed since it was last solved is skipped;
+- products run in float32 (float64 inputs stay float64); a step is kept only if its *exact* gain,
+  the float64 inner products of the rows whose item changed, exceeds a relative tolerance, so the
+  ascent is monotone in exact arithmetic and the tracked objective stays exact (a class on two
+  axes of one tensor, and a nested family, compare the exact values of their tensors instead).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from rebasin.errors import SolverError
-from rebasin.solvers._layout import Layout, compose, frame, inverse, item_positions, items, take
+from rebasin.solvers._layout import Layout, compose, inverse, item_positions
 from rebasin.solvers._nested import Family, find_families
 from rebasin.solvers.base import (
     Progress,
@@ -50,82 +70,372 @@ from rebasin.solvers.base import (
 )
 
 INITS = ("sorted", "identity")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_CACHE_BYTES = 2 * 2**30
 _REL_TOL = 1e-10  # a step must gain more than this times sum_t ||A_t|| ||B_t|| over its tensors
+_CHUNK = 1 << 18  # elements per float64 chunk of an exact dot product on the CPU
 
 
-def take_rows(x: np.ndarray, rows: np.ndarray, axis: int) -> np.ndarray:
-    """``np.take(x, rows, axis)``, as a view when ``rows`` is a contiguous increasing run."""
-    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
-        return x[(slice(None),) * axis + (slice(int(rows[0]), int(rows[-1]) + 1),)]
-    return np.take(x, rows, axis=axis)
+# --------------------------------------------------------------------------- devices and tensors
+def resolve_device(device: str | None):
+    """``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"``/``"cuda:N"`` -> ``torch.device``.
+
+    Raises:
+        SolverError: an unknown device, or CUDA asked for where it is not available.
+    """
+    import torch
+
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SolverError(f"unknown device {device!r}; valid: {list(DEVICES)} or 'cuda:N'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SolverError(f"device {name!r} asked for, but CUDA is not available to torch "
+                          f"{torch.__version__}; use device='cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SolverError(f"device {name!r} asked for, but torch sees "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
-def dot64(a: np.ndarray, b: np.ndarray) -> float:
-    """``sum(a * b)`` accumulated in float64."""
-    return float(a.astype(np.float64, copy=False).ravel() @ b.astype(np.float64, copy=False).ravel())
+def to_tensor(x, device):
+    """``x`` (numpy array, torch tensor of any dtype, or array-like) as a float32 torch tensor on
+    ``device``; float64 stays float64. No copy when it already is one there."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        return x.to(device=device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    arr = np.asarray(x)
+    if arr.dtype not in (np.float32, np.float64) or not arr.dtype.isnative:
+        arr = arr.astype(np.float64 if arr.dtype == np.float64 else np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays (memory maps): only read here
+        try:
+            t = torch.from_numpy(arr)
+        except ValueError:  # negative strides
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.to(device)
 
 
-def _quantiles(rows: np.ndarray, k: int = 256) -> np.ndarray:
+def nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+class TensorCache:
+    """Least-recently-used tensors (with a version each) under a byte limit.
+
+    A value larger than the limit is returned but not kept; :attr:`peak` is the most bytes held.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.used = self.peak = 0
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, key, version=None):
+        hit = self._entries.get(key)
+        if hit is None or hit[0] != version:
+            return None
+        self._entries.move_to_end(key)
+        return hit[1]
+
+    def put(self, key, value, version=None):
+        self.drop(key)
+        n = nbytes(value)
+        if n > self.limit:
+            return value
+        while self.used + n > self.limit:
+            _, (_, _, m) = self._entries.popitem(last=False)
+            self.used -= m
+        self._entries[key] = (version, value, n)
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return value
+
+    def drop(self, key) -> None:
+        hit = self._entries.pop(key, None)
+        if hit is not None:
+            self.used -= hit[2]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _pair(x, y):
+    """Both in one dtype (float64 if either is)."""
+    if x.dtype != y.dtype:
+        return x.double(), y.double()
+    return x, y
+
+
+def dot64(a, b) -> float:
+    """``sum(a * b)`` in float64 (products of float32 values are exact in float64); on the CPU in
+    numpy, chunk by chunk, so that no float64 copy of a large tensor is made (and no thread pool
+    is woken for it)."""
+    import torch
+
+    a, b = a.reshape(-1), b.reshape(-1)
+    n = a.numel()
+    if a.device.type != "cpu":
+        step = 1 << 24
+        return float(sum(torch.dot(a[i:i + step].double(), b[i:i + step].double()) for i in range(0, n, step))
+                     if n > step else torch.dot(a.double(), b.double()))
+    a, b = a.numpy(), b.numpy()
+    k = min(n, _CHUNK)
+    bufa, bufb = np.empty(k), np.empty(k)
+    total = 0.0
+    for i in range(0, n, _CHUNK):
+        k = min(_CHUNK, n - i)
+        np.copyto(bufa[:k], a[i:i + k])
+        np.copyto(bufb[:k], b[i:i + k])
+        total += float(np.einsum("i,i->", bufa[:k], bufb[:k]))  # no BLAS: single-threaded, SIMD
+    return total
+
+
+_MM_THREADS = 0  # torch threads for large products while a solve runs single-threaded otherwise
+
+
+@contextmanager
+def solver_threads():
+    """Run a solve on one torch thread, except large products (:func:`_mm`), which get the
+    caller's thread count: the many small gathers and copies of a sweep cost more in thread
+    hand-offs than they gain (badly so on busy hosts)."""
+    import torch
+
+    global _MM_THREADS
+    n, prev = torch.get_num_threads(), _MM_THREADS
+    _MM_THREADS = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _MM_THREADS = prev
+
+
+def _mm(a, b):
+    """``a @ b.T``; on the CPU with the caller's threads when it is large."""
+    import torch
+
+    if _MM_THREADS > 1 and a.device.type == "cpu" and a.shape[0] * b.shape[0] * a.shape[1] > 1 << 24:
+        torch.set_num_threads(_MM_THREADS)
+        try:
+            return a @ b.T
+        finally:
+            torch.set_num_threads(1)
+    return a @ b.T
+
+
+def _shape(x) -> tuple:
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
+def _is_run(rows: np.ndarray) -> bool:
+    return len(rows) > 0 and rows[-1] - rows[0] == len(rows) - 1 and bool(np.all(np.diff(rows) == 1))
+
+
+def frame(x, axis: int):
+    """``x`` as a 2-D ``(len along axis, rest)`` tensor (a view when ``axis == 0``)."""
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def frame_view(x, axis: int):
+    """:func:`frame` without a copy where one is not needed: a 2-D tensor framed on axis 1 is its
+    transposed view (the matrix products and the chunked sort below take it as it is)."""
+    if x.dim() == 2 and axis == 1:
+        return x.T
+    return frame(x, axis)
+
+
+_SORT_CHUNK = 1 << 23  # elements sorted at once by _quantiles: its memory beyond the input
+
+
+def _quantiles(rows, k: int = 256):
     """Each row sorted, thinned to at most ``k`` evenly spaced order statistics (scaled so the
-    inner products keep the magnitude of the full rows)."""
-    srt = np.sort(rows, axis=1)
-    n = srt.shape[1]
-    if n <= k:
-        return srt
-    return srt[:, np.linspace(0, n - 1, k).round().astype(int)] * np.sqrt(n / k)
+    inner products keep the magnitude of the full rows).
+
+    Rows are sorted a chunk at a time, so a transposed view or a huge tensor (an embedding) costs
+    a chunk of memory, not a sorted copy of it.
+    """
+    import torch
+
+    n = rows.shape[1]
+    width = min(n, k)
+    pick = np.linspace(0, n - 1, k).round().astype(np.int64) if n > k else None
+    scale = float(np.sqrt(n / k)) if n > k else 1.0
+    out = torch.empty((rows.shape[0], width), dtype=rows.dtype, device=rows.device)
+    step = max(1, _SORT_CHUNK // max(n, 1))
+    for r in range(0, rows.shape[0], step):
+        part = rows[r:r + step]
+        if rows.device.type == "cpu":  # numpy's vectorised sort is several times faster than torch's
+            srt = np.sort(part.numpy(), axis=1)
+            srt = torch.from_numpy(srt if pick is None else srt[:, pick])
+        else:
+            srt = torch.sort(part, dim=1).values
+            srt = srt if pick is None else srt[:, torch.as_tensor(pick, device=rows.device)]
+        out[r:r + step] = srt
+    return out * scale if scale != 1.0 else out
 
 
-def assign(cost: np.ndarray) -> np.ndarray:
-    """``p`` maximising ``sum_i cost[i, p[i]]`` (scipy's Jonker-Volgenant solver).
+# --------------------------------------------------------------------------- linear assignment
+def _lapjv():
+    try:
+        import lapjv  # optional: about twice as fast as scipy on the dense costs of large classes
+    except ImportError:
+        return None
+    return lapjv.lapjv
+
+
+def assign(cost: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """``p`` maximising ``sum_i cost[i, p[i]]`` (Jonker-Volgenant: ``lapjv`` if installed, else scipy).
 
     Row and column constants do not change the optimum; removing them (double centring) keeps
     the solver fast when all entries share a large common part (e.g. LayerNorm gains near 1).
+    ``overwrite``: centre ``cost`` (a float64 array) in place instead of a copy; it then differs
+    from the input by row and column constants only, so gains of one permutation over another
+    read from it are unchanged. Memory: one ``n x n`` float64 array (none with ``overwrite``).
     """
-    centred = cost - cost.mean(axis=1, keepdims=True) - cost.mean(axis=0, keepdims=True) + cost.mean()
-    return linear_sum_assignment(centred, maximize=True)[1]
+    c = cost if overwrite and isinstance(cost, np.ndarray) and cost.dtype == np.float64 \
+        and cost.flags.c_contiguous and cost.flags.writeable else np.array(cost, dtype=np.float64)
+    c -= c.mean(axis=1, keepdims=True)
+    c -= c.mean(axis=0, keepdims=True)  # of the row-centred array: column mean minus overall mean
+    np.negative(c, out=c)  # both solvers minimise
+    try:
+        fast = _lapjv() if len(c) > 64 else None
+        if fast is not None:
+            try:
+                p = np.asarray(fast(c)[0], dtype=np.int64)
+                if p.shape == (len(c),) and np.array_equal(np.sort(p), np.arange(len(c))):
+                    return p
+            except Exception:  # noqa: BLE001 - any failure of the optional solver: scipy decides
+                pass
+        return linear_sum_assignment(c)[1]
+    finally:
+        np.negative(c, out=c)
 
 
+# --------------------------------------------------------------------------- the solver state
 class WeightMatcher:
     """State of permutation coordinate descent on two models of one spec.
 
     Args:
         spec: the permutation spec.
-        params_a, params_b: member tensors of A and B (float arrays, already checked).
+        params_a, params_b: member tensors of A and B (numpy arrays or torch tensors, any float
+            dtype; read lazily, one tensor at a time, through the cache).
         perms: starting permutation of every class (class name -> index array).
         families: nested families (``_nested.find_families``); found here when ``None``.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (default ``"cpu"``, for callers in numpy).
+        cache_bytes: bytes of converted tensors and cached products to keep between steps.
+        shapes: tensor name -> shape of every member tensor, when the caller knows them already
+            (else each tensor of A is read once for its shape).
     """
 
     def __init__(self, spec, params_a: Mapping, params_b: Mapping, perms: Mapping,
-                 families: dict[int, Family] | None = None):
+                 families: dict[int, Family] | None = None, *, device: str | None = "cpu",
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, shapes: Mapping | None = None):
+        import torch
+
         self.spec = spec
-        self.a, self.b = params_a, params_b
-        self.layout = Layout(spec, {t: np.shape(params_a[t]) for t in member_tensors(spec)})
+        self.device = resolve_device(device)
+        self.src = {"a": params_a, "b": params_b}
+        self.cache = TensorCache(cache_bytes)
+        names = member_tensors(spec)
+        if shapes is None:
+            shapes = {t: _shape(params_a[t]) for t in names}
+        self.layout = Layout(spec, {t: tuple(shapes[t]) for t in names})
         self.families = find_families(spec, self.layout) if families is None else families
         self.perms = [np.asarray(perms[c.name]) for c in spec.classes]
+        self.version = [0] * len(spec.classes)
         self._full: dict[tuple[str, int], np.ndarray] = {}
+        self._full_t: dict[tuple[str, int], object] = {}
         self._gathers: dict[tuple[int, tuple[str, int]], tuple[np.ndarray, np.ndarray]] = {}
-        self.contrib = {t: self.tensor_objective(t) for t in member_tensors(spec)}
-        norms = {t: np.linalg.norm(self.a[t]) * np.linalg.norm(self.b[t]) for t in self.contrib}
-        self.scale = [sum(norms[t] for t in ts) for ts in self.layout.class_tensors]
+        self._solved: dict[int, tuple] = {}
+        self._snaps: dict[tuple, tuple[dict, int]] = {}
+        self.skipped = 0
+        lay = self.layout
+        self.on_tensor = {t: sorted({s.cls for a in lay.axes_of_tensor[t] for s in lay.steps[(t, a)]})
+                          for t in names}
+        self.neighbours = [sorted({k for t in ts for k in self.on_tensor[t]}) for ts in lay.class_tensors]
+        # linear: J is linear in the class's permutation (one axis per tensor, disjoint members)
+        self.linear = [self._is_linear(ci) for ci in range(len(spec.classes))]
+        self._total: float | None = None
+        norms = {t: float(torch.linalg.vector_norm(self.tensor("a", t)))
+                 * float(torch.linalg.vector_norm(self.tensor("b", t))) for t in names}
+        self.scale = [sum(norms[t] for t in ts) for ts in lay.class_tensors]
+
+    def _is_linear(self, ci: int) -> bool:
+        tensors = [t for t, _ in self.layout.class_axes[ci]]
+        if len(tensors) != len(set(tensors)):
+            return False
+        for ax in self.layout.class_axes[ci]:
+            pos = np.concatenate([item_positions(m, self.layout.sizes[ci]).ravel()
+                                  for m in self._step_of(ci, ax).members])
+            if len(np.unique(pos)) != len(pos):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ tensors
+    def tensor(self, side: str, name: str):
+        """Tensor ``name`` of model ``side`` (``"a"``/``"b"``) on the device (read once if it fits
+        the cache)."""
+        t = self.cache.get((side, name))
+        if t is None:
+            t = self.cache.put((side, name), to_tensor(self.src[side][name], self.device))
+        return t
+
+    @property
+    def a(self):
+        return _Side(self, "a")
+
+    @property
+    def b(self):
+        return _Side(self, "b")
+
+    def _idx(self, rows: np.ndarray):
+        import torch
+
+        return torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
+
+    def take_rows(self, x, rows: np.ndarray, axis: int):
+        """``x`` at ``rows`` along ``axis`` (a view when ``rows`` is a contiguous increasing run)."""
+        if _is_run(rows):
+            return x.narrow(axis, int(rows[0]), len(rows))
+        return x.index_select(axis, self._idx(rows))
 
     # ------------------------------------------------------------------ evaluation
     @property
     def objective(self) -> float:
-        """``sum_t <A_t, P(B)_t>`` over member tensors at the current permutations."""
-        return float(sum(self.contrib.values()))
+        """``sum_t <A_t, P(B)_t>`` over member tensors at the current permutations (float64)."""
+        if self._total is None:
+            self._total = sum(self.tensor_objective(t) for t in self.layout.axes_of_tensor)
+        return float(self._total)
 
     def full_gather(self, ax: tuple[str, int]) -> np.ndarray:
         """Gather of every class on axis ``ax`` (cached until one of them changes)."""
         if ax not in self._full:
             self._full[ax] = compose((self._gather(s.cls, ax)[0] for s in self.layout.steps[ax]),
-                                     self.a[ax[0]].shape[ax[1]])
+                                     self.layout.shapes[ax[0]][ax[1]])
         return self._full[ax]
+
+    def _full_index(self, ax: tuple[str, int]):
+        """:meth:`full_gather` as a device index, ``None`` for the identity."""
+        if ax not in self._full_t:
+            g = self.full_gather(ax)
+            self._full_t[ax] = None if np.array_equal(g, np.arange(len(g))) else self._idx(g)
+        return self._full_t[ax]
 
     def _gather(self, ci: int, ax: tuple[str, int]) -> tuple[np.ndarray, np.ndarray]:
         """Gather of class ``ci`` on ``ax`` and its inverse (cached until ``ci`` changes)."""
         key = (ci, ax)
         if key not in self._gathers:
-            g = self.layout.step_gather(self._step_of(ci, ax), self.perms[ci], self.a[ax[0]].shape[ax[1]])
+            n = self.layout.shapes[ax[0]][ax[1]]
+            g = self.layout.step_gather(self._step_of(ci, ax), self.perms[ci], n)
             self._gathers[key] = g, inverse(g)
         return self._gathers[key]
 
@@ -143,140 +453,263 @@ class WeightMatcher:
                 rows = self._gather(s.cls, ax)[1][rows]
         return rows
 
-    def permuted_b(self, tensor: str, skip: int | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    def permuted_b(self, tensor: str, skip: int | None = None, rows: np.ndarray | None = None):
         """B's tensor with every class applied, except on axis ``skip``, where only ``rows`` (raw
         positions of B) are taken when given."""
-        out = self.b[tensor] if rows is None else take_rows(self.b[tensor], rows, skip)
+        out = self.tensor("b", tensor)
+        if rows is not None:
+            out = self.take_rows(out, rows, skip)
         for axis in self.layout.axes_of_tensor[tensor]:
             if axis != skip:
-                out = take(out, self.full_gather((tensor, axis)), axis)
+                g = self._full_index((tensor, axis))
+                if g is not None:
+                    out = out.index_select(axis, g)
         return out
 
     def tensor_objective(self, tensor: str) -> float:
         """``<A_t, P(B)_t>`` in float64 (products of float32 values are exact in float64)."""
-        return dot64(self.a[tensor], self.permuted_b(tensor))
+        return dot64(self.tensor("a", tensor), self.permuted_b(tensor))
 
     def _step_of(self, ci: int, ax: tuple[str, int]):
         return next(s for s in self.layout.steps[ax] if s.cls == ci)
+
+    def member_rows(self, ci: int, ax: tuple[str, int], member, side: str, which: np.ndarray | None = None):
+        """``(len(which), block * rest)``: the member's items ``which`` (all by default) as rows:
+        of A at ``after^-1`` of their positions, or of B at ``before`` of them with every other
+        axis gathered (the two sides of the cost, see the module docstring)."""
+        n = self.layout.sizes[ci] if which is None else len(which)
+        return frame(self.member_block(ci, ax, member, side, which), ax[1]).reshape(n, -1)
+
+    def member_block(self, ci: int, ax: tuple[str, int], member, side: str, which: np.ndarray | None = None):
+        """The tensor :meth:`member_rows` frames: the member's positions along the axis, unframed."""
+        tensor, axis = ax
+        pos = item_positions(member, self.layout.sizes[ci])
+        if which is not None:
+            pos = pos[which]
+        pos = pos.ravel()
+        if side == "a":
+            return self.take_rows(self.tensor("a", tensor), self.after_inverse_rows(ax, ci, pos), axis)
+        return self.permuted_b(tensor, skip=axis, rows=self.before_rows(ax, ci, pos))
+
+    def _depends(self, ci: int, tensor: str) -> tuple:
+        """Versions of the classes a product of class ``ci`` on ``tensor`` depends on."""
+        own = sum(t == tensor for t, _ in self.layout.class_axes[ci]) > 1 or not self.linear[ci]
+        return tuple(self.version[k] for k in self.on_tensor[tensor] if k != ci or own)
+
+    def _product(self, ci: int, ax: tuple[str, int], member):
+        if len(self.layout.shapes[ax[0]]) == 2 and ax[1] == 1 and member.block == 1:
+            # a column member of a matrix: A^T B on transposed views, no framed copies (an
+            # embedding or a head read along its hidden axis)
+            a, b = _pair(self.member_block(ci, ax, member, "a").T, self.member_block(ci, ax, member, "b").T)
+            return _mm(a, b)
+        a, b = _pair(self.member_rows(ci, ax, member, "a"), self.member_rows(ci, ax, member, "b"))
+        return _mm(a, b)
+
+    def _b_rows(self, tensor: str, axis: int, rows: np.ndarray, gathers: dict):
+        """B's tensor at raw ``rows`` along ``axis``, each other axis ``j`` gathered by ``gathers[j]``."""
+        out = self.take_rows(self.tensor("b", tensor), rows, axis)
+        for j, g in sorted(gathers.items(), key=lambda kv: len(kv[1])):
+            if len(g) != out.shape[j] or not np.array_equal(g, np.arange(len(g))):
+                out = out.index_select(j, self._idx(g))
+        return out
+
+    def partial_cost(self, ci: int, ax: tuple[str, int], j: int, member):
+        """``A_rows @ B_rows^T`` of one member (see :meth:`member_rows`), cached.
+
+        It does not depend on class ``ci`` itself (unless ``J`` is not linear in it). When only
+        the classes on the tensor's other axes moved, and few of their positions, the cached
+        product is updated by the moved positions only: ``+= A[:, R] @ (B_new[:, R] - B_old[:, R])^T``.
+        """
+        tensor, axis = ax
+        key = ("cost", ci, ax, j)
+        if not self.linear[ci]:
+            version = self._depends(ci, tensor)
+            part = self.cache.get(key, version)
+            return self.cache.put(key, self._product(ci, ax, member), version) if part is None else part
+        version = tuple(self.version[s.cls] for s in self.layout.steps[ax] if s.cls != ci)
+        now = {a: self.full_gather((tensor, a)) for a in self.layout.axes_of_tensor[tensor] if a != axis}
+        part, snap = self.cache.get(key, version), self._snaps.get(key)
+        if part is not None and snap is not None:
+            moved = {a: np.flatnonzero(now[a] != snap[0][a]) for a in now}
+            if not any(len(r) for r in moved.values()):
+                return part
+            if snap[1] < 8 and sum(len(r) / len(now[a]) for a, r in moved.items()) <= 0.5:
+                self._update(part, ci, ax, member, dict(snap[0]), now, moved)
+                self._snaps[key] = (now, snap[1] + 1)
+                return part
+        part = self.cache.put(key, self._product(ci, ax, member), version)
+        self._snaps[key] = (now, 0)
+        return part
+
+    def _update(self, part, ci, ax, member, old: dict, now: dict, moved: dict) -> None:
+        """Bring ``part`` from the other-axis gathers ``old`` to ``now``, one axis at a time."""
+        tensor, axis = ax
+        size = self.layout.sizes[ci]
+        pos = item_positions(member, size).ravel()
+        rows_b = self.before_rows(ax, ci, pos)
+        a_all = self.take_rows(self.tensor("a", tensor), self.after_inverse_rows(ax, ci, pos), axis)
+        for a, r in moved.items():
+            if not len(r):
+                continue
+            xa = frame(a_all.index_select(a, self._idx(r)), axis).reshape(size, -1)
+            bn = self._b_rows(tensor, axis, rows_b, {**old, a: now[a][r]})
+            bo = self._b_rows(tensor, axis, rows_b, {**old, a: old[a][r]})
+            xa, d = _pair(xa, frame(bn - bo, axis).reshape(size, -1))
+            part += _mm(xa, d).to(part.dtype)
+            old[a] = now[a]
+
+    def cost_tensor(self, ci: int):
+        """:meth:`cost` as a device tensor (float32, float64 for float64 inputs)."""
+        total = None
+        for ax in self.layout.class_axes[ci]:
+            for j, m in enumerate(self._step_of(ci, ax).members):
+                part = self.partial_cost(ci, ax, j, m)
+                if total is None:
+                    total = part.clone()
+                elif total.dtype != part.dtype:
+                    total = total.double() + part.double()
+                else:
+                    total += part
+        return total
 
     def cost(self, ci: int) -> np.ndarray:
         """``C[i, k]``: gain of putting B's item ``k`` at item ``i`` of class ``ci`` (others fixed).
 
         Reads only the rows of the class's items (``A`` at ``after^-1(pos)``, ``B`` at
-        ``before(pos)``): ``O(size^2 * rest)`` per member, however large the tensor.
+        ``before(pos)``): ``O(size^2 * rest)`` per member, however large the tensor. Each member's
+        product is cached until a class it depends on changes.
         """
-        size = self.layout.sizes[ci]
-        cost = np.zeros((size, size))
+        return self.cost_tensor(ci).double().cpu().numpy()
+
+    def exact_gain(self, ci: int, new: np.ndarray) -> float:
+        """``J(new) - J(current)`` for a class on which ``J`` is linear, in float64 over the items
+        that move: ``sum_i <a_i, b_new[i]> - <a_i, b_old[i]>``."""
+        old = self.perms[ci]
+        moved = np.flatnonzero(new != old)
+        # new[moved] is a rearrangement of old[moved]: read B's rows once
+        where = np.argsort(old[moved])[np.argsort(np.argsort(new[moved]))]
+        gain = 0.0
         for ax in self.layout.class_axes[ci]:
-            tensor, axis = ax
             for m in self._step_of(ci, ax).members:
-                pos = item_positions(m, size).ravel()
-                a = frame(take_rows(self.a[tensor], self.after_inverse_rows(ax, ci, pos), axis), axis)
-                b = frame(self.permuted_b(tensor, skip=axis, rows=self.before_rows(ax, ci, pos)), axis)
-                cost += a.reshape(size, -1) @ b.reshape(size, -1).T
-        return cost
-
-    def _affected(self, ci: int) -> dict[str, tuple[int, np.ndarray] | None]:
-        """Per tensor of class ``ci``: ``(axis, rows)`` outside which a change of ``ci`` leaves
-        ``P(B)`` alone (``after^-1`` of its item positions), or ``None`` for the whole tensor (a
-        class on two axes of one tensor)."""
-        out = {}
-        for tensor in self.layout.class_tensors[ci]:
-            axes = [ax for ax in self.layout.class_axes[ci] if ax[0] == tensor]
-            if len(axes) > 1:
-                out[tensor] = None
-                continue
-            ax = axes[0]
-            pos = np.unique(np.concatenate([item_positions(m, self.layout.sizes[ci]).ravel()
-                                            for m in self._step_of(ci, ax).members]))
-            out[tensor] = (ax[1], self.after_inverse_rows(ax, ci, pos))
-        return out
-
-    def _value(self, tensor: str, where: tuple[int, np.ndarray] | None) -> float:
-        """``<A_t, P(B)_t>`` restricted to ``where`` (see :meth:`_affected`)."""
-        if where is None:
-            return self.tensor_objective(tensor)
-        axis, rows = where
-        b = self.permuted_b(tensor, skip=axis, rows=self.full_gather((tensor, axis))[rows])
-        return dot64(take_rows(self.a[tensor], rows, axis), b)
+                a = self.member_rows(ci, ax, m, "a", moved)
+                b = self.member_rows(ci, ax, m, "b", old[moved])
+                gain += dot64(a, b[self._idx(where)]) - dot64(a, b)
+        return gain
 
     def family_cost(self, fam: Family) -> tuple[np.ndarray, list[np.ndarray]]:
         """``base[i, k]`` and, per inner type, ``C[i, k, j, j']`` for the joint step (``_nested``).
 
         B is taken with every class outside the family applied (they commute with it).
         """
+        import torch
+
         outer = self.spec.classes[fam.outer]
         n = outer.size
-        base = np.zeros((n, n))
-        corr = [np.zeros((n, n, t.size, t.size)) for t in fam.types]
+        base = torch.zeros((n, n), dtype=torch.float64, device=self.device)
+        corr = [torch.zeros((n, n, t.size, t.size), dtype=torch.float64, device=self.device)
+                for t in fam.types]
         for ax in self.layout.class_axes[fam.outer]:
             tensor, axis = ax
             g = compose((self._gather(s.cls, ax)[0] for s in self.layout.steps[ax] if s.cls in fam.fixed),
-                        self.a[tensor].shape[axis])
-            a = frame(self.a[tensor], axis)
-            b = frame(take(self.permuted_b(tensor, skip=axis), g, axis), axis)
+                        self.layout.shapes[tensor][axis])
+            a, b = _pair(frame(self.tensor("a", tensor), axis),
+                         frame(self.take_rows(self.permuted_b(tensor, skip=axis), g, axis), axis))
             for j, om in enumerate(outer.members):
                 if (om.tensor, om.axis) != ax:
                     continue
-                ai, bi = items(a, om, n), items(b, om, n)
+                ai, bi = self._items(a, om, n), self._items(b, om, n)
                 covered = np.zeros(om.block, bool)
                 for t, c in zip(fam.types, corr):
                     for jj, rel, block, stride in t.places:
                         if jj != j:
                             continue
-                        pos = rel + np.arange(t.size)[:, None] * stride + np.arange(block)
-                        covered[pos.ravel()] = True
-                        xa = ai[:, pos].reshape(n * t.size, -1)
-                        xb = bi[:, pos].reshape(n * t.size, -1)
-                        c += (xa @ xb.T).reshape(n, t.size, n, t.size).transpose(0, 2, 1, 3)
+                        pos = (rel + np.arange(t.size)[:, None] * stride + np.arange(block)).ravel()
+                        covered[pos] = True
+                        p = self._idx(pos)
+                        xa = ai[:, p].reshape(n * t.size, -1)
+                        xb = bi[:, p].reshape(n * t.size, -1)
+                        c += _mm(xa, xb).reshape(n, t.size, n, t.size).permute(0, 2, 1, 3).double()
                 if not covered.all():
-                    base += ai[:, ~covered].reshape(n, -1) @ bi[:, ~covered].reshape(n, -1).T
-        return base, corr
+                    rest = self._idx(np.flatnonzero(~covered))
+                    base += _mm(ai[:, rest].reshape(n, -1), bi[:, rest].reshape(n, -1)).double()
+        return base.cpu().numpy(), [c.cpu().numpy() for c in corr]
+
+    def _items(self, x2d, member, size: int):
+        """The member's items of a framed tensor as ``(size, block, rest)``."""
+        if member.stride == member.block:
+            return x2d[member.offset: member.offset + size * member.block].reshape(size, member.block, -1)
+        return x2d[self._idx(item_positions(member, size).ravel())].reshape(size, member.block, -1)
 
     # ------------------------------------------------------------------ steps
-    def _set(self, ci: int, perm: np.ndarray) -> None:
+    def _set(self, ci: int, perm: np.ndarray, version: int | None = None) -> None:
         self.perms[ci] = perm
+        self.version[ci] = self.version[ci] + 1 if version is None else version
         for ax in self.layout.class_axes[ci]:
             self._full.pop(ax, None)
+            self._full_t.pop(ax, None)
             self._gathers.pop((ci, ax), None)
 
+    def _key(self, ci: int) -> tuple:
+        return tuple(self.version[k] for k in self.neighbours[ci])
+
     def _commit(self, new: dict[int, np.ndarray], ci: int) -> bool:
-        """Apply ``new`` (class index -> permutation) if the exact objective rises by more than a
-        relative tolerance. ``ci`` is the class whose tensors hold every changed class; a single
-        class is evaluated on its affected rows only, a family on its tensors."""
-        where = self._affected(ci) if len(new) == 1 else dict.fromkeys(self.layout.class_tensors[ci])
-        before = {t: self._value(t, w) for t, w in where.items()}
-        old = {k: self.perms[k] for k in new}
+        """Apply ``new`` (class index -> permutation) if the exact objective over the tensors of
+        class ``ci`` (which hold every changed class) rises by more than a relative tolerance."""
+        tensors = self.layout.class_tensors[ci]
+        before = sum(self.tensor_objective(t) for t in tensors)
+        old = {k: (self.perms[k], self.version[k]) for k in new}
         for k, p in new.items():
             self._set(k, p)
-        after = {t: self._value(t, w) for t, w in where.items()}
-        if sum(after.values()) - sum(before.values()) <= _REL_TOL * self.scale[ci]:
-            for k, p in old.items():
-                self._set(k, p)
+        gain = sum(self.tensor_objective(t) for t in tensors) - before
+        if gain <= _REL_TOL * self.scale[ci]:
+            for k, (p, v) in old.items():
+                self._set(k, p, v)
             return False
-        for t in where:
-            self.contrib[t] += after[t] - before[t]
+        if self._total is not None:
+            self._total += gain
         return True
 
     def step(self, ci: int) -> bool:
         """Re-solve class ``ci`` (jointly with its inner classes if it has a family); return
         whether any permutation changed.
 
-        A change is kept only if the exact objective over the class's tensors rises by more than
-        a relative tolerance, so the objective never decreases and ties never cycle. (The linear
-        assignment's gain is exact whenever the class touches each tensor on one axis; a class on
-        two axes of one tensor makes ``J`` quadratic in it and the check rejects a bad step.)
+        Skipped when no class sharing a tensor with ``ci`` changed since ``ci`` was last solved.
+        A change is kept only if the exact objective rises by more than a relative tolerance, so
+        the objective never decreases and ties never cycle. (The linear assignment's gain is exact
+        whenever the class touches each tensor on one axis; a class on two axes of one tensor
+        makes ``J`` quadratic in it and the check rejects a bad step.)
         """
+        key = self._key(ci)
+        if self._solved.get(ci) == key:
+            self.skipped += 1
+            return False
         if ci in self.families:
-            return self.family_step(self.families[ci])
+            changed = self.family_step(self.families[ci])
+        else:
+            changed = self._plain_step(ci)
+        if changed and not self.linear[ci] and ci not in self.families:
+            self._solved.pop(ci, None)  # J depends on the class itself: solve it again next sweep
+        else:
+            self._solved[ci] = self._key(ci)
+        return changed
+
+    def _plain_step(self, ci: int) -> bool:
         cost = self.cost(ci)
         old = self.perms[ci]
-        new = assign(cost)
+        new = assign(cost, overwrite=True)
         rows = np.arange(len(new))
         gain = cost[rows, new].sum() - cost[rows, old].sum()
         if np.array_equal(new, old) or gain <= _REL_TOL * self.scale[ci]:
             return False
-        return self._commit({ci: new}, ci)
+        if not self.linear[ci]:
+            return self._commit({ci: new}, ci)
+        gain = self.exact_gain(ci, new)
+        if gain <= _REL_TOL * self.scale[ci]:
+            return False
+        self._set(ci, new)
+        if self._total is not None:
+            self._total += gain
+        return True
 
     def family_step(self, fam: Family) -> bool:
         """Best joint permutation of an outer class and its inner classes (``_nested``)."""
@@ -301,7 +734,7 @@ class WeightMatcher:
         return self._commit(new, fam.outer)
 
     def perms_dict(self) -> dict[str, np.ndarray]:
-        return {c.name: p.copy() for c, p in zip(self.spec.classes, self.perms)}
+        return {c.name: np.asarray(p, dtype=np.int64).copy() for c, p in zip(self.spec.classes, self.perms)}
 
     def sorted_start(self, free: Iterable[int]) -> None:
         """Start each class in ``free`` at the assignment of sorted item signatures.
@@ -315,26 +748,64 @@ class WeightMatcher:
         the identity can lock onto a wrong stream class when large tensors couple it to
         still-wrong hidden classes.)
         """
-        for ci in free:
-            size = self.layout.sizes[ci]
-            cost = np.zeros((size, size))
-            for tensor, axis in self.layout.class_axes[ci]:
-                for m in self._step_of(ci, (tensor, axis)).members:
-                    pos = item_positions(m, size).ravel()
-                    sa, sb = (_quantiles(frame(take_rows(x[tensor], pos, axis), axis).reshape(size, -1))
-                              for x in (self.a, self.b))
-                    # centring adds row / column constants only (same argmax) and keeps the
-                    # assignment well conditioned: sorted slices share a large common part
-                    cost += (sa - sa.mean(0)) @ (sb - sb.mean(0)).T
-            self._set(ci, assign(cost))
-        self.contrib = {t: self.tensor_objective(t) for t in self.contrib}
+        import torch
+
+
+        # the two models' sorts run side by side on the CPU (numpy's sort releases the GIL)
+        threads = max(torch.get_num_threads(), _MM_THREADS)
+        pool = ThreadPoolExecutor(2) if self.device.type == "cpu" and threads > 1 else None
+        try:
+            for ci in free:
+                size = self.layout.sizes[ci]
+                cost = np.zeros((size, size))
+                for tensor, axis in self.layout.class_axes[ci]:
+                    for m in self._step_of(ci, (tensor, axis)).members:
+                        pos = item_positions(m, size).ravel()
+
+                        def signature(x, pos=pos, axis=axis, size=size):
+                            rows = frame_view(self.take_rows(x, pos, axis), axis)
+                            return _quantiles(rows if rows.shape[0] == size else rows.reshape(size, -1))
+
+                        both = (self.tensor("a", tensor), self.tensor("b", tensor))
+                        sa, sb = _pair(*(map if pool is None else pool.map)(signature, both))
+                        del both
+                        # centring adds row / column constants only (same argmax) and keeps the
+                        # assignment well conditioned: sorted slices share a large common part
+                        cost += ((sa - sa.mean(0)) @ (sb - sb.mean(0)).T).double().cpu().numpy()
+                self._set(ci, assign(cost))
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        self._total = None
+
+
+class _Side(Mapping):
+    """Read-only view ``name -> device tensor`` of one model, through the matcher's cache."""
+
+    def __init__(self, matcher: WeightMatcher, side: str):
+        self.m, self.side = matcher, side
+
+    def __getitem__(self, name):
+        return self.m.tensor(self.side, name)
+
+    def __iter__(self):
+        return iter(self.m.layout.axes_of_tensor)
+
+    def __len__(self):
+        return len(self.m.layout.axes_of_tensor)
 
 
 def as_float(params: Mapping, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """Member tensors as float32 (float64 when given so): fast matmuls, exact float64 sums."""
+    """Member tensors as numpy float32 (float64 when given so); torch tensors of any dtype too."""
     out = {}
     for t in names:
-        a = np.asarray(params[t])
+        x = params[t]
+        if hasattr(x, "detach"):  # torch tensor
+            x = x.detach().cpu()
+            if str(x.dtype) not in ("torch.float32", "torch.float64"):
+                x = x.float()
+            x = x.numpy()
+        a = np.asarray(x)
         out[t] = a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
     return out
 
@@ -371,12 +842,14 @@ def _free_classes(spec, classes: Iterable[str] | None) -> list[int]:
 def weight_matching(spec, params_a: Mapping, params_b: Mapping, *, seed: int = 0,
                     progress: Progress | None = None, max_iter: int = 100,
                     init: Mapping | str | None = "sorted", classes: Iterable[str] | None = None,
+                    device: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES,
                     **unknown) -> SolveResult:
     """Align B to A by weight matching (Git Re-Basin, Ainsworth et al. 2023, Algorithm 1).
 
     Args:
         spec: the permutation spec (:class:`rebasin.Spec`).
-        params_a, params_b: tensor name -> float array; tensors outside every class are ignored.
+        params_a, params_b: tensor name -> numpy array or torch tensor (any float dtype; a lazy
+            mapping is read one tensor at a time); tensors outside every class are ignored.
         seed: seeds the random class order of each sweep.
         progress: ``progress(sweep, objective, message)`` after each sweep.
         max_iter: at most this many sweeps over the classes.
@@ -386,17 +859,23 @@ def weight_matching(spec, params_a: Mapping, params_b: Mapping, *, seed: int = 0
             (identity where absent).
         classes: names of the classes to optimise; the others keep their ``init`` permutation
             (the identity unless ``init`` is a dict).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; the products run
+            there, the linear assignments on the CPU.
+        cache_bytes: bytes of converted tensors and cached products kept between steps (default
+            2 GiB). Models whose member tensors fit are read once; larger ones are re-read per step.
 
     Returns:
         :class:`SolveResult`; ``objective[0]`` is ``sum_t <A_t, P(B)_t>`` at ``init`` and
         ``objective[k]`` its value after sweep ``k`` (maximised, never decreasing). ``converged``:
-        the last sweep changed no class.
+        the last sweep changed no class. ``info``: ``device``, ``lap`` (assignment backend),
+        ``skipped`` (class steps skipped because nothing around them changed), ``cache_peak_bytes``.
 
     Notes:
         One sweep costs, per class of ``n`` items, ``O(n^2 * rest)`` for the cost over the rows of
         its items plus one ``O(n^3)`` linear assignment; a nested family (heads with per-head
         classes of ``d`` items) adds ``n^2`` assignments of size ``d``. A class never reads
-        tensors outside its members.
+        tensors outside its members. Memory: the cache plus one class's member rows in both
+        models and its cost matrix.
 
     Example:
         >>> from rebasin import Member, PermutationClass, Spec
@@ -409,26 +888,34 @@ def weight_matching(spec, params_a: Mapping, params_b: Mapping, *, seed: int = 0
     """
     check_options("weight", unknown)
     t0 = time.perf_counter()
-    check_params(spec, params_a, params_b)
+    resolve_device(device)
+    shapes = check_params(spec, params_a, params_b)
     if isinstance(init, str) and init not in INITS:
         raise SolverError(f"unknown init {init!r}; valid: {list(INITS)} or a dict of permutations")
     start = None if init is None or isinstance(init, str) else init
     return match_weights(spec, params_a, params_b, start=start, classes=classes, sort_start=init == "sorted",
-                         seed=seed, max_iter=max_iter, progress=progress, t0=t0)
+                         seed=seed, max_iter=max_iter, progress=progress, t0=t0, device=device,
+                         cache_bytes=cache_bytes, shapes=shapes)
 
 
 def match_weights(spec, params_a: Mapping, params_b: Mapping, *, start: Mapping | None,
                   classes: Iterable[str] | None, sort_start: bool, seed: int, max_iter: int,
-                  progress: Progress | None, t0: float) -> SolveResult:
+                  progress: Progress | None, t0: float, device: str = "auto",
+                  cache_bytes: int = DEFAULT_CACHE_BYTES, shapes: Mapping | None = None) -> SolveResult:
     """Weight matching on checked params: classes in ``classes`` (all if ``None``) begin at the
     sorted start if ``sort_start``, else at ``start``; the other classes stay at ``start``."""
     if max_iter < 1:
         raise SolverError(f"max_iter must be >= 1, got {max_iter}")
-    names = member_tensors(spec)
-    a, b = as_float(params_a, names), as_float(params_b, names)
-    matcher = WeightMatcher(spec, a, b, check_perms(spec, start))
+    if cache_bytes < 0:
+        raise SolverError(f"cache_bytes must be >= 0, got {cache_bytes}")
     free = _free_classes(spec, classes)
-    if sort_start:
-        matcher.sorted_start(free)
-    objective, converged = coordinate_descent(matcher, free, np.random.default_rng(seed), max_iter, progress)
-    return SolveResult(matcher.perms_dict(), objective, converged, time.perf_counter() - t0, "weight")
+    with solver_threads():
+        matcher = WeightMatcher(spec, params_a, params_b, check_perms(spec, start), device=device,
+                                cache_bytes=cache_bytes, shapes=shapes)
+        if sort_start:
+            matcher.sorted_start(free)
+        rng = np.random.default_rng(seed)
+        objective, converged = coordinate_descent(matcher, free, rng, max_iter, progress)
+    info = {"device": str(matcher.device), "lap": "lapjv" if _lapjv() is not None else "scipy",
+            "skipped": matcher.skipped, "cache_peak_bytes": matcher.cache.peak}
+    return SolveResult(matcher.perms_dict(), objective, converged, time.perf_counter() - t0, "weight", info)

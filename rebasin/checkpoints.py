@@ -1,0 +1,336 @@
+"""Align, merge and interpolate checkpoints on disk (Hugging Face folders), out of core.
+
+Every result is a lazy :class:`~rebasin.sources.ModelSource` computed tensor by tensor from its
+inputs (:class:`PermutedSource`: B with the permutations applied; :class:`WeightedSource`: a
+weighted sum of models). :func:`check_permuted` runs B and the permuted B one layer at a time
+(:func:`rebasin.execute.run_streamed`) and compares them before anything is written, and
+:func:`rebasin.sources.hf.write_like` writes the result with B's layout. No step holds a whole
+model: peak memory is the solver's working set (one class's tensors, bounded by ``cache_bytes``)
+or one layer's weights, or one output shard.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from rebasin.errors import SolverError, SpecMismatchError, VerificationError
+from rebasin.sources import ModelSource
+from rebasin.sources.hf import HFFolderSource, write_like
+from rebasin.spec import Spec
+
+# --------------------------------------------------------------------------- lazy results
+
+
+class _Result(ModelSource):
+    """A lazy result that can be written with the layout of the checkpoint it came from."""
+
+    kind = "folder"
+    template: HFFolderSource
+
+    def save(self, path: str, progress=None) -> None:
+        """Write to ``path`` shard by shard with :attr:`template`'s layout (temp + rename)."""
+        write_like(self.template, path, _writer(self.template, self), progress)
+
+
+class PermutedSource(_Result):
+    """``base`` with ``perms`` applied, computed per tensor when read (bit-exact, dtype kept)."""
+
+    def __init__(self, base: ModelSource, spec: Spec, perms: dict):
+        self.base, self.spec, self.perms = base, spec, perms
+        self.template = base
+        self.label = f"{base.label} (permuted)"
+        self._members = {m.tensor for c in spec.classes if c.name in perms for m in c.members}
+
+    def names(self):
+        return self.base.names()
+
+    def shape(self, name):
+        return self.base.shape(name)
+
+    def dtype(self, name):
+        return self.base.dtype(name)
+
+    def read(self, name):
+        from rebasin.graph.rewrite import permute_tensor
+
+        value = self.base.read(name)
+        return permute_tensor(name, value, self.spec, self.perms) if name in self._members else value
+
+
+class WeightedSource(_Result):
+    """``sum_i weights[i] * sources[i]``, per tensor in float32, stored back in the first's dtype.
+
+    Every tensor read is checked for NaN / inf (a result holding them could not be verified).
+    """
+
+    def __init__(self, sources: list[ModelSource], weights: list[float]):
+        self.sources, self.weights = sources, [float(w) for w in weights]
+        self.template = getattr(sources[0], "template", sources[0])
+        self.label = " + ".join(f"{w:g}*{s.label}" for s, w in zip(sources, weights))
+
+    def names(self):
+        return self.sources[0].names()
+
+    def shape(self, name):
+        return self.sources[0].shape(name)
+
+    def dtype(self, name):
+        return self.sources[0].dtype(name)
+
+    def read(self, name):
+        import torch
+
+        total = None
+        for s, w in zip(self.sources, self.weights):
+            x = torch.as_tensor(s.read(name))
+            if not bool(torch.isfinite(x).all()):
+                raise SolverError(f"tensor {name} of {s.label} contains NaN or inf")
+            x = x.to(torch.float32) * w
+            total = x if total is None else total + x
+        return total.to(getattr(torch, self.dtype(name)))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_compatible(sources: list[ModelSource]) -> None:
+    """Same weight names and shapes (from the file headers: nothing is read), else one error
+    naming the first difference."""
+    first = sources[0]
+    names = first.names()
+    for other in sources[1:]:
+        theirs = set(other.names())
+        for n in names:
+            if n not in theirs:
+                raise SpecMismatchError(f"models differ: tensor {n} of {first.label} is missing in "
+                                        f"{other.label}")
+            if first.shape(n) != other.shape(n):
+                raise SpecMismatchError(f"models differ: tensor {n} has shape {first.shape(n)} in "
+                                        f"{first.label} but {other.shape(n)} in {other.label}")
+        extra = sorted(theirs - set(names))
+        if extra:
+            raise SpecMismatchError(f"models differ: tensor {extra[0]} of {other.label} is missing in "
+                                    f"{first.label}")
+
+
+def token_batches(source: HFFolderSource, n: int = 2, seq: int = 16) -> list[tuple]:
+    """``n`` batches of two random token sequences for ``source``'s architecture (seeds 0..n-1).
+
+    Uses the folder's own example inputs when they are not token ids (a module given by the user).
+    """
+    import torch
+
+    vocab = getattr(getattr(source.module, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        return [tuple(source.example_inputs)]
+    return [(torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(s)),)
+            for s in range(n)]
+
+
+def verify_sources(module, ref: ModelSource, new: ModelSource, batches: list[tuple], rtol: float = 1e-4,
+                   buffers: dict | None = None):
+    """Run ``module`` with ``ref``'s and with ``new``'s weights, streamed, on every batch and
+    compare all outputs (:class:`rebasin.verify.VerifyResult`)."""
+    from rebasin.execute import run_streamed
+    from rebasin.verify import VerifyResult, _compare
+
+    pairs = []
+    for i, inputs in enumerate(batches):
+        ya = run_streamed(module, ref.read, inputs, buffers)
+        yb = run_streamed(module, new.read, inputs, buffers)
+        if len(ya) != len(yb):
+            raise VerificationError(f"models have {len(ya)} and {len(yb)} outputs")
+        pairs += [(f"batch {i} output {k}", x.numpy(), y.numpy()) for k, (x, y) in enumerate(zip(ya, yb))]
+    worst_abs, worst_rel = _compare(pairs)
+    ok = bool(np.isfinite(worst_rel) and worst_rel < rtol)
+    return VerifyResult(worst_abs, worst_rel, "torch cpu, streamed", ok)
+
+
+def check_permuted(source: HFFolderSource, spec: Spec, perms: dict, label: str = "model B",
+                   batches: list[tuple] | None = None):
+    """``(PermutedSource, VerifyResult)`` once the permuted ``source`` is verified to compute what
+    ``source`` computes; else :class:`VerificationError` naming the first class that breaks it."""
+    from rebasin.verify import first_breaking_class
+
+    batches = batches if batches is not None else token_batches(source)
+    buffers = source.buffers()
+
+    def run(p):
+        new = PermutedSource(source, spec, p)
+        return new, verify_sources(source.module, source, new, batches, buffers=buffers)
+
+    new, res = run(perms)
+    if not res.equal:
+        name = first_breaking_class(spec, perms, lambda p: run(p)[1].equal)
+        cls = spec[name]
+        where = ", ".join(f"{m.tensor}[{m.axis}]" for m in cls.members[:3])
+        raise VerificationError(f"the permuted {label} differs from the original ({res}); the first class "
+                                f"that breaks equivalence is {name} (size {cls.size}: {where}"
+                                f"{', ...' if len(cls.members) > 3 else ''})")
+    return new, res
+
+
+# --------------------------------------------------------------------------- align / merge / interpolate
+
+
+@dataclass
+class CheckpointResult:
+    """What the checkpoint commands produced: the result (a lazy source, or the path written),
+    the permutations per model, solver records, the spec and the verification."""
+
+    model: object
+    perms: list
+    solves: list
+    spec: Spec
+    verification: list
+
+
+def _log(progress, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def _spec_of(source: HFFolderSource, progress) -> Spec:
+    from rebasin.graph.infer import infer_spec
+
+    t = time.perf_counter()
+    spec = infer_spec(source.module, source.example_inputs)
+    _log(progress, f"spec of {type(source.module).__name__}: {len(spec)} classes "
+                   f"({time.perf_counter() - t:.1f} s, from config.json; no weights read)")
+    return spec
+
+
+def solver_cache_bytes(source: ModelSource) -> int:
+    """Bytes of float32 tensors the solver may keep between steps for a checkpoint: half of one
+    model's stored size, at most the solver's default, so that peak memory stays below
+    1 GiB + 1.5 x one model's size."""
+    from rebasin.solvers.weight_matching import DEFAULT_CACHE_BYTES
+
+    return min(DEFAULT_CACHE_BYTES, source.nbytes() // 2)
+
+
+def _solve(spec, a: ModelSource, b: ModelSource, method: str, seed: int, progress, options: dict):
+    from rebasin import solvers
+
+    if method != "weight":
+        raise SolverError(f"checkpoints on disk are aligned by weight matching only (method 'weight'); "
+                          f"{method!r} needs the model in memory: give it as a module (--torch-model)")
+    step = None
+    if progress is not None:
+        def step(it, objective, message):
+            progress(f"[{it:>3}] objective {objective:.6g}  {message}")
+    options = {"cache_bytes": solver_cache_bytes(b), **options}
+    return solvers.get(method)(spec, a.weights(), b.weights(), seed=seed, progress=step, **options)
+
+
+def open_checkpoint(path, model=None, example_inputs=None) -> HFFolderSource:
+    from rebasin.sources import open_model
+
+    src = open_model(path, model=model, example_inputs=example_inputs)
+    if not isinstance(src, HFFolderSource):
+        raise SpecMismatchError(f"{path} is not a Hugging Face folder or .safetensors file")
+    return src
+
+
+def align_checkpoints(a, b, *, output: str | None = None, method: str = "weight", spec: Spec | None = None,
+                      seed: int = 0, verify: bool = True, model=None, example_inputs=None, progress=None,
+                      **options) -> CheckpointResult:
+    """Permute checkpoint B into alignment with checkpoint A, out of core; write it to ``output``.
+
+    ``a``, ``b``: folders (or ``.safetensors`` files with ``model``). The result is verified
+    (streamed, on token batches) before anything is written. Returns a :class:`CheckpointResult`
+    whose ``model`` is ``output``, or the lazy permuted B when ``output`` is None.
+    """
+    sa, sb = open_checkpoint(a, model, example_inputs), open_checkpoint(b, model, example_inputs)
+    check_compatible([sa, sb])
+    spec = spec or _spec_of(sa, progress)
+    res = _solve(spec, sa, sb, method, seed, progress, options)
+    if verify:
+        _log(progress, "verifying: B and the permuted B, one layer at a time, on token batches")
+        new, ver = check_permuted(sb, spec, res.perms)
+    else:
+        new, ver = PermutedSource(sb, spec, res.perms), None
+    if output is not None:
+        new.save(output, progress)
+    return CheckpointResult(output or new, [res.perms], [res], spec, [ver])
+
+
+def merge_checkpoints(paths, *, output: str | None = None, seed: int = 0, verify: bool = True, model=None,
+                      example_inputs=None, progress=None, **options) -> CheckpointResult:
+    """Align every checkpoint to the first by weight matching (each verified), then average them.
+
+    Out of core this replaces MergeMany's rounds against the running mean (which would need a
+    mean model in memory) by one alignment of each model to the first.
+    """
+    if len(paths) < 2:
+        raise SolverError("merge needs at least two models")
+    srcs = [open_checkpoint(p, model, example_inputs) for p in paths]
+    check_compatible(srcs)
+    spec = _spec_of(srcs[0], progress)
+    perms, solves, vers, aligned = [{}], [], [None], [srcs[0]]
+    for i, s in enumerate(srcs[1:], 1):
+        _log(progress, f"aligning {s.label} to {srcs[0].label}")
+        res = _solve(spec, srcs[0], s, "weight", seed, progress, options)
+        if verify:
+            new, ver = check_permuted(s, spec, res.perms, label=f"model {i}")
+        else:
+            new, ver = PermutedSource(s, spec, res.perms), None
+        perms.append(res.perms)
+        solves.append(res)
+        vers.append(ver)
+        aligned.append(new)
+    mean = WeightedSource(aligned, [1 / len(aligned)] * len(aligned))
+    if output is not None:
+        mean.save(output, progress)
+    return CheckpointResult(output or mean, perms, solves, spec, vers)
+
+
+def interpolate_checkpoints(a, b, t: float, *, output: str | None = None, model=None,
+                            progress=None) -> CheckpointResult:
+    """``(1 - t) A + t B`` per tensor (B as given: align it first), written with A's layout."""
+    sa, sb = open_checkpoint(a, model), open_checkpoint(b, model)
+    check_compatible([sa, sb])
+    mixed = WeightedSource([sa, sb], [1 - t, t])
+    if output is not None:
+        mixed.save(output, progress)
+    return CheckpointResult(output or mixed, [], [], None, [])
+
+
+def _writer(template: HFFolderSource, result: ModelSource):
+    """Checkpoint key -> tensor to store: the result's value for float weights, the template's
+    stored value for anything else (integer buffers)."""
+    import torch
+
+    floats = set(result.names())
+
+    def tensor(key):
+        if key not in floats:
+            return template.checkpoint.read(key)
+        value = result.read(key)
+        if not bool(torch.isfinite(value).all()):
+            raise SolverError(f"tensor {key} of {result.label} holds NaN or inf; nothing written")
+        return value
+    return tensor
+
+
+def is_checkpoint(ref) -> bool:
+    """A folder, or a ``.safetensors`` file: what this module handles."""
+    import os
+
+    if isinstance(ref, HFFolderSource):
+        return True
+    if not isinstance(ref, (str, os.PathLike)):
+        return False
+    return os.path.isdir(ref) or os.fspath(ref).endswith(".safetensors")
+
+
+def stderr_progress(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+__all__ = ["align_checkpoints", "merge_checkpoints", "interpolate_checkpoints", "PermutedSource",
+           "WeightedSource", "check_permuted", "verify_sources", "CheckpointResult"]
