@@ -60,6 +60,12 @@ def distance(spec, a, b, perms):
     return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - pb[k]) ** 2) for k in names)))
 
 
+def sweep_flops(spec, params) -> float:
+    """Floating-point operations of one sweep's cost matrices: 2 x sum over members of numel x class size
+    (each member contributes an ``(n, rest) @ (rest, n)`` product)."""
+    return 2.0 * sum(params[m.tensor].numel() * c.size for c in spec.classes for m in c.members)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -73,8 +79,9 @@ def main():
     opts = {} if args.device == "auto" else {"device": args.device}
     if args.cache_gib is not None:
         opts["cache_bytes"] = int(args.cache_gib * 2**30)
-    print("| model | classes | spec s | solve s | sweeps | objective | distance before -> after | device |")
-    print("|---|---:|---:|---:|---:|---:|---|---|")
+    print("| model | classes | spec s | solve s | sweeps | GFLOP / sweep | objective "
+          "| distance before -> after | device |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name in args.models:
         model_a, x = build(name, args.seed)
         model_b, _ = build(name, args.seed + 1)
@@ -95,8 +102,9 @@ def main():
         ident = {c.name: np.arange(c.size) for c in spec.classes}
         d0, d1 = distance(spec, a, b, ident), distance(spec, a, b, res.perms)
         device = res.info.get("device", "cpu (numpy)")
+        gflop = sweep_flops(spec, sd_a) / 1e9
         print(f"| {name} | {len(spec)} | {t_spec:.2f} | {t_solve:.2f} | {len(res.objective) - 1} | "
-              f"{res.objective[-1]:.6g} | {d0:.4g} -> {d1:.4g} | {device} |", flush=True)
+              f"{gflop:.1f} | {res.objective[-1]:.6g} | {d0:.4g} -> {d1:.4g} | {device} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -375,7 +375,7 @@ class MergedModel:
 
 
 def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, progress=None,
-          verify: bool = True, model=None) -> MergedModel:
+          verify: bool = True, model=None, device: str | None = None) -> MergedModel:
     """MergeMany (Git Re-Basin): align every model to the mean of the others, then average.
 
     Each model's aligned version is verified to compute what the model computes before averaging.
@@ -387,7 +387,7 @@ def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, pr
     if any(checkpoints.is_checkpoint(m) for m in models):
         r = checkpoints.merge_checkpoints(list(models), seed=seed, verify=verify, model=model,
                                           example_inputs=example_inputs, progress=_text_progress(progress),
-                                          max_iter=max_iter)
+                                          max_iter=max_iter, **({"device": device} if device else {}))
         return MergedModel(r.model, r.perms, r.solves)
     if len(models) < 2:
         raise SolverError("merge needs at least two models")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rebasin import limits
 from rebasin.errors import SolverError, SpecMismatchError, VerificationError
 from rebasin.sources import ModelSource
 from rebasin.sources.hf import HFFolderSource, write_like
@@ -205,12 +206,13 @@ def _spec_of(source: HFFolderSource, progress) -> Spec:
 
 
 def solver_cache_bytes(source: ModelSource) -> int:
-    """Bytes of float32 tensors the solver may keep between steps for a checkpoint: half of one
-    model's stored size, at most the solver's default, so that peak memory stays below
-    1 GiB + 1.5 x one model's size."""
+    """Bytes of float32 tensors the solver may keep between steps for a checkpoint: a quarter of
+    one model's stored size, at most the solver's default. Re-reading a tensor from the page cache
+    costs little next to its products, and the bound keeps the peak below 1 GiB + 1.5 x one model's
+    size (benchmarks/hf_scale.py)."""
     from rebasin.solvers.weight_matching import DEFAULT_CACHE_BYTES
 
-    return min(DEFAULT_CACHE_BYTES, source.nbytes() // 2)
+    return min(DEFAULT_CACHE_BYTES, source.nbytes() // 4)
 
 
 def _solve(spec, a: ModelSource, b: ModelSource, method: str, seed: int, progress, options: dict):
@@ -230,6 +232,7 @@ def _solve(spec, a: ModelSource, b: ModelSource, method: str, seed: int, progres
 def open_checkpoint(path, model=None, example_inputs=None) -> HFFolderSource:
     from rebasin.sources import open_model
 
+    limits.return_freed_memory()  # every checkpoint path goes through here
     src = open_model(path, model=model, example_inputs=example_inputs)
     if not isinstance(src, HFFolderSource):
         raise SpecMismatchError(f"{path} is not a Hugging Face folder or .safetensors file")

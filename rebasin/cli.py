@@ -276,8 +276,8 @@ def cmd_align(args) -> int:
 
     (a, b), inputs, module = _models(args, [args.a, args.b])
     data = _load_feeds(args.data)
-    options = {k: v for k, v in (("cost", args.cost), ("steps", args.steps), ("max_iter", args.max_iter))
-               if v is not None}
+    options = {k: v for k, v in (("cost", args.cost), ("steps", args.steps), ("max_iter", args.max_iter),
+                                 ("device", args.device)) if v is not None}
     print(f"aligning {args.b} to {args.a} with {args.method}", file=sys.stderr)
     res = align(a, b, args.method, example_inputs=inputs, data=data, seed=args.seed, model=module,
                 progress=_progress, verify=not args.no_verify, **options)
@@ -298,7 +298,7 @@ def cmd_merge(args) -> int:
 
     models, inputs, module = _models(args, args.models)
     res = merge(models, example_inputs=inputs, seed=args.seed, max_iter=args.max_iter or 100,
-                progress=_progress, verify=not args.no_verify, model=module)
+                progress=_progress, verify=not args.no_verify, model=module, device=args.device)
     if isinstance(res.merge, list):  # checkpoints: each aligned to the first
         record = (f"each aligned to the first by weight matching, "
                   f"{sum(r.wall_time for r in res.merge):.2f} s")
@@ -387,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help=".npz: model inputs in order, optional 'labels'")
     s.add_argument("--steps", type=int, help="optimisation steps (sinkhorn, ste)")
     s.add_argument("--max-iter", type=int, help="sweeps of weight matching")
+    s.add_argument("--device", help="weight matching: auto (CUDA when torch sees one; the default), cpu, "
+                                    "cuda, cuda:N")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--save-perms", metavar="FILE", help="write the permutations as JSON")
     s.add_argument("--no-verify", action="store_true")
@@ -397,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-iter", type=int)
+    s.add_argument("--device", help="weight matching of checkpoints: auto (default), cpu, cuda")
     s.add_argument("--save-perms", metavar="FILE", help="JSON list: per model, its permutations")
     s.add_argument("--no-verify", action="store_true", help="skip checking each aligned model")
     _torch_model_args(s)

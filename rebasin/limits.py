@@ -109,3 +109,32 @@ def torch_estimate(module) -> int:
     """
     return 2 * sum(t.numel() * t.element_size() for t in module.state_dict().values()
                    if t.device.type != "meta")
+
+
+_HEAP_SET = False
+
+
+def return_freed_memory() -> None:
+    """Have glibc's ``malloc`` serve every block of 1 MiB or more from its own memory map, so that
+    freeing it returns it to the system at once.
+
+    By default glibc raises its mmap threshold to the size of the largest block freed (up to
+    32 MiB); after that, tensors of 1 to 32 MiB (a layer's weight, a gathered copy) come from the
+    heap, which fragments and keeps growing over a sweep of weight matching: 2.43 GiB against
+    1.58 GiB for a 6-layer Llama pair (benchmarks/hf_scale.py). It costs time (every such block is
+    fresh, zeroed pages: weight matching of an in-memory resnet18 is about a third slower), so
+    only the out-of-core paths (:mod:`rebasin.checkpoints`) call it. A no-op where the C library
+    has no ``mallopt``.
+    """
+    global _HEAP_SET
+    if _HEAP_SET:
+        return
+    _HEAP_SET = True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, which also stops its dynamic growth
+    except (OSError, AttributeError):
+        pass
