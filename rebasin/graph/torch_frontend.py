@@ -30,6 +30,7 @@ object there (by shared storage otherwise).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
 import os
@@ -69,6 +70,7 @@ class Traced:
     tracer: str = "export"
     module: object = None  # a GraphModule running ``graph`` on flat placeholder values
     call_kwargs: dict = field(default_factory=dict)  # keywords added to the traced call
+    input_labels: dict = field(default_factory=dict)  # user-input placeholder -> forward's argument name
 
 
 _ATOMS = (bool, int, float, complex, str, bytes, type, range, slice, type(Ellipsis))
@@ -217,8 +219,12 @@ def _trace_fx(model, example_inputs, kwargs, fake_mode=None) -> Traced:
         if n.op == "get_attr":
             consts[n.name] = n.target
             tensors[n.name] = getattr(traced, n.target)
-    return Traced(traced.graph, params, consts, tensors, placeholders[len(keys):], {}, "fx", traced,
-                  dict(kwargs))
+    user = placeholders[len(keys):]
+    try:  # make_fx names inputs arg1_1 ...: messages name them as forward does
+        labels = dict(zip(user, inspect.signature(model.forward).bind_partial(*example_inputs).arguments))
+    except (TypeError, ValueError):
+        labels = {}
+    return Traced(traced.graph, params, consts, tensors, user, {}, "fx", traced, dict(kwargs), labels)
 
 
 def is_shape_only(t) -> bool:
@@ -901,11 +907,15 @@ def lower(tr: Traced, model) -> Graph:
         else:
             values[key] = t.detach().cpu().numpy()
     outputs: list[str] = []
+    fx_names = {n.name for n in tr.graph.nodes}
     for n in tr.graph.nodes:
         if n.op == "placeholder":
             if n.name in names:
                 continue
-            name = n.name if n.name not in taken else f"%{n.name}"
+            name = tr.input_labels.get(n.name, n.name)
+            if name != n.name and (name in fx_names or name in taken):
+                name = n.name
+            name = name if name not in taken else f"%{name}"
             names[n.name] = name
             if _shape_of(n.meta.get("val")) is not None:
                 b.shapes[name] = _shape_of(n.meta["val"])
