@@ -215,12 +215,21 @@ def solver_cache_bytes(source: ModelSource) -> int:
     return min(DEFAULT_CACHE_BYTES, source.nbytes() // 4)
 
 
-def _solve(spec, a: ModelSource, b: ModelSource, method: str, seed: int, progress, options: dict):
-    from rebasin import solvers
-
+def _check_method(method: str, options: dict) -> None:
+    """Refuse, before any work, a method or device the checkpoint path cannot use."""
     if method != "weight":
         raise SolverError(f"checkpoints on disk are aligned by weight matching only (method 'weight'); "
                           f"{method!r} needs the model in memory: give it as a module (--torch-model)")
+    if options.get("device") is not None:
+        from rebasin.solvers.weight_matching import resolve_device
+
+        resolve_device(options["device"])
+
+
+def _solve(spec, a: ModelSource, b: ModelSource, method: str, seed: int, progress, options: dict):
+    from rebasin import solvers
+
+    _check_method(method, options)
     step = None
     if progress is not None:
         def step(it, objective, message):
@@ -248,6 +257,7 @@ def align_checkpoints(a, b, *, output: str | None = None, method: str = "weight"
     (streamed, on token batches) before anything is written. Returns a :class:`CheckpointResult`
     whose ``model`` is ``output``, or the lazy permuted B when ``output`` is None.
     """
+    _check_method(method, options)
     sa, sb = open_checkpoint(a, model, example_inputs), open_checkpoint(b, model, example_inputs)
     check_compatible([sa, sb])
     spec = spec or _spec_of(sa, progress)
@@ -271,6 +281,7 @@ def merge_checkpoints(paths, *, output: str | None = None, seed: int = 0, verify
     """
     if len(paths) < 2:
         raise SolverError("merge needs at least two models")
+    _check_method("weight", options)
     srcs = [open_checkpoint(p, model, example_inputs) for p in paths]
     check_compatible(srcs)
     spec = _spec_of(srcs[0], progress)

@@ -266,3 +266,14 @@ def test_existing_output_refused_before_work(folders, tmp_path):
     code, so, se = run("align", a, b, "-o", out)
     assert code == 2 and "not an empty folder" in se and "objective" not in se
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("extra,msg", [(("--method", "activation"), "weight matching only"),
+                                       (("--device", "cuda"), "CUDA is not available")])
+def test_unusable_method_or_device_refused_before_work(folders, tmp_path, extra, msg):
+    if extra[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    a, b = folders["llama"][:2]
+    code, so, se = run("align", a, b, "-o", tmp_path / "out", *extra)
+    assert code == 2 and msg in se and "spec of" not in se
+    assert not (tmp_path / "out").exists()
