@@ -253,6 +253,7 @@ def frame_view(x, axis: int):
     return frame(x, axis)
 
 
+_PARALLEL_SORT = 1 << 16  # elements from which the two models' slices are sorted in two threads
 _SORT_CHUNK = 1 << 23  # elements sorted at once by _quantiles: its memory beyond the input
 
 
@@ -767,7 +768,9 @@ class WeightMatcher:
                             return _quantiles(rows if rows.shape[0] == size else rows.reshape(size, -1))
 
                         both = (self.tensor("a", tensor), self.tensor("b", tensor))
-                        sa, sb = _pair(*(map if pool is None else pool.map)(signature, both))
+                        # a thread hand-off costs more than sorting a small tensor
+                        run = map if pool is None or both[0].numel() < _PARALLEL_SORT else pool.map
+                        sa, sb = _pair(*run(signature, both))
                         del both
                         # centring adds row / column constants only (same argmax) and keeps the
                         # assignment well conditioned: sorted slices share a large common part
