@@ -155,7 +155,7 @@ def check_permuted(source: HFFolderSource, spec: Spec, perms: dict, label: str =
                    batches: list[tuple] | None = None):
     """``(PermutedSource, VerifyResult)`` once the permuted ``source`` is verified to compute what
     ``source`` computes; else :class:`VerificationError` naming the first class that breaks it."""
-    from rebasin.verify import first_breaking_class
+    from rebasin.verify import checked
 
     batches = batches if batches is not None else token_batches(source)
     buffers = source.buffers()
@@ -164,15 +164,7 @@ def check_permuted(source: HFFolderSource, spec: Spec, perms: dict, label: str =
         new = PermutedSource(source, spec, p)
         return new, verify_sources(source.module, source, new, batches, buffers=buffers)
 
-    new, res = run(perms)
-    if not res.equal:
-        name = first_breaking_class(spec, perms, lambda p: run(p)[1].equal)
-        cls = spec[name]
-        where = ", ".join(f"{m.tensor}[{m.axis}]" for m in cls.members[:3])
-        raise VerificationError(f"the permuted {label} differs from the original ({res}); the first class "
-                                f"that breaks equivalence is {name} (size {cls.size}: {where}"
-                                f"{', ...' if len(cls.members) > 3 else ''})")
-    return new, res
+    return checked(run, spec, perms, label)
 
 
 # --------------------------------------------------------------------------- align / merge / interpolate

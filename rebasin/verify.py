@@ -176,6 +176,13 @@ def check_permutation(model, spec, perms: dict, example_inputs=None, feeds=None,
         def run(p):
             new = apply_permutation(base, spec, p)
             return new, verify(base, new, feeds=feeds)
+    return checked(run, spec, perms, label)
+
+
+def checked(run, spec, perms: dict, label: str):
+    """``run(perms) -> (permuted, VerifyResult)``, returned when equal; else
+    :class:`VerificationError` naming the first class that breaks equivalence (bisection with
+    ``run`` on subsets of ``perms``). Every verify-before-write path goes through here."""
     new, res = run(perms)
     if not res.equal:
         name = first_breaking_class(spec, perms, lambda p: run(p)[1].equal)
