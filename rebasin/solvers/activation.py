@@ -14,12 +14,11 @@ from collections.abc import Mapping
 
 import networkx as nx
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from rebasin.errors import SolverError, SpecMismatchError
 from rebasin.solvers._layout import Layout, inverse, item_positions
 from rebasin.solvers.base import Progress, SolveResult, check_options, check_params, register
-from rebasin.solvers.weight_matching import match_weights
+from rebasin.solvers.weight_matching import match_weights, scipy_assignment
 
 
 def _check_feats(spec, feats_a: Mapping, feats_b: Mapping) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -115,7 +114,7 @@ def _match_group(spec, layout, feats, perms, group, metric, max_iter):
         changed = False
         for ci in group:
             cost = _group_cost(spec, layout, feats, perms, ci, group, metric)
-            _, p = linear_sum_assignment(cost, maximize=True)
+            _, p = scipy_assignment()(cost, maximize=True)
             rows = np.arange(len(p))
             if cost[rows, p].sum() > cost[rows, perms[ci]].sum() + 1e-12 * np.abs(cost).sum():
                 perms[ci], changed = p, True
@@ -189,7 +188,7 @@ def activation_matching(spec, params_a: Mapping | None = None, params_b: Mapping
         if params_a is None or params_b is None:
             raise SolverError(f"classes without activations {fallback[:5]} fall back to weight matching, "
                               "which needs params_a and params_b")
-        wm = match_weights(spec, params_a, params_b, start=result, classes=fallback, sort_start=True,
+        wm = match_weights(spec, params_a, params_b, start=result, classes=fallback, start_at="greedy",
                            seed=seed, max_iter=max_iter, progress=progress, t0=time.perf_counter())
         result, converged = wm.perms, converged and wm.converged
         info["fallback_result"] = wm

@@ -31,7 +31,7 @@ from rebasin.solvers.weight_matching import WeightMatcher, as_float, coordinate_
 
 @register("ste")
 def ste(spec, params_a: Mapping, params_b: Mapping, *, seed: int = 0, progress: Progress | None = None,
-        loss_fn: Callable | None = None, steps: int = 100, lr: float = 1e-3, init: Mapping | str = "sorted",
+        loss_fn: Callable | None = None, steps: int = 100, lr: float = 1e-3, init: Mapping | str = "greedy",
         max_iter: int = 100, device: str = "cpu", **unknown) -> SolveResult:
     """Align B to A by the straight-through estimator of Git Re-Basin.
 

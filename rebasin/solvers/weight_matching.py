@@ -25,8 +25,10 @@ Two additions to the paper's algorithm, both keeping the monotone ascent:
 - an outer class whose items each hold their own inner class (heads and per-head dims, ResNeXt
   groups and per-group channels) is updated *jointly* with its inner classes by an assignment
   whose costs are themselves optimal inner assignments (``_nested``);
-- the default start matches each class's items by their sorted values, which the other classes
-  cannot scramble (:meth:`WeightMatcher.sorted_start`); the paper starts from the identity.
+- the default start decides the classes one at a time from the members whose other classes are
+  already decided, from the fixed inputs and outputs inwards (:meth:`WeightMatcher.greedy_start`),
+  and starts the others at a match of their items' sorted values, which the other classes cannot
+  scramble (:meth:`WeightMatcher.sorted_start`); the paper starts from the identity.
 
 Engine (torch, CPU or CUDA; the assignments run on the CPU):
 
@@ -54,7 +56,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from rebasin.errors import SolverError
 from rebasin.solvers._layout import Layout, compose, inverse, item_positions
@@ -69,7 +70,7 @@ from rebasin.solvers.base import (
     register,
 )
 
-INITS = ("sorted", "identity")
+INITS = ("greedy", "sorted", "identity")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CACHE_BYTES = 2 * 2**30
 _REL_TOL = 1e-10  # a step must gain more than this times sum_t ||A_t|| ||B_t|| over its tensors
@@ -293,6 +294,13 @@ def _lapjv():
     return lapjv.lapjv
 
 
+def scipy_assignment():
+    """scipy's solver, imported at first use: importing ``scipy.optimize`` costs about 0.5 s."""
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment
+
+
 def assign(cost: np.ndarray, overwrite: bool = False) -> np.ndarray:
     """``p`` maximising ``sum_i cost[i, p[i]]`` (Jonker-Volgenant: ``lapjv`` if installed, else scipy).
 
@@ -316,7 +324,7 @@ def assign(cost: np.ndarray, overwrite: bool = False) -> np.ndarray:
                     return p
             except Exception:  # noqa: BLE001 - any failure of the optional solver: scipy decides
                 pass
-        return linear_sum_assignment(c)[1]
+        return scipy_assignment()(c)[1]
     finally:
         np.negative(c, out=c)
 
@@ -718,11 +726,12 @@ class WeightMatcher:
         n = len(base)
         total = base.copy()
         best = []
+        solve = scipy_assignment()
         for c in corr:
             sigma = np.empty((n, n, c.shape[-1]), dtype=np.int64)
             for i in range(n):
                 for k in range(n):
-                    _, sigma[i, k] = linear_sum_assignment(c[i, k], maximize=True)
+                    _, sigma[i, k] = solve(c[i, k], maximize=True)
                     total[i, k] += c[i, k][np.arange(c.shape[-1]), sigma[i, k]].sum()
             best.append(sigma)
         outer = assign(total)
@@ -751,7 +760,9 @@ class WeightMatcher:
         """
         import torch
 
-
+        free = list(free)
+        if not free:
+            return
         # the two models' sorts run side by side on the CPU (numpy's sort releases the GIL)
         threads = max(torch.get_num_threads(), _MM_THREADS)
         pool = ThreadPoolExecutor(2) if self.device.type == "cpu" and threads > 1 else None
@@ -780,6 +791,67 @@ class WeightMatcher:
             if pool is not None:
                 pool.shutdown()
         self._total = None
+
+    def greedy_start(self, free: Iterable[int]) -> set[int]:
+        """Decide the classes in ``free`` one at a time, each from the members it can already read.
+
+        A member tensor is *ready* for class ``c`` when every other class on it is decided (not
+        in ``free``, or decided earlier here): its product is then the true gain of ``c``'s
+        items, not a guess through a still-arbitrary neighbour. Each round solves the undecided
+        class with the largest ready share of its member elements on its ready members alone, so
+        the order follows the model from its fixed inputs and outputs inwards (an MLP is matched
+        layer by layer from the input, as in fusion by optimal transport, Singh & Jaggi 2020).
+        A class with no ready member keeps its start; so do classes of nested families (their
+        joint step needs the other classes fixed) and classes on two axes of one tensor (their
+        cost depends on their own permutation). One assignment per class; the descent
+        that follows keeps its monotone ascent from this start. Returns the classes it decided.
+        """
+        undecided = set(self._greedy_eligible(free))
+        sizes = {t: float(np.prod(self.layout.shapes[t[0]])) for ci in undecided
+                 for t in self.layout.class_axes[ci]}
+
+        def ready(ci: int, tensor: str) -> bool:
+            return all(k == ci or k not in undecided for k in self.on_tensor[tensor])
+
+        def share(ci: int) -> float:
+            axes = self.layout.class_axes[ci]
+            return sum(sizes[ax] for ax in axes if ready(ci, ax[0])) / sum(sizes[ax] for ax in axes)
+
+        decided = set()
+        while undecided:
+            ci = max(sorted(undecided), key=share)
+            if share(ci) == 0.0:
+                break
+            undecided.discard(ci)
+            decided.add(ci)
+            total = None
+            for ax in self.layout.class_axes[ci]:
+                if not ready(ci, ax[0]):
+                    continue
+                for j, m in enumerate(self._step_of(ci, ax).members):
+                    part = self.partial_cost(ci, ax, j, m).double()
+                    total = part.clone() if total is None else total.add_(part)
+            new = assign(total.cpu().numpy(), overwrite=True)
+            if not np.array_equal(new, self.perms[ci]):
+                self._set(ci, new)
+        self._total = None
+        return decided
+
+    def greedy_then_sorted_start(self, free: Iterable[int]) -> None:
+        """The default start: :meth:`greedy_start` for the classes it can decide, the sorted start
+        (:meth:`sorted_start`) for the others, which are placed first so that greedy steps read
+        them at their start rather than at the identity."""
+        free = list(free)
+        eligible = set(self._greedy_eligible(free))
+        self.sorted_start([ci for ci in free if ci not in eligible])
+        decided = self.greedy_start(free)
+        self.sorted_start([ci for ci in free if ci in eligible and ci not in decided])
+
+    def _greedy_eligible(self, free: Iterable[int]) -> list[int]:
+        """Classes of ``free`` that :meth:`greedy_start` may decide: outside nested families and
+        on one axis per tensor (else their cost depends on their own permutation)."""
+        nested = {k for f in self.families.values() for t in f.types for k in (f.outer, *t.classes)}
+        return [ci for ci in free if self.linear[ci] and ci not in nested]
 
 
 class _Side(Mapping):
@@ -844,7 +916,7 @@ def _free_classes(spec, classes: Iterable[str] | None) -> list[int]:
 @register("weight")
 def weight_matching(spec, params_a: Mapping, params_b: Mapping, *, seed: int = 0,
                     progress: Progress | None = None, max_iter: int = 100,
-                    init: Mapping | str | None = "sorted", classes: Iterable[str] | None = None,
+                    init: Mapping | str | None = "greedy", classes: Iterable[str] | None = None,
                     device: str = "auto", cache_bytes: int = DEFAULT_CACHE_BYTES,
                     **unknown) -> SolveResult:
     """Align B to A by weight matching (Git Re-Basin, Ainsworth et al. 2023, Algorithm 1).
@@ -856,8 +928,11 @@ def weight_matching(spec, params_a: Mapping, params_b: Mapping, *, seed: int = 0
         seed: seeds the random class order of each sweep.
         progress: ``progress(sweep, objective, message)`` after each sweep.
         max_iter: at most this many sweeps over the classes.
-        init: ``"sorted"`` (default): start every class at the assignment of its items' sorted
-            values, which no other class's permutation changes (:meth:`WeightMatcher.sorted_start`);
+        init: ``"greedy"`` (default): decide the classes one at a time from the members whose
+            other classes are already decided, from the model's fixed inputs and outputs inwards
+            (:meth:`WeightMatcher.greedy_start`), and start the rest (nested head families, and
+            classes no decided member reaches) at the assignment of their items' sorted values;
+            ``"sorted"``: the sorted-values start for every class (:meth:`WeightMatcher.sorted_start`);
             ``"identity"`` or ``None``: the paper's start; or a dict class name -> index array
             (identity where absent).
         classes: names of the classes to optimise; the others keep their ``init`` permutation
@@ -896,17 +971,19 @@ def weight_matching(spec, params_a: Mapping, params_b: Mapping, *, seed: int = 0
     if isinstance(init, str) and init not in INITS:
         raise SolverError(f"unknown init {init!r}; valid: {list(INITS)} or a dict of permutations")
     start = None if init is None or isinstance(init, str) else init
-    return match_weights(spec, params_a, params_b, start=start, classes=classes, sort_start=init == "sorted",
+    return match_weights(spec, params_a, params_b, start=start, classes=classes,
+                         start_at=init if isinstance(init, str) else None,
                          seed=seed, max_iter=max_iter, progress=progress, t0=t0, device=device,
                          cache_bytes=cache_bytes, shapes=shapes)
 
 
 def match_weights(spec, params_a: Mapping, params_b: Mapping, *, start: Mapping | None,
-                  classes: Iterable[str] | None, sort_start: bool, seed: int, max_iter: int,
+                  classes: Iterable[str] | None, start_at: str | None, seed: int, max_iter: int,
                   progress: Progress | None, t0: float, device: str = "auto",
                   cache_bytes: int = DEFAULT_CACHE_BYTES, shapes: Mapping | None = None) -> SolveResult:
     """Weight matching on checked params: classes in ``classes`` (all if ``None``) begin at the
-    sorted start if ``sort_start``, else at ``start``; the other classes stay at ``start``."""
+    start named by ``start_at`` (``"greedy"``, ``"sorted"``; ``None`` or ``"identity"``: at ``start``);
+    the other classes stay at ``start``."""
     if max_iter < 1:
         raise SolverError(f"max_iter must be >= 1, got {max_iter}")
     if cache_bytes < 0:
@@ -915,7 +992,9 @@ def match_weights(spec, params_a: Mapping, params_b: Mapping, *, start: Mapping 
     with solver_threads():
         matcher = WeightMatcher(spec, params_a, params_b, check_perms(spec, start), device=device,
                                 cache_bytes=cache_bytes, shapes=shapes)
-        if sort_start:
+        if start_at == "greedy":
+            matcher.greedy_then_sorted_start(free)
+        elif start_at == "sorted":
             matcher.sorted_start(free)
         rng = np.random.default_rng(seed)
         objective, converged = coordinate_descent(matcher, free, rng, max_iter, progress)
