@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rebasin.errors import SolverError, SpecMismatchError, UnsupportedModelError
+from rebasin.sources import check_same_tensors
 from rebasin.spec import Spec
 
 # --------------------------------------------------------------------------- one model, either kind
@@ -238,16 +239,9 @@ def _torch_activations(model: _Model, wanted, inputs) -> dict:
 
 
 def check_compatible(a: _Model, b: _Model) -> None:
-    """Same weight names and shapes, or an error naming the first difference."""
-    for name, arr in a.params.items():
-        if name not in b.params:
-            raise SpecMismatchError(f"models differ: tensor {name} of model A is missing in model B")
-        if arr.shape != b.params[name].shape:
-            raise SpecMismatchError(f"models differ: tensor {name} has shape {arr.shape} in A "
-                                    f"but {b.params[name].shape} in B")
-    extra = sorted(set(b.params) - set(a.params))
-    if extra:
-        raise SpecMismatchError(f"models differ: tensor {extra[0]} of model B is missing in model A")
+    """Same weight names and shapes, or an error naming the first difference; finite weights."""
+    check_same_tensors([(label, {n: x.shape for n, x in m.params.items()})
+                        for label, m in (("model A", a), ("model B", b))])
     from rebasin.verify import check_finite
 
     for label, m in (("A", a), ("B", b)):

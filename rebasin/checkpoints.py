@@ -19,7 +19,7 @@ import numpy as np
 
 from rebasin import limits
 from rebasin.errors import SolverError, SpecMismatchError, VerificationError
-from rebasin.sources import ModelSource
+from rebasin.sources import ModelSource, check_same_tensors
 from rebasin.sources.hf import HFFolderSource, write_like
 from rebasin.spec import Spec
 
@@ -101,21 +101,7 @@ class WeightedSource(_Result):
 def check_compatible(sources: list[ModelSource]) -> None:
     """Same weight names and shapes (from the file headers: nothing is read), else one error
     naming the first difference."""
-    first = sources[0]
-    names = first.names()
-    for other in sources[1:]:
-        theirs = set(other.names())
-        for n in names:
-            if n not in theirs:
-                raise SpecMismatchError(f"models differ: tensor {n} of {first.label} is missing in "
-                                        f"{other.label}")
-            if first.shape(n) != other.shape(n):
-                raise SpecMismatchError(f"models differ: tensor {n} has shape {first.shape(n)} in "
-                                        f"{first.label} but {other.shape(n)} in {other.label}")
-        extra = sorted(theirs - set(names))
-        if extra:
-            raise SpecMismatchError(f"models differ: tensor {extra[0]} of {other.label} is missing in "
-                                    f"{first.label}")
+    check_same_tensors([(s.label, {n: s.shape(n) for n in s.names()}) for s in sources])
 
 
 def token_batches(source: HFFolderSource, n: int = 2, seq: int = 16) -> list[tuple]:

@@ -194,7 +194,7 @@ case("initializer without values", _model_case(_valueless_initializer), 2,
      r"initializer 's' does not hold the values of its shape \[\]")
 case("external data missing", _missing_external, 2, "cannot read the external data")
 case("align different width", _pair("align", lambda: hostile.mlp(hidden=9)), 2,
-     r"models differ: tensor W1 has shape \(4, 8\) in A but \(4, 9\) in B")
+     r"models differ: tensor W1 has shape \(4, 8\) in model A but \(4, 9\) in model B")
 case("interpolate different width", _pair("interpolate", lambda: hostile.mlp(hidden=9)), 2,
      "models differ: tensor W1 has shape")
 case("merge different width", _pair("merge", lambda: hostile.mlp(hidden=9)), 2,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 
-from rebasin.errors import ModelLoadError
+from rebasin.errors import ModelLoadError, SpecMismatchError
 
 
 class ModelSource:
@@ -93,6 +93,31 @@ class LazyWeights(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.source.shape(name)
+
+
+def check_same_tensors(models: list[tuple[str, Mapping]]) -> None:
+    """Same tensor names and shapes in every model, else one error naming the first difference.
+
+    Args:
+        models: ``(label, {tensor name: shape})`` per model; the first is the reference.
+
+    Example:
+        >>> check_same_tensors([("A", {"w": (2, 3)}), ("B", {"w": (3, 2)})])
+        Traceback (most recent call last):
+        ...
+        rebasin.errors.SpecMismatchError: models differ: tensor w has shape (2, 3) in A but (3, 2) in B
+    """
+    (first, ref), others = models[0], models[1:]
+    for label, shapes in others:
+        for n, shape in ref.items():
+            if n not in shapes:
+                raise SpecMismatchError(f"models differ: tensor {n} of {first} is missing in {label}")
+            if tuple(shape) != tuple(shapes[n]):
+                raise SpecMismatchError(f"models differ: tensor {n} has shape {tuple(shape)} in {first} "
+                                        f"but {tuple(shapes[n])} in {label}")
+        extra = sorted(set(shapes) - set(ref))
+        if extra:
+            raise SpecMismatchError(f"models differ: tensor {extra[0]} of {label} is missing in {first}")
 
 
 def _numel(shape) -> int:
