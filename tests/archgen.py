@@ -818,10 +818,3 @@ def has_hidden_units(arch: Arch) -> bool:
         if _plain_dense(b) and b["cout"] >= 2 and (not rest or _plain_dense(rest[0])):
             return True
     return False
-
-
-def torch_frontend_gaps(arch: Arch) -> list[str]:
-    """Ops of ``arch`` that the torch frontend blocks (soundly) although the ONNX path sees through
-    them: ``aten::repeat_interleave`` (grouped-query attention) and ``aten::prelu``."""
-    gaps = ["repeat_interleave" for b in arch.blocks if b["op"] == "attention" and b["kv_heads"] < b["heads"]]
-    return gaps + ["prelu" for b in arch.blocks if b.get("kind") == "prelu"]

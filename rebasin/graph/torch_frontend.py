@@ -462,6 +462,19 @@ def _native_dropout(b, n, p, name):
     b.emit("Identity", [b.t(p["input"])], [b.out(1)])
 
 
+@lowering("prelu", "_prelu_kernel")
+def _prelu(b, n, p, name):
+    """PReLU: ``prelu``'s slope ``[C]`` acts on axis 1 (axis 0 of a 1-D input), so it is viewed as
+    ``[C, 1, ...]`` to broadcast there; ``_prelu_kernel``'s slope already broadcasts."""
+    x, w = b.t(p["self"]), b.t(p["weight"])
+    xs, ws = b.shape(p["self"]), b.shape(p["weight"])
+    if name == "prelu" and len(xs) >= 2 and len(ws) == 1 and ws[0] != 1:
+        wr = b.tmp((ws[0],) + (1,) * (len(xs) - 2))
+        b.emit("Reshape", [w], [wr])
+        w = wr
+    b.emit("PRelu", [x, w], [b.out()])
+
+
 # --- contractions
 
 
@@ -482,6 +495,16 @@ def _linear(b, n, p, name):
 @lowering("mm", "bmm", "matmul", "mv", "dot", "vdot", "inner")
 def _matmul(b, n, p, name):
     b.emit("MatMul", [b.t(n.args[0]), b.t(n.args[1])], [b.out()])
+
+
+@lowering("einsum")
+def _einsum(b, n, p, name):
+    """``einsum`` as the ONNX ``Einsum`` node (equation without spaces; ONNX takes the same letters,
+    ``...`` and ``->``)."""
+    ins = [b.t(t) for t in p["tensors"]]
+    if not all(ins):
+        return _unknown(b, n, "einsum operand is not a tensor")
+    b.emit("Einsum", ins, [b.out()], equation="".join(str(p["equation"]).split()))
 
 
 @lowering("addmm", "baddbmm", "addbmm", "addmv")
@@ -576,10 +599,36 @@ def _layer_norm(b, n, p, name):
 
 @lowering("group_norm", "native_group_norm")
 def _group_norm(b, n, p, name):
-    groups = p["num_groups"] if name == "group_norm" else p["group"]
+    """GroupNorm as ONNX exporters write it: view ``[N, C, *S]`` as ``[N, G, C/G * prod(S)]``,
+    normalize each ``(n, g)`` row (InstanceNormalization without scale), view back, then scale and
+    shift per channel. The statistics mix the channels of one group and no two groups, so groups
+    permute among themselves and the channels of each group independently.
+
+    ``native_group_norm``'s mean and rstd (``[N, G]``) are reductions of the grouped view."""
+    x, w, bias = p["input"], b.t(p["weight"]), b.t(p["bias"])
+    groups = int(p["num_groups"] if name == "group_norm" else p["group"])
+    xs = b.shape(x)
+    if len(xs) < 2 or xs[1] % groups:
+        return _unknown(b, n, "group count does not divide the channels")
     out = b.out() if name == "group_norm" else b.out(0)
-    b.emit("GroupNormalization", [b.t(p["input"]), b.t(p["weight"]), b.t(p["bias"])], [out],
-           num_groups=int(groups))
+    grouped = b.tmp((xs[0], groups, int(np.prod(xs[1:])) // groups))
+    b.emit("Reshape", [b.t(x)], [grouped])
+    normed = b.tmp(b.shapes[grouped])
+    b.emit("InstanceNormalization", [grouped], [normed])
+    y = b.tmp(xs)
+    b.emit("Reshape", [normed], [y])
+    for param, op in ((w, "Mul"), (bias, "Add")):
+        if param is None:
+            continue
+        view = b.tmp((xs[1],) + (1,) * (len(xs) - 2))
+        b.emit("Reshape", [param], [view])
+        nxt = b.tmp(xs)
+        b.emit(op, [y, view], [nxt])
+        y = nxt
+    b.emit("Identity", [y], [out])
+    if name == "native_group_norm":
+        for i in _used_items(n) - {0}:
+            b.emit("ReduceMean", [grouped], [b.out(i)], axes=[2], keepdims=0)
 
 
 @lowering("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
@@ -633,6 +682,33 @@ def _repeat(b, n, p, name):
         b.emit("Reshape", [x], [padded])
         x = padded
     b.emit("Tile", [x], [b.out()])
+
+
+@lowering("repeat_interleave")
+def _repeat_interleave(b, n, p, name):
+    """Each index of axis ``dim`` repeated ``r`` times in place: ``[.., n, ..]`` viewed as
+    ``[.., n, 1, ..]``, expanded to ``[.., n, r, ..]`` and viewed as ``[.., n*r, ..]``, so the
+    repeated axis is the product (n outer, r inner) and a permutation of ``n`` moves whole runs.
+    A flattened input (no ``dim``) is flattened first; repeats given as a tensor make the op
+    unknown (per-index counts move positions)."""
+    if "self" not in p or p.get("self") is None:  # repeat_interleave(repeats): output is indices
+        return _unknown(b, n, "repeat_interleave of a repeats tensor gives positions")
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    reps = p["repeats"]
+    if b.t(reps) is not None:
+        return _unknown(b, n, "repeat counts given as a tensor")
+    reps = int(reps)
+    if p.get("dim") is None:
+        flat = b.tmp((int(np.prod(xs)),))
+        b.emit("Reshape", [x], [flat])
+        x, xs, dim = flat, b.shapes[flat], 0
+    else:
+        dim = _norm(int(p["dim"]), len(xs))
+    ones = b.tmp(xs[:dim + 1] + (1,) + xs[dim + 1:])
+    b.emit("Reshape", [x], [ones])
+    wide = b.tmp(xs[:dim + 1] + (reps,) + xs[dim + 1:])
+    b.emit("Expand", [ones], [wide])
+    b.emit("Reshape", [wide], [b.out()])
 
 
 @lowering("cat", "concat", "concatenate", "stack")
