@@ -901,6 +901,144 @@ def _resize(b, n, p, name):
     b.emit("Resize", [b.t(n.args[0])], [b.out()])
 
 
+# --- routing: selections by value, scatters, grouped matrix products (mixtures of experts)
+# An index tensor's values are positions along the axis it came from or indexes: ops that make
+# them pin that axis (``ArgMax``), ops that use them index a pinned axis (``Gather`` on
+# ``_positions``). Every lowering below keeps the other axes where they are.
+
+
+def _positions(b, size, inputs=()) -> str:
+    """A ``[size]`` tensor of positions (a ``Range``: pinned); ``inputs`` (index tensors, offsets
+    whose values decide which position gets what) become its parameters, so they are pinned too."""
+    pos = b.tmp((size,))
+    b.emit("Range", [x for x in inputs if x], [pos])
+    return pos
+
+
+def _spread(b, x, shape, axis, out) -> None:
+    """``x`` (size 1 at ``axis``) expanded to ``shape``, times positions along ``axis``: ``out``
+    holds different values along ``axis`` in a fixed order (pinned), other axes those of ``x``."""
+    wide = b.tmp(shape)
+    b.emit("Expand", [x], [wide])
+    pos = b.tmp((shape[axis],) + (1,) * (len(shape) - 1 - axis))
+    b.emit("Reshape", [_positions(b, shape[axis])], [pos])
+    b.emit("Mul", [wide, pos], [out])
+
+
+@lowering("topk", "sort", "argsort", "msort")
+def _topk(b, n, p, name):
+    """Values (the k largest, or all sorted) are invariant to a permutation of the selected axis
+    and come in a fixed order along it; indices are positions along it, which pins it."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    dim = _norm(int(p.get("dim", -1) if p.get("dim") is not None else -1), len(xs)) if name != "msort" else 0
+    ys = b.shapes[b.out(0) if name in ("topk", "sort") else b.out()]
+    kept = xs[:dim] + (1,) + xs[dim + 1:]
+    if name in ("topk", "sort"):
+        outs = {i: b.out(i) for i in _used_items(n) & {0, 1}}
+    else:  # one output: the indices (argsort) or the values (msort)
+        outs = {1 if name == "argsort" else 0: b.out()}
+    for i in sorted(outs):
+        red = b.tmp(kept)
+        if i == 0:
+            b.emit("ReduceMax", [x], [red], axes=[dim], keepdims=1)
+        else:
+            b.emit("ArgMax", [x], [red], axis=dim, keepdims=1)
+        _spread(b, red, ys, dim, outs[i])
+
+
+@lowering("histc", "bincount")
+def _histogram(b, n, p, name):
+    """Counts of values: invariant to any permutation of the input's elements; bins in a fixed order."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    w = b.t(p.get("weights"))
+    if w is not None:
+        xw = b.tmp(xs)
+        b.emit("Mul", [x, w], [xw])
+        x = xw
+    total = b.tmp((1,))
+    b.emit("ReduceSum", [x], [total], axes=list(range(len(xs))), keepdims=0)
+    _spread(b, total, b.shapes[b.out()], 0, b.out())
+
+
+@lowering("one_hot")
+def _one_hot(b, n, p, name):
+    """``[..] -> [.., C]``: position c of the new axis says whether the value is c (pinned axis)."""
+    x, xs, ys = b.t(p["self"]), b.shape(p["self"]), b.shapes[b.out()]
+    col = b.tmp(tuple(xs) + (1,))
+    b.emit("Reshape", [x], [col])
+    b.emit("Equal", [col, _positions(b, ys[-1])], [b.out()])
+
+
+@lowering("nonzero", "argwhere", "nonzero_static")
+def _nonzero(b, n, p, name):
+    b.emit("NonZero", [b.t(p["self"])], [b.out()])
+
+
+@lowering("index_add", "index_copy", "index_fill", "index_put", "_index_put_impl", "_unsafe_index_put")
+def _index_scatter(b, n, p, name):
+    """Writes into ``self`` at the positions an index tensor gives along one axis: that axis is
+    pinned (the index is data), the other axes of ``self``, the source and the result stay tied.
+    Lowered as ``self + Gather(source, positions, axis)``."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    if name in ("index_put", "_index_put_impl", "_unsafe_index_put"):
+        idx = [t for t in p["indices"]]
+        used = [i for i, t in enumerate(idx) if t is not None]
+        v = idx[used[0]].meta.get("val") if len(used) == 1 else None
+        if v is None or v.dtype.is_floating_point or str(v.dtype) == "torch.bool" or v.dim() != 1:
+            return _unknown(b, n, "index_put with several, boolean or multi-axis indices")
+        dim, index, src = used[0], idx[used[0]], p["values"]
+    else:
+        dim, index = _norm(int(p["dim"]), len(xs)), p["index"]
+        src = p.get("source") if name != "index_fill" else p.get("value")
+    if b.shape(index) is not None and len(b.shape(index)) > 1:
+        return _unknown(b, n, "multi-axis index")
+    pos = _positions(b, xs[dim], [b.t(index)])
+    if b.t(src) is None or all(d == 1 for d in b.shape(src)):  # a scalar written: self's axis moves no value
+        if b.t(src) is not None:
+            b.emit("Range", [b.t(src)], [b.tmp(())])  # the scalar is a parameter: pinned
+        b.emit("Gather", [x, pos], [b.out()], axis=dim)
+        return
+    ss = b.shape(src)
+    if len(ss) != len(xs) or any(a != c for k, (a, c) in enumerate(zip(ss, xs)) if k != dim):
+        return _unknown(b, n, "source does not match self off the indexed axis")
+    moved = b.tmp(xs)
+    b.emit("Gather", [b.t(src), pos], [moved], axis=dim)
+    b.emit("Add", [x, moved], [b.out()])
+
+
+@lowering("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
+def _grouped_mm(b, n, p, name):
+    """``y[s] = x[s] @ w[g(s)]`` with ``x [S, K]``, ``w [E, K, N]`` and the group ``g(s)`` of row s
+    given by offsets (data): the experts axis ``E`` and the rows are pinned, ``K`` and ``N`` are
+    shared by every expert. Lowered as a ``Gather`` of ``w`` at pinned positions and a batched
+    ``MatMul``. Other layouts (2-D weights, no offsets) stay unknown."""
+    schema = n.target._schema.name
+    if schema.split("::")[0] not in ("aten", "transformers"):
+        return _unknown(b, n, "grouped_mm of an unknown library")
+    x, w = (p.get("self"), p.get("mat2")) if "self" in p else (p.get("input"), p.get("weight"))
+    offs = p.get("offs")
+    xs, ws = b.shape(x), b.shape(w)
+    if b.t(offs) is None or len(xs) != 2 or len(ws) != 3 or p.get("bias") is not None:
+        return _unknown(b, n, "grouped_mm layout other than [S, K] x [E, K, N] with offsets")
+    rows = xs[0]
+    picked = b.tmp((rows, ws[1], ws[2]))
+    b.emit("Gather", [b.t(w), _positions(b, rows, [b.t(offs)])], [picked], axis=0)
+    x3 = b.tmp((rows, 1, xs[1]))
+    b.emit("Reshape", [b.t(x)], [x3])
+    y3 = b.tmp((rows, 1, ws[2]))
+    b.emit("MatMul", [x3, picked], [y3])
+    b.emit("Reshape", [y3], [b.out()])
+
+
+@lowering("diff")
+def _diff(b, n, p, name):
+    """Differences of neighbours along ``dim``: position dependent (pinned), other axes kept."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    dim = _norm(int(p["dim"]), len(xs))
+    extra = [b.t(p.get("prepend")), b.t(p.get("append"))]
+    b.emit("Gather", [x, _positions(b, b.shapes[b.out()][dim], extra)], [b.out()], axis=dim)
+
+
 # --- tensors made from shapes or positions
 
 
