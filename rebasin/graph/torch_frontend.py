@@ -504,7 +504,7 @@ def _einsum(b, n, p, name):
     ins = [b.t(t) for t in p["tensors"]]
     if not all(ins):
         return _unknown(b, n, "einsum operand is not a tensor")
-    b.emit("Einsum", ins, [b.out()], equation="".join(str(p["equation"]).split()))
+    b.emit("Einsum", ins, [b.out()], equation="".join(str(p["equation"]).split()).encode())
 
 
 @lowering("addmm", "baddbmm", "addbmm", "addmv")
