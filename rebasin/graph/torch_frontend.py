@@ -1174,6 +1174,7 @@ def lower(tr: Traced, model) -> Graph:
         except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
             del e
             _unknown(b, n)
+    _fill_per_reader(b, set(outputs))
     aliases = _aliases(model, set(weights))
     for key, others in tied.items():
         aliases[key] = list(dict.fromkeys(aliases.get(key, []) + others))
@@ -1186,6 +1187,31 @@ def lower(tr: Traced, model) -> Graph:
     return Graph(tr, to_networkx(b.nodes), b.nodes, b.shapes, {**values, **b.values}, weights, inputs,
                  outputs, constants=constants, aliases=aliases, frontend=frontend,
                  capturable=capturable)
+
+
+def _fill_per_reader(b, outputs: set) -> None:
+    """Give every reader of a filled tensor (``ConstantOfShape``: one value everywhere) its own
+    copy. Such a tensor is unchanged by any permutation of any axis, so it ties nothing between
+    its readers; shared, its axis variables would tie them (T5 adds one zero position bias to the
+    cross-attention scores of every decoder layer). ONNX exporters duplicate such constants too."""
+    readers: dict[str, list] = {}
+    for i, (_, node) in enumerate(b.nodes):
+        for x in dict.fromkeys(node.input):
+            readers.setdefault(x, []).append(i)
+    copies = []
+    for label, node in list(b.nodes):
+        if node.op_type != "ConstantOfShape" or node.domain or len(node.output) != 1:
+            continue
+        y = node.output[0]
+        users = readers.get(y, [])
+        for k, i in enumerate(users[0 if y in outputs else 1:], start=1):
+            copy = f"{y}~{k}"
+            b.shapes[copy] = b.shapes.get(y, ())
+            reader = b.nodes[i][1]
+            reader.input = [copy if x == y else x for x in reader.input]
+            copies.append((i, (f"{label}~{k}", Node("ConstantOfShape", [], [copy], dict(node.attrs)))))
+    for i, item in sorted(copies, key=lambda c: -c[0]):  # each copy just before its reader
+        b.nodes.insert(i, item)
 
 
 def _weight_array(t) -> np.ndarray:
