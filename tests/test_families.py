@@ -123,3 +123,52 @@ def test_routing_op_sound(case):
     assert_sound(model, x, spec)
     members = [m for c in spec.classes for m in c.members if m.tensor == "a.weight" and m.axis == 0]
     assert bool(members) == kept, spec.table()
+
+
+# --------------------------------------------------------------------------- filled tensors
+
+
+class SharedZeros(nn.Module):
+    """One zero tensor added to two independent hidden layers (T5's shared position bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.c, self.d = nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        zero = torch.zeros(x.shape[0], 6)
+        return self.c(torch.relu(self.a(x) + zero)) + self.d(torch.relu(self.b(x) + zero))
+
+
+class WrittenZeros(nn.Module):
+    """Views of a zero tensor taken before an in-place write see the written values."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.d = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = torch.zeros_like(h)
+        v, w = y.view(2, 6), y.view(2, 6)
+        y.add_(h)
+        return self.c(v) + self.d(w)
+
+
+def test_filled_tensor_ties_nothing_between_readers():
+    torch.manual_seed(0)
+    model, x = SharedZeros().eval(), (torch.randn(2, 4),)
+    spec = rebasin.infer_spec(model, x, tracer="export")
+    assert_sound(model, x, spec)
+    assert _sizes(spec) == {6: 2}, spec.table()
+
+
+def test_filled_tensor_written_in_place_keeps_its_readers_tied():
+    """make_fx keeps ``add_``: giving each view its own zero copy would free ``c`` and ``d``."""
+    torch.manual_seed(0)
+    model, x = WrittenZeros().eval(), (torch.randn(2, 4),)
+    spec = rebasin.infer_spec(model, x)
+    assert spec.source == "torch.fx"
+    assert_sound(model, x, spec)
+    assert _sizes(spec) == {6: 1}, spec.table()

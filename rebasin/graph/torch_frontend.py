@@ -1174,7 +1174,7 @@ def lower(tr: Traced, model) -> Graph:
         except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
             del e
             _unknown(b, n)
-    _fill_per_reader(b, set(outputs))
+    _fill_per_reader(b, set(outputs), _written_in_place(tr.graph, names))
     aliases = _aliases(model, set(weights))
     for key, others in tied.items():
         aliases[key] = list(dict.fromkeys(aliases.get(key, []) + others))
@@ -1189,11 +1189,23 @@ def lower(tr: Traced, model) -> Graph:
                  capturable=capturable)
 
 
-def _fill_per_reader(b, outputs: set) -> None:
+def _written_in_place(graph, names: dict) -> set:
+    """IR names of tensors that an op with a mutable schema reads (``add_``, ``index_add_``: the
+    training IR and ``make_fx`` keep them); a view taken before the write still aliases them."""
+    out = set()
+    for n in graph.nodes:
+        schema = getattr(n.target, "_schema", None)
+        if n.op == "call_function" and schema is not None and schema.is_mutable:
+            out |= {names[a.name] for a in _flat_args(n) if a.name in names}
+    return out
+
+
+def _fill_per_reader(b, outputs: set, written: set) -> None:
     """Give every reader of a filled tensor (``ConstantOfShape``: one value everywhere) its own
     copy. Such a tensor is unchanged by any permutation of any axis, so it ties nothing between
     its readers; shared, its axis variables would tie them (T5 adds one zero position bias to the
-    cross-attention scores of every decoder layer). ONNX exporters duplicate such constants too."""
+    cross-attention scores of every decoder layer). ONNX exporters duplicate such constants too.
+    A tensor written in place (``written``) keeps one name: its readers see the written values."""
     readers: dict[str, list] = {}
     for i, (_, node) in enumerate(b.nodes):
         for x in dict.fromkeys(node.input):
@@ -1203,6 +1215,8 @@ def _fill_per_reader(b, outputs: set) -> None:
         if node.op_type != "ConstantOfShape" or node.domain or len(node.output) != 1:
             continue
         y = node.output[0]
+        if y in written:
+            continue
         users = readers.get(y, [])
         for k, i in enumerate(users[0 if y in outputs else 1:], start=1):
             copy = f"{y}~{k}"
