@@ -18,7 +18,7 @@ import rebasin
 from tests.corpus import build
 from tests.test_torch_frontend import Ops, assert_sound
 
-NEW = ["moe", "einsum_attention", "unet", "gqa", "phi3", "t5", "mixtral"]
+NEW = ["moe", "moe_stacked", "einsum_attention", "unet", "gqa", "phi3", "t5", "mixtral"]
 
 
 def _sizes(spec) -> dict:
@@ -44,6 +44,9 @@ HAND = {
     # residual stream 16; each expert's 8 hidden units (experts are separate tensors: the router
     # rows cannot move, a spec permutes along axes, not among tensors)
     "moe": {16: 1, 8: 4},
+    # stream 16; the 4 stacked experts with their router rows; the experts' 8 hidden units (one
+    # class shared by the stacked experts: the spec format's limit)
+    "moe_stacked": {16: 1, 4: 1, 8: 1},
     # stream 16; 2 kv heads; the 4 query heads of each kv head (2 classes); q/k dims and v/o dims
     # of each kv head (4 classes of 4)
     "gqa": {16: 1, 2: 1, 4: 6},
@@ -78,9 +81,10 @@ def test_mixtral_expert_hidden_class_members():
 
 
 @pytest.mark.xfail(strict=True, raises=StopIteration,
-                   reason="experts stacked on axis 0 with their router rows form a class, but routing "
-                          "goes through topk indices, sort and histc offsets: proving it needs index "
-                          "values tied to the axis they index (the symmetry pass, not a lowering)")
+                   reason="experts stacked on axis 0 with their router rows form a class (found when the "
+                          "routing is a one_hot top-k mask: moe_stacked), but Mixtral routes through topk "
+                          "indices, sort and histc offsets: proving it needs index values tied to the axis "
+                          "they index (the symmetry pass, not a lowering)")
 def test_mixtral_experts_class():
     model, inputs = build("mixtral")
     spec = rebasin.infer_spec(model, inputs)
@@ -90,13 +94,20 @@ def test_mixtral_experts_class():
 
 # --------------------------------------------------------------------------- routing ops, one at a time
 
+def _mask_times_first_index(idx, h):
+    """One top-k's indices read by ``one_hot`` and as numbers: the axis stays pinned."""
+    return h + F.one_hot(idx, 8).sum(1).to(h.dtype) * idx[:, :1].to(h.dtype)
+
+
 ROUTING = {
     # values of a top-k / sort are invariant to a permutation of the selected axis: class kept
     "topk_values": (lambda m, h: h * h.topk(3, -1).values.sum(-1, keepdim=True), True),
     "sort_values": (lambda m, h: h * h.sort(-1, descending=True).values[:, :1], True),
     "histc": (lambda m, h: h * torch.histc(h, bins=4, min=-3, max=3)[1], True),
-    # indices are positions along the axis: it is pinned
-    "topk_indices": (lambda m, h: h + F.one_hot(h.topk(2, -1).indices, 8).sum(1).to(h.dtype), False),
+    # indices are positions along the axis: it is pinned, unless they only make a top-k mask
+    "topk_indices": (lambda m, h: h * h.topk(2, -1).indices.sum(-1, keepdim=True).to(h.dtype), False),
+    "topk_mask": (lambda m, h: h + F.one_hot(h.topk(2, -1).indices, 8).sum(1).to(h.dtype), True),
+    "topk_mask_and_indices": (lambda m, h: _mask_times_first_index(h.topk(2, -1).indices, h), False),
     "argsort": (lambda m, h: h * h.argsort(-1).to(h.dtype), False),
     # scatters along the batch axis keep the features' class
     "index_add": (lambda m, h: h.index_add(0, torch.tensor([1, 0, 1, 2]), 2 * h), True),

@@ -937,6 +937,8 @@ def _topk(b, n, p, name):
         outs = {i: b.out(i) for i in _used_items(n) & {0, 1}}
     else:  # one output: the indices (argsort) or the values (msort)
         outs = {1 if name == "argsort" else 0: b.out()}
+    if name == "topk" and 1 in outs and _one_hot_of_topk_only(n):
+        del outs[1]  # read only as a top-k mask, lowered from the scores by ``_one_hot``
     for i in sorted(outs):
         red = b.tmp(kept)
         if i == 0:
@@ -960,9 +962,50 @@ def _histogram(b, n, p, name):
     _spread(b, total, b.shapes[b.out()], 0, b.out())
 
 
+def _topk_of(node):
+    """The ``topk`` node whose indices ``node`` is (``getitem(topk, 1)``), or None."""
+    if node.target is not operator.getitem or node.args[1] != 1:
+        return None
+    src = node.args[0]
+    return src if getattr(src, "target", None) is not None and _op_name(src.target) == "topk" else None
+
+
+def _one_hot_of_topk_only(topk) -> bool:
+    """Whether ``topk`` selects along its last axis and its indices are read only by ``one_hot``
+    with as many classes as that axis has: together they make a top-k mask of the scores."""
+    val = topk.args[0].meta.get("val")
+    p = _schema_args(topk.target, topk.args, topk.kwargs)
+    rank = len(getattr(val, "shape", ()))
+    if not rank or _norm(int(p.get("dim", -1)), rank) != rank - 1:
+        return False
+    readers = [r for g in topk.users if g.target is operator.getitem and g.args[1] == 1 for r in g.users]
+    return bool(readers) and all(
+        _op_name(r.target) == "one_hot" and r.args[0] is not None and _topk_of(r.args[0]) is topk
+        and int(_schema_args(r.target, r.args, r.kwargs)["num_classes"]) == int(val.shape[-1])
+        for r in readers)
+
+
 @lowering("one_hot")
 def _one_hot(b, n, p, name):
-    """``[..] -> [.., C]``: position c of the new axis says whether the value is c (pinned axis)."""
+    """``[..] -> [.., C]``: position c of the new axis says whether the value is c (pinned axis).
+
+    Of the indices of ``topk(scores, k)`` along the scores' last axis (C wide): a top-k mask
+    ``[.., k, C]`` of the scores, which moves with any permutation of their last axis (the j-th
+    largest moves with it), so that axis is tied to the mask's instead of pinned. Router rows then
+    move with whatever the mask selects (experts stacked on one axis)."""
+    topk = _topk_of(n.args[0])
+    if topk is not None and _one_hot_of_topk_only(topk):
+        scores, ss, ys = b.t(topk.args[0]), b.shape(topk.args[0]), b.shapes[b.out()]
+        col = b.tmp(ss[:-1] + (1, ss[-1]))
+        b.emit("Reshape", [scores], [col])
+        wide = b.tmp(ys)
+        b.emit("Expand", [col], [wide])
+        ranked = b.tmp(ys)
+        b.emit("Softmax", [wide], [ranked], axis=-1)  # each entry depends on all scores of its row
+        pos = b.tmp((ys[-2], 1))
+        b.emit("Reshape", [_positions(b, ys[-2])], [pos])
+        b.emit("Mul", [ranked, pos], [b.out()])  # the j-th largest: fixed order along k
+        return
     x, xs, ys = b.t(p["self"]), b.shape(p["self"]), b.shapes[b.out()]
     col = b.tmp(tuple(xs) + (1,))
     b.emit("Reshape", [x], [col])
