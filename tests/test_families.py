@@ -92,6 +92,41 @@ def test_mixtral_experts_class():
                                         for m in c.members))
 
 
+class SparseMoE(nn.Module):
+    """Mixture of experts routed sparsely: each expert runs on the tokens that picked it
+    (``torch.where`` on the top-k indices, gathered rows) and ``index_add`` writes its weighted
+    output back; no ONNX rule reads ScatterND, so this one is checked on the torch path."""
+
+    def __init__(self, d=8, hidden=6, experts=4, k=2):
+        super().__init__()
+        self.embed, self.head = nn.Linear(5, d), nn.Linear(d, 3)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
+                                     for _ in range(experts))
+        self.k = k
+
+    def forward(self, x):
+        h = self.embed(x)
+        weights, picked = self.router(h).softmax(-1).topk(self.k, -1)
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(picked == e)
+            out = out.index_add(0, token, expert(h[token]) * weights[token, slot, None])
+        return self.head(h + out)
+
+
+def test_sparse_moe_expert_classes():
+    """Stream (8) and each expert's hidden units (4 classes of 6); the router rows stay."""
+    from tests.corpus import randomize_bn
+
+    torch.manual_seed(0)
+    model, x = randomize_bn(SparseMoE()), (torch.randn(14, 5),)
+    spec = rebasin.infer_spec(model, x)
+    assert_sound(model, x, spec)
+    assert _sizes(spec) == {8: 1, 6: 4}, spec.table()
+    assert any(b.tensor == "router.weight" and b.axis == 0 for b in spec.blocked)
+
+
 # --------------------------------------------------------------------------- routing ops, one at a time
 
 def _mask_times_first_index(idx, h):
