@@ -62,17 +62,27 @@ HAND = {
 }
 
 
+@pytest.fixture(scope="module")
+def specs():
+    """Torch-path specs of corpus models, inferred once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = rebasin.infer_spec(*build(name))
+        return cache[name]
+    return get
+
+
 @pytest.mark.parametrize("name", sorted(HAND))
-def test_hand_counted_symmetry(name):
-    model, inputs = build(name)
-    spec = rebasin.infer_spec(model, inputs)
+def test_hand_counted_symmetry(name, specs):
+    spec = specs(name)
     assert _sizes(spec) == HAND[name], spec.table()
 
 
-def test_mixtral_expert_hidden_class_members():
+def test_mixtral_expert_hidden_class_members(specs):
     """gate and up halves of gate_up_proj (axis 1, offsets 0 and I) move with down_proj's axis 2."""
-    model, inputs = build("mixtral")
-    spec = rebasin.infer_spec(model, inputs)
+    spec = specs("mixtral")
     key = "m.model.layers.0.mlp.experts."
     c = next(c for c in spec.classes if any(m.tensor == key + "down_proj" and m.axis == 2 for m in c.members))
     assert c.size == 16
@@ -85,9 +95,8 @@ def test_mixtral_expert_hidden_class_members():
                           "routing is a one_hot top-k mask: moe_stacked), but Mixtral routes through topk "
                           "indices, sort and histc offsets: proving it needs index values tied to the axis "
                           "they index (the symmetry pass, not a lowering)")
-def test_mixtral_experts_class():
-    model, inputs = build("mixtral")
-    spec = rebasin.infer_spec(model, inputs)
+def test_mixtral_experts_class(specs):
+    spec = specs("mixtral")
     next(c for c in spec.classes if any(m.tensor.endswith("mlp.gate.weight") and m.axis == 0
                                         for m in c.members))
 
