@@ -138,6 +138,11 @@ def test_sparse_moe_expert_classes():
 
 # --------------------------------------------------------------------------- routing ops, one at a time
 
+def _rows(h):
+    """A row index per example computed from ``h`` (a traced tensor, not a constant), ``[N, 1]``."""
+    return (h.sum(-1, keepdim=True) > 0).long() + torch.arange(h.shape[0]).unsqueeze(-1) // 2
+
+
 def _mask_times_first_index(idx, h):
     """One top-k's indices read by ``one_hot`` and as numbers: the axis stays pinned."""
     return h + F.one_hot(idx, 8).sum(1).to(h.dtype) * idx[:, :1].to(h.dtype)
@@ -157,6 +162,10 @@ ROUTING = {
     "index_add": (lambda m, h: h.index_add(0, torch.tensor([1, 0, 1, 2]), 2 * h), True),
     "index_put": (lambda m, h: h.index_put((torch.tensor([2, 0]),), h[:2] * 3), True),
     "index_fill": (lambda m, h: h.index_fill(0, torch.tensor([1]), 0.5), True),
+    # an index expanded along the features ties nothing there; one that varies along them pins them
+    "scatter_add_rows": (lambda m, h: h.scatter_add(0, _rows(h).expand(4, 8), h * 2), True),
+    "scatter_by_rank": (lambda m, h: h.scatter(0, h.argsort(0), h * 2), True),  # moves with h
+    "scatter_by_column": (lambda m, h: h.scatter(0, torch.arange(8).repeat(4, 1) % 4, h * 2), False),
     "nonzero_gather": (lambda m, h: h.index_select(0, torch.nonzero((h > -9).all(-1))[:, 0]), True),
     "repeat_interleave": (lambda m, h: h.repeat_interleave(2, dim=-1).view(4, 8, 2).sum(-1), True),
     "prelu": (lambda m, h: m.extra["p"](h), True),

@@ -1049,6 +1049,27 @@ def _index_scatter(b, n, p, name):
     b.emit("Add", [x, moved], [b.out()])
 
 
+@lowering("scatter", "scatter_add", "scatter_reduce")
+def _scatter(b, n, p, name):
+    """``out[.., index[.., i, ..], ..] = src[.., i, ..]`` along ``dim``: that axis of ``self`` is
+    pinned (the index is data); the index, the source and ``self`` keep their other axes aligned,
+    as ``GatherElements`` does (an index expanded along an axis ties nothing there). Lowered as
+    ``self + Gather(Where(src, index), positions, dim)``; a source or index that covers only part
+    of ``self`` off ``dim`` makes the op unknown."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    dim = _norm(int(p["dim"]), len(xs))
+    idx, src = p["index"], p.get("src", p.get("value"))
+    shapes = [b.shape(idx)] + ([b.shape(src)] if b.t(src) is not None else [])
+    if any(s is None or len(s) != len(xs) or s != shapes[0] or any(
+            a != c for k, (a, c) in enumerate(zip(s, xs)) if k != dim) for s in shapes):
+        return _unknown(b, n, "scatter index or source does not match self off the scattered axis")
+    aligned = b.tmp(shapes[0])
+    b.emit("Where", [b.t(src), b.t(idx)] if b.t(src) is not None else [b.t(idx)], [aligned])
+    moved = b.tmp(xs)
+    b.emit("Gather", [aligned, _positions(b, xs[dim])], [moved], axis=dim)
+    b.emit("Add", [x, moved], [b.out()])
+
+
 @lowering("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
 def _grouped_mm(b, n, p, name):
     """``y[s] = x[s] @ w[g(s)]`` with ``x [S, K]``, ``w [E, K, N]`` and the group ``g(s)`` of row s
