@@ -90,11 +90,27 @@ def test_mixtral_expert_hidden_class_members(specs):
         {(key + "gate_up_proj", 1, 0), (key + "gate_up_proj", 1, 16), (key + "down_proj", 2, 0)}
 
 
+def test_mixtral_batched_experts_class():
+    """transformers' ``batched_mm`` experts pick each token's expert weights by top-k index
+    (``gate_up_proj[expert_ids]``): the 4 stacked experts move with their router rows."""
+    model, inputs = build("mixtral")
+    for m in model.modules():
+        if hasattr(m, "config"):
+            m.config._experts_implementation = "batched_mm"
+    spec = rebasin.infer_spec(model, inputs)
+    assert _sizes(spec) == {**HAND["mixtral"], 4: 2}, spec.table()
+    key = "m.model.layers.1.mlp."
+    c = next(c for c in spec.classes if (key + "gate.weight", 0) in {(m.tensor, m.axis) for m in c.members})
+    assert {(m.tensor, m.axis) for m in c.members} == \
+        {(key + "gate.weight", 0), (key + "experts.gate_up_proj", 0), (key + "experts.down_proj", 0)}
+    assert_sound(model, inputs, spec)
+
+
 @pytest.mark.xfail(strict=True, raises=StopIteration,
                    reason="experts stacked on axis 0 with their router rows form a class (found when the "
-                          "routing is a one_hot top-k mask: moe_stacked), but Mixtral routes through topk "
-                          "indices, sort and histc offsets: proving it needs index values tied to the axis "
-                          "they index (the symmetry pass, not a lowering)")
+                          "top-k indices only choose: moe_stacked, batched_mm), but Mixtral's default "
+                          "grouped_mm routes through sort and histc offsets: proving it needs index values "
+                          "tied to the axis they index (the symmetry pass, not a lowering)")
 def test_mixtral_experts_class(specs):
     spec = specs("mixtral")
     next(c for c in spec.classes if any(m.tensor.endswith("mlp.gate.weight") and m.axis == 0
@@ -157,6 +173,9 @@ ROUTING = {
     "topk_indices": (lambda m, h: h * h.topk(2, -1).indices.sum(-1, keepdim=True).to(h.dtype), False),
     "topk_mask": (lambda m, h: h + F.one_hot(h.topk(2, -1).indices, 8).sum(1).to(h.dtype), True),
     "topk_mask_and_indices": (lambda m, h: _mask_times_first_index(h.topk(2, -1).indices, h), False),
+    # rows picked by top-k indices move with the scores' axis (here the hidden units themselves)
+    "topk_pick_rows": (lambda m, h: h + m.extra["e"](h.topk(2, -1).indices.flatten()).view(4, 2, 8).sum(1),
+                       True),
     "argsort": (lambda m, h: h * h.argsort(-1).to(h.dtype), False),
     # scatters along the batch axis keep the features' class
     "index_add": (lambda m, h: h.index_add(0, torch.tensor([1, 0, 1, 2]), 2 * h), True),
@@ -177,7 +196,7 @@ ROUTING = {
 def test_routing_op_sound(case):
     fn, kept = ROUTING[case]
     torch.manual_seed(0)
-    extra = {"p": nn.PReLU(8), "gn": nn.GroupNorm(2, 8)}
+    extra = {"p": nn.PReLU(8), "gn": nn.GroupNorm(2, 8), "e": nn.Embedding(8, 8)}
     model = Ops(fn, extra=extra).eval()
     with torch.no_grad():
         for prm in model.parameters():

@@ -769,12 +769,16 @@ def _select(b, n, p, name):
 
 @lowering("index_select")
 def _index_select(b, n, p, name):
+    if int(p["dim"]) == 0 and _pick_rows(b, p["self"], p["index"]):
+        return
     xs = b.shape(p["self"])
     b.emit("Gather", [b.t(p["self"]), b.t(p["index"])], [b.out()], axis=_norm(int(p["dim"]), len(xs)))
 
 
 @lowering("embedding")
 def _embedding(b, n, p, name):
+    if _pick_rows(b, p["weight"], p["indices"]):
+        return
     b.emit("Gather", [b.t(p["weight"]), b.t(p["indices"])], [b.out()], axis=0)
 
 
@@ -786,6 +790,8 @@ def _index(b, n, p, name):
     if len(used) != 1 or any(getattr(v, "dtype", None) is None or v.dtype.is_floating_point
                              or str(v.dtype) == "torch.bool" for v in vals):
         return _unknown(b, n, "advanced indexing with several or boolean indices")
+    if used == [0] and len(idx) == 1 and _pick_rows(b, p["self"], idx[0]):
+        return
     b.emit("Gather", [b.t(p["self"]), b.t(idx[used[0]])], [b.out()], axis=used[0])
 
 
@@ -937,8 +943,8 @@ def _topk(b, n, p, name):
         outs = {i: b.out(i) for i in _used_items(n) & {0, 1}}
     else:  # one output: the indices (argsort) or the values (msort)
         outs = {1 if name == "argsort" else 0: b.out()}
-    if name == "topk" and 1 in outs and _one_hot_of_topk_only(n):
-        del outs[1]  # read only as a top-k mask, lowered from the scores by ``_one_hot``
+    if name == "topk" and 1 in outs and _topk_indices_select_only(n):
+        del outs[1]  # only used to choose: readers use the top-k mask of the scores instead
     for i in sorted(outs):
         red = b.tmp(kept)
         if i == 0:
@@ -962,49 +968,122 @@ def _histogram(b, n, p, name):
     _spread(b, total, b.shapes[b.out()], 0, b.out())
 
 
+_INDEX_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "view_copy", "clone", "contiguous", "alias"}
+
+
 def _topk_of(node):
-    """The ``topk`` node whose indices ``node`` is (``getitem(topk, 1)``), or None."""
-    if node.target is not operator.getitem or node.args[1] != 1:
+    """The ``topk`` node whose indices ``node`` is (``getitem(topk, 1)``, maybe reshaped), or None."""
+    while getattr(node, "op", None) == "call_function" and node.target is not operator.getitem \
+            and _op_name(node.target) in _INDEX_VIEWS:
+        node = node.args[0]
+    if getattr(node, "target", None) is not operator.getitem or node.args[1] != 1:
         return None
     src = node.args[0]
     return src if getattr(src, "target", None) is not None and _op_name(src.target) == "topk" else None
 
 
-def _one_hot_of_topk_only(topk) -> bool:
-    """Whether ``topk`` selects along its last axis and its indices are read only by ``one_hot``
-    with as many classes as that axis has: together they make a top-k mask of the scores."""
+def _experts(topk) -> int:
+    """Width of the scores' last axis (the number of experts a router's top-k picks from)."""
+    return int(topk.args[0].meta["val"].shape[-1])
+
+
+def _selects(reader, via, width: int) -> bool:
+    """Whether ``reader`` uses the index tensor ``via`` only as a choice among ``width`` items:
+    ``one_hot`` with ``width`` classes, or picking rows of a tensor of ``width`` rows."""
+    op = _op_name(reader.target)
+    p = _schema_args(reader.target, reader.args, reader.kwargs)
+    rows = None
+    if op == "one_hot":
+        return p["self"] is via and int(p["num_classes"]) == width
+    if op == "index":
+        idx = list(p["indices"])
+        if len(idx) == 1 and idx[0] is via and p["self"] is not via:
+            rows = p["self"]
+    elif op == "embedding" and p["indices"] is via and p["weight"] is not via:
+        rows = p["weight"]
+    elif op == "index_select" and p["index"] is via and int(p["dim"]) == 0 and p["self"] is not via:
+        rows = p["self"]
+    val = getattr(rows, "meta", {}).get("val")
+    return val is not None and val.dim() >= 1 and int(val.shape[0]) == width
+
+
+def _topk_indices_select_only(topk) -> bool:
+    """Whether ``topk`` selects along its last axis and its indices (maybe reshaped) are only used
+    to choose among that axis' items (``one_hot`` of as many classes, rows of a tensor of as many
+    rows): the choice then moves with any permutation of the scores' last axis."""
     val = topk.args[0].meta.get("val")
     p = _schema_args(topk.target, topk.args, topk.kwargs)
     rank = len(getattr(val, "shape", ()))
     if not rank or _norm(int(p.get("dim", -1)), rank) != rank - 1:
         return False
-    readers = [r for g in topk.users if g.target is operator.getitem and g.args[1] == 1 for r in g.users]
-    return bool(readers) and all(
-        _op_name(r.target) == "one_hot" and r.args[0] is not None and _topk_of(r.args[0]) is topk
-        and int(_schema_args(r.target, r.args, r.kwargs)["num_classes"]) == int(val.shape[-1])
-        for r in readers)
+    width, found = _experts(topk), False
+    todo = [g for g in topk.users if g.target is operator.getitem and g.args[1] == 1]
+    while todo:
+        via = todo.pop()
+        for r in via.users:
+            if r.op == "call_function" and r.target is not operator.getitem and \
+                    _op_name(r.target) in _INDEX_VIEWS and r.args[0] is via:
+                todo.append(r)
+            elif r.op == "call_function" and hasattr(r.target, "_schema") and _selects(r, via, width):
+                found = True
+            else:
+                return False
+    return found
+
+
+def _topk_mask(b, topk, shape) -> str:
+    """The top-k mask of ``topk``'s scores (``[.., k, C]``: entry j of a row picks its j-th largest
+    score) viewed as ``shape`` (the shape of the reshaped indices, then C). It moves with any
+    permutation of the scores' last axis; the order along k is fixed."""
+    ss = b.shape(topk.args[0])
+    k = int(_schema_args(topk.target, topk.args, topk.kwargs)["k"])
+    ms = ss[:-1] + (k, ss[-1])
+    col = b.tmp(ss[:-1] + (1, ss[-1]))
+    b.emit("Reshape", [b.t(topk.args[0])], [col])
+    wide = b.tmp(ms)
+    b.emit("Expand", [col], [wide])
+    ranked = b.tmp(ms)
+    b.emit("Softmax", [wide], [ranked], axis=-1)  # each entry depends on all scores of its row
+    pos = b.tmp((k, 1))
+    b.emit("Reshape", [_positions(b, k)], [pos])
+    mask = b.tmp(ms)
+    b.emit("Mul", [ranked, pos], [mask])  # the j-th largest: fixed order along k
+    if tuple(shape) == ms:
+        return mask
+    viewed = b.tmp(shape)
+    b.emit("Reshape", [mask], [viewed])
+    return viewed
+
+
+def _pick_rows(b, rows, index) -> bool:
+    """``rows[index]`` where ``index`` holds top-k indices that only choose (see
+    :func:`_topk_indices_select_only`): the contraction ``mask @ rows`` over the rows axis, which
+    ties that axis to the scores' last axis (router rows move with the stacked experts)."""
+    topk = _topk_of(index)
+    if topk is None or not _topk_indices_select_only(topk):
+        return False
+    rs = b.shape(rows)
+    rest = int(np.prod(rs[1:]))
+    mask = _topk_mask(b, topk, tuple(b.shape(index)) + (rs[0],))
+    flat = b.tmp((rs[0], rest))
+    b.emit("Reshape", [b.t(rows)], [flat])
+    picked = b.tmp(tuple(b.shape(index)) + (rest,))
+    b.emit("MatMul", [mask, flat], [picked])
+    b.emit("Reshape", [picked], [b.out()])
+    return True
 
 
 @lowering("one_hot")
 def _one_hot(b, n, p, name):
     """``[..] -> [.., C]``: position c of the new axis says whether the value is c (pinned axis).
 
-    Of the indices of ``topk(scores, k)`` along the scores' last axis (C wide): a top-k mask
-    ``[.., k, C]`` of the scores, which moves with any permutation of their last axis (the j-th
-    largest moves with it), so that axis is tied to the mask's instead of pinned. Router rows then
-    move with whatever the mask selects (experts stacked on one axis)."""
+    Of the indices of ``topk(scores, k)`` along the scores' last axis (C wide) that are only used
+    to choose: the top-k mask of the scores, which moves with any permutation of their last axis
+    (the j-th largest moves with it), so that axis is tied to the mask's instead of pinned. Router
+    rows then move with whatever the mask selects (experts stacked on one axis)."""
     topk = _topk_of(n.args[0])
-    if topk is not None and _one_hot_of_topk_only(topk):
-        scores, ss, ys = b.t(topk.args[0]), b.shape(topk.args[0]), b.shapes[b.out()]
-        col = b.tmp(ss[:-1] + (1, ss[-1]))
-        b.emit("Reshape", [scores], [col])
-        wide = b.tmp(ys)
-        b.emit("Expand", [col], [wide])
-        ranked = b.tmp(ys)
-        b.emit("Softmax", [wide], [ranked], axis=-1)  # each entry depends on all scores of its row
-        pos = b.tmp((ys[-2], 1))
-        b.emit("Reshape", [_positions(b, ys[-2])], [pos])
-        b.emit("Mul", [ranked, pos], [b.out()])  # the j-th largest: fixed order along k
+    if topk is not None and _topk_indices_select_only(topk):
+        b.emit("Identity", [_topk_mask(b, topk, b.shapes[b.out()])], [b.out()])
         return
     x, xs, ys = b.t(p["self"]), b.shape(p["self"]), b.shapes[b.out()]
     col = b.tmp(tuple(xs) + (1,))
