@@ -307,7 +307,18 @@ def _attention(draw, s: _State):
     head_dim = draw(st.integers(2, 6))
     block = {"op": "attention", "d": s.c, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
              "sdpa": draw(st.booleans()), "causal": draw(st.booleans()), "residual": draw(st.booleans()),
-             "bias": draw(st.booleans())}
+             "bias": draw(st.booleans()), "packed": draw(st.booleans())}
+    return block, s
+
+
+@st.composite
+def _moe(draw, s: _State):
+    """vec/seq: a mixture of experts (``nn.ModuleList`` of dense-act-dense experts), a linear router,
+    softmax, top-k, each expert's output weighted by its renormalized routing weight (zero where the
+    example did not pick it); optionally residual."""
+    experts = draw(st.integers(2, 4))
+    block = {"op": "moe", "d": s.c, "experts": experts, "k": draw(st.integers(1, experts)),
+             "hidden": draw(SMALL), "kind": draw(st.sampled_from(ACTS)), "residual": draw(st.booleans())}
     return block, s
 
 
@@ -327,7 +338,7 @@ def _block_choices(s: _State) -> list:
     if s.c <= 12:
         choices.append(_tile(s))
     if not s.conv:
-        choices.append(_matmul(s))
+        choices += [_matmul(s), _moe(s)]
     if s.conv:
         choices += [_pool(s), _layout_swap(s), _flatten(s), _squeeze_excite(s), _deconv(s), _spatial_gate(s)]
         if _proper_divisors(s.c):
@@ -656,9 +667,13 @@ class Attention(nn.Module):
         super().__init__()
         d, self.h, self.kv, self.hd = b["d"], b["heads"], b["kv_heads"], b["head_dim"]
         self.sdpa, self.causal, self.residual = b["sdpa"], b["causal"], b["residual"]
-        self.q = nn.Linear(d, self.h * self.hd, bias=b["bias"])
-        self.k = nn.Linear(d, self.kv * self.hd, bias=b["bias"])
-        self.v = nn.Linear(d, self.kv * self.hd, bias=b["bias"])
+        self.packed = b.get("packed", False)  # one qkv projection, split (Phi-3's qkv_proj)
+        if self.packed:
+            self.qkv = nn.Linear(d, (self.h + 2 * self.kv) * self.hd, bias=b["bias"])
+        else:
+            self.q = nn.Linear(d, self.h * self.hd, bias=b["bias"])
+            self.k = nn.Linear(d, self.kv * self.hd, bias=b["bias"])
+            self.v = nn.Linear(d, self.kv * self.hd, bias=b["bias"])
         self.o = nn.Linear(self.h * self.hd, d)
 
     def _split_heads(self, t, heads):
@@ -676,13 +691,36 @@ class Attention(nn.Module):
         return scores.softmax(-1) @ v
 
     def forward(self, x):
-        q = self._split_heads(self.q(x), self.h)
-        k, v = self._split_heads(self.k(x), self.kv), self._split_heads(self.v(x), self.kv)
+        if self.packed:
+            q, k, v = self.qkv(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], -1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = self._split_heads(q, self.h), self._split_heads(k, self.kv), self._split_heads(v, self.kv)
         if self.kv < self.h:
             k = k.repeat_interleave(self.h // self.kv, dim=1)
             v = v.repeat_interleave(self.h // self.kv, dim=1)
         y = self._attend(q, k, v).transpose(1, 2).flatten(2)
         y = self.o(y)
+        return x + y if self.residual else y
+
+
+class MoE(nn.Module):
+    """A mixture of ``experts`` dense-act-dense experts on the last axis: router, softmax, top-k,
+    routing weights renormalized over the k picked experts and spread back with ``one_hot``."""
+
+    def __init__(self, b: dict):
+        super().__init__()
+        d, self.k, self.residual = b["d"], b["k"], b["residual"]
+        self.router = nn.Linear(d, b["experts"], bias=False)
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, b["hidden"]), _activation(b["kind"]), nn.Linear(b["hidden"], d))
+            for _ in range(b["experts"]))
+
+    def forward(self, x):
+        weights, picked = self.router(x).softmax(-1).topk(self.k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        gate = (weights.unsqueeze(-1) * F.one_hot(picked, len(self.experts)).to(x.dtype)).sum(-2)
+        y = sum(gate[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
         return x + y if self.residual else y
 
 
@@ -753,7 +791,7 @@ def _block_module(domain: str, b: dict) -> nn.Module:
         return Transposed(conv, (0, 2, 1), (0, 2, 1))
     simple = {"shuffle": lambda: Shuffle(b["groups"]),
               "heads": lambda: Heads(b["heads"], b["head_dim"], b["kind"]),
-              "attention": lambda: Attention(b), "mha": lambda: TorchMHA(b),
+              "attention": lambda: Attention(b), "mha": lambda: TorchMHA(b), "moe": lambda: MoE(b),
               "narrow": lambda: Narrow(b["start"], b["length"], _channel_dim(domain)),
               "slice": lambda: ChannelSlice(b["start"], b["step"], domain),
               "pad": lambda: ChannelPad(b["before"], b["after"], domain),
@@ -778,11 +816,12 @@ def build(arch: Arch, seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...
 
 
 _LAYERS = {"linear", "conv", "residual", "concat", "glu", "split", "se", "attention", "mha", "cl_linear",
-           "seq_conv", "matmul", "deconv"}  # blocks with a weight matrix / kernel of a free width
+           "seq_conv", "matmul", "deconv", "moe"}  # blocks with a weight matrix / kernel of a free width
 # blocks that keep every channel/feature where it is
 _CHANNELWISE = {"act", "pool", "adaptive", "scale", "spatial_gate"}
 _CHANNELWISE_NORMS = {"batchnorm", "layernorm", "layernorm_cl", "rmsnorm", "nn_rmsnorm"}
-_INNER_HIDDEN = {"residual", "split", "attention", "mha", "se"}  # a width that only the block itself reads
+# blocks with a width that only the block itself reads
+_INNER_HIDDEN = {"residual", "split", "attention", "mha", "se", "moe"}
 
 
 def _plain_dense(b: dict) -> bool:
@@ -818,10 +857,3 @@ def has_hidden_units(arch: Arch) -> bool:
         if _plain_dense(b) and b["cout"] >= 2 and (not rest or _plain_dense(rest[0])):
             return True
     return False
-
-
-def torch_frontend_gaps(arch: Arch) -> list[str]:
-    """Ops of ``arch`` that the torch frontend blocks (soundly) although the ONNX path sees through
-    them: ``aten::repeat_interleave`` (grouped-query attention) and ``aten::prelu``."""
-    gaps = ["repeat_interleave" for b in arch.blocks if b["op"] == "attention" and b["kv_heads"] < b["heads"]]
-    return gaps + ["prelu" for b in arch.blocks if b.get("kind") == "prelu"]

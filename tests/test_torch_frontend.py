@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import rebasin
 from rebasin.errors import UnsupportedModelError
-from tests.corpus import BUILDERS, FAST, build, export
+from tests.corpus import AGREEMENT_GAPS, BUILDERS, FAST, FROZEN, TORCH_ONLY, build, export
 
 SLOW_TORCH = [n for n in BUILDERS if n not in FAST]
 
@@ -46,21 +46,33 @@ def _check_corpus(name):
     assert signature(other, keys) == signature(spec, keys)
     assert {m.tensor for c in spec.classes for m in c.members} <= keys
     assert_sound(model, inputs, spec)
+    if name in TORCH_ONLY:
+        return
     # the same classes as the ONNX path (rotary inv_freq is a non-persistent buffer: frozen there too)
-    frozen = [k for k in ("m.model.rotary_emb.inv_freq",) if name == "llama"]
-    onnx_spec = rebasin.infer_spec(export(name), frozen=frozen)
+    path = export(name)
+    initializers = {t.name for t in rebasin.sources.onnx.load_model(path).graph.initializer}
+    onnx_spec = rebasin.infer_spec(path, frozen=[k for k in FROZEN if k in initializers])
     keep = set(spec.shapes) & set(onnx_spec.shapes)
     assert len(keep) >= 0.9 * len([k for k in spec.shapes if k in keys])
     assert signature(spec, keep) == signature(onnx_spec, keep)
 
 
-@pytest.mark.parametrize("name", FAST)
+def _agreement(names):
+    """Corpus models, with a strict xfail where the frontends differ by a known ONNX-rule gap."""
+    def gap(n):
+        return pytest.mark.xfail(strict=True, raises=AssertionError, reason=AGREEMENT_GAPS[n])
+    return [pytest.param(n, marks=gap(n)) if n in AGREEMENT_GAPS else n for n in names]
+
+
+@pytest.mark.parametrize("name", _agreement(FAST))
 def test_corpus_torch_sound_and_equal_to_onnx(name):
+    """The frontend-agreement test: on every corpus model both frontends read, the torch path is
+    sound and finds the ONNX path's classes (tensor, axis, offset, block, stride and size)."""
     _check_corpus(name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SLOW_TORCH)
+@pytest.mark.parametrize("name", _agreement(SLOW_TORCH))
 def test_corpus_torch_sound_and_equal_to_onnx_slow(name):
     _check_corpus(name)
 

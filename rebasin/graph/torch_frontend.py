@@ -462,6 +462,19 @@ def _native_dropout(b, n, p, name):
     b.emit("Identity", [b.t(p["input"])], [b.out(1)])
 
 
+@lowering("prelu", "_prelu_kernel")
+def _prelu(b, n, p, name):
+    """PReLU: ``prelu``'s slope ``[C]`` acts on axis 1 (axis 0 of a 1-D input), so it is viewed as
+    ``[C, 1, ...]`` to broadcast there; ``_prelu_kernel``'s slope already broadcasts."""
+    x, w = b.t(p["self"]), b.t(p["weight"])
+    xs, ws = b.shape(p["self"]), b.shape(p["weight"])
+    if name == "prelu" and len(xs) >= 2 and len(ws) == 1 and ws[0] != 1:
+        wr = b.tmp((ws[0],) + (1,) * (len(xs) - 2))
+        b.emit("Reshape", [w], [wr])
+        w = wr
+    b.emit("PRelu", [x, w], [b.out()])
+
+
 # --- contractions
 
 
@@ -482,6 +495,16 @@ def _linear(b, n, p, name):
 @lowering("mm", "bmm", "matmul", "mv", "dot", "vdot", "inner")
 def _matmul(b, n, p, name):
     b.emit("MatMul", [b.t(n.args[0]), b.t(n.args[1])], [b.out()])
+
+
+@lowering("einsum")
+def _einsum(b, n, p, name):
+    """``einsum`` as the ONNX ``Einsum`` node (equation without spaces; ONNX takes the same letters,
+    ``...`` and ``->``)."""
+    ins = [b.t(t) for t in p["tensors"]]
+    if not all(ins):
+        return _unknown(b, n, "einsum operand is not a tensor")
+    b.emit("Einsum", ins, [b.out()], equation="".join(str(p["equation"]).split()).encode())
 
 
 @lowering("addmm", "baddbmm", "addbmm", "addmv")
@@ -576,10 +599,36 @@ def _layer_norm(b, n, p, name):
 
 @lowering("group_norm", "native_group_norm")
 def _group_norm(b, n, p, name):
-    groups = p["num_groups"] if name == "group_norm" else p["group"]
+    """GroupNorm as ONNX exporters write it: view ``[N, C, *S]`` as ``[N, G, C/G * prod(S)]``,
+    normalize each ``(n, g)`` row (InstanceNormalization without scale), view back, then scale and
+    shift per channel. The statistics mix the channels of one group and no two groups, so groups
+    permute among themselves and the channels of each group independently.
+
+    ``native_group_norm``'s mean and rstd (``[N, G]``) are reductions of the grouped view."""
+    x, w, bias = p["input"], b.t(p["weight"]), b.t(p["bias"])
+    groups = int(p["num_groups"] if name == "group_norm" else p["group"])
+    xs = b.shape(x)
+    if len(xs) < 2 or xs[1] % groups:
+        return _unknown(b, n, "group count does not divide the channels")
     out = b.out() if name == "group_norm" else b.out(0)
-    b.emit("GroupNormalization", [b.t(p["input"]), b.t(p["weight"]), b.t(p["bias"])], [out],
-           num_groups=int(groups))
+    grouped = b.tmp((xs[0], groups, int(np.prod(xs[1:])) // groups))
+    b.emit("Reshape", [b.t(x)], [grouped])
+    normed = b.tmp(b.shapes[grouped])
+    b.emit("InstanceNormalization", [grouped], [normed])
+    y = b.tmp(xs)
+    b.emit("Reshape", [normed], [y])
+    for param, op in ((w, "Mul"), (bias, "Add")):
+        if param is None:
+            continue
+        view = b.tmp((xs[1],) + (1,) * (len(xs) - 2))
+        b.emit("Reshape", [param], [view])
+        nxt = b.tmp(xs)
+        b.emit(op, [y, view], [nxt])
+        y = nxt
+    b.emit("Identity", [y], [out])
+    if name == "native_group_norm":
+        for i in _used_items(n) - {0}:
+            b.emit("ReduceMean", [grouped], [b.out(i)], axes=[2], keepdims=0)
 
 
 @lowering("softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax")
@@ -633,6 +682,33 @@ def _repeat(b, n, p, name):
         b.emit("Reshape", [x], [padded])
         x = padded
     b.emit("Tile", [x], [b.out()])
+
+
+@lowering("repeat_interleave")
+def _repeat_interleave(b, n, p, name):
+    """Each index of axis ``dim`` repeated ``r`` times in place: ``[.., n, ..]`` viewed as
+    ``[.., n, 1, ..]``, expanded to ``[.., n, r, ..]`` and viewed as ``[.., n*r, ..]``, so the
+    repeated axis is the product (n outer, r inner) and a permutation of ``n`` moves whole runs.
+    A flattened input (no ``dim``) is flattened first; repeats given as a tensor make the op
+    unknown (per-index counts move positions)."""
+    if "self" not in p or p.get("self") is None:  # repeat_interleave(repeats): output is indices
+        return _unknown(b, n, "repeat_interleave of a repeats tensor gives positions")
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    reps = p["repeats"]
+    if b.t(reps) is not None:
+        return _unknown(b, n, "repeat counts given as a tensor")
+    reps = int(reps)
+    if p.get("dim") is None:
+        flat = b.tmp((int(np.prod(xs)),))
+        b.emit("Reshape", [x], [flat])
+        x, xs, dim = flat, b.shapes[flat], 0
+    else:
+        dim = _norm(int(p["dim"]), len(xs))
+    ones = b.tmp(xs[:dim + 1] + (1,) + xs[dim + 1:])
+    b.emit("Reshape", [x], [ones])
+    wide = b.tmp(xs[:dim + 1] + (reps,) + xs[dim + 1:])
+    b.emit("Expand", [ones], [wide])
+    b.emit("Reshape", [wide], [b.out()])
 
 
 @lowering("cat", "concat", "concatenate", "stack")
@@ -693,12 +769,16 @@ def _select(b, n, p, name):
 
 @lowering("index_select")
 def _index_select(b, n, p, name):
+    if int(p["dim"]) == 0 and _pick_rows(b, p["self"], p["index"]):
+        return
     xs = b.shape(p["self"])
     b.emit("Gather", [b.t(p["self"]), b.t(p["index"])], [b.out()], axis=_norm(int(p["dim"]), len(xs)))
 
 
 @lowering("embedding")
 def _embedding(b, n, p, name):
+    if _pick_rows(b, p["weight"], p["indices"]):
+        return
     b.emit("Gather", [b.t(p["weight"]), b.t(p["indices"])], [b.out()], axis=0)
 
 
@@ -710,6 +790,8 @@ def _index(b, n, p, name):
     if len(used) != 1 or any(getattr(v, "dtype", None) is None or v.dtype.is_floating_point
                              or str(v.dtype) == "torch.bool" for v in vals):
         return _unknown(b, n, "advanced indexing with several or boolean indices")
+    if used == [0] and len(idx) == 1 and _pick_rows(b, p["self"], idx[0]):
+        return
     b.emit("Gather", [b.t(p["self"]), b.t(idx[used[0]])], [b.out()], axis=used[0])
 
 
@@ -823,6 +905,281 @@ def _pad(b, n, p, name):
           "_upsample_bicubic2d_aa")
 def _resize(b, n, p, name):
     b.emit("Resize", [b.t(n.args[0])], [b.out()])
+
+
+# --- routing: selections by value, scatters, grouped matrix products (mixtures of experts)
+# An index tensor's values are positions along the axis it came from or indexes: ops that make
+# them pin that axis (``ArgMax``), ops that use them index a pinned axis (``Gather`` on
+# ``_positions``). Every lowering below keeps the other axes where they are.
+
+
+def _positions(b, size, inputs=()) -> str:
+    """A ``[size]`` tensor of positions (a ``Range``: pinned); ``inputs`` (index tensors, offsets
+    whose values decide which position gets what) become its parameters, so they are pinned too."""
+    pos = b.tmp((size,))
+    b.emit("Range", [x for x in inputs if x], [pos])
+    return pos
+
+
+def _spread(b, x, shape, axis, out) -> None:
+    """``x`` (size 1 at ``axis``) expanded to ``shape``, times positions along ``axis``: ``out``
+    holds different values along ``axis`` in a fixed order (pinned), other axes those of ``x``."""
+    wide = b.tmp(shape)
+    b.emit("Expand", [x], [wide])
+    pos = b.tmp((shape[axis],) + (1,) * (len(shape) - 1 - axis))
+    b.emit("Reshape", [_positions(b, shape[axis])], [pos])
+    b.emit("Mul", [wide, pos], [out])
+
+
+@lowering("topk", "sort", "argsort", "msort")
+def _topk(b, n, p, name):
+    """Values (the k largest, or all sorted) are invariant to a permutation of the selected axis
+    and come in a fixed order along it; indices are positions along it, which pins it."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    dim = _norm(int(p.get("dim", -1) if p.get("dim") is not None else -1), len(xs)) if name != "msort" else 0
+    ys = b.shapes[b.out(0) if name in ("topk", "sort") else b.out()]
+    kept = xs[:dim] + (1,) + xs[dim + 1:]
+    if name in ("topk", "sort"):
+        outs = {i: b.out(i) for i in _used_items(n) & {0, 1}}
+    else:  # one output: the indices (argsort) or the values (msort)
+        outs = {1 if name == "argsort" else 0: b.out()}
+    if name == "topk" and 1 in outs and _topk_indices_select_only(n):
+        del outs[1]  # only used to choose: readers use the top-k mask of the scores instead
+    for i in sorted(outs):
+        red = b.tmp(kept)
+        if i == 0:
+            b.emit("ReduceMax", [x], [red], axes=[dim], keepdims=1)
+        else:
+            b.emit("ArgMax", [x], [red], axis=dim, keepdims=1)
+        _spread(b, red, ys, dim, outs[i])
+
+
+@lowering("histc", "bincount")
+def _histogram(b, n, p, name):
+    """Counts of values: invariant to any permutation of the input's elements; bins in a fixed order."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    w = b.t(p.get("weights"))
+    if w is not None:
+        xw = b.tmp(xs)
+        b.emit("Mul", [x, w], [xw])
+        x = xw
+    total = b.tmp((1,))
+    b.emit("ReduceSum", [x], [total], axes=list(range(len(xs))), keepdims=0)
+    _spread(b, total, b.shapes[b.out()], 0, b.out())
+
+
+_INDEX_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "view_copy", "clone", "contiguous", "alias"}
+
+
+def _topk_of(node):
+    """The ``topk`` node whose indices ``node`` is (``getitem(topk, 1)``, maybe reshaped), or None."""
+    while getattr(node, "op", None) == "call_function" and node.target is not operator.getitem \
+            and _op_name(node.target) in _INDEX_VIEWS:
+        node = node.args[0]
+    if getattr(node, "target", None) is not operator.getitem or node.args[1] != 1:
+        return None
+    src = node.args[0]
+    return src if getattr(src, "target", None) is not None and _op_name(src.target) == "topk" else None
+
+
+def _experts(topk) -> int:
+    """Width of the scores' last axis (the number of experts a router's top-k picks from)."""
+    return int(topk.args[0].meta["val"].shape[-1])
+
+
+def _selects(reader, via, width: int) -> bool:
+    """Whether ``reader`` uses the index tensor ``via`` only as a choice among ``width`` items:
+    ``one_hot`` with ``width`` classes, or picking rows of a tensor of ``width`` rows."""
+    op = _op_name(reader.target)
+    p = _schema_args(reader.target, reader.args, reader.kwargs)
+    rows = None
+    if op == "one_hot":
+        return p["self"] is via and int(p["num_classes"]) == width
+    if op == "index":
+        idx = list(p["indices"])
+        if len(idx) == 1 and idx[0] is via and p["self"] is not via:
+            rows = p["self"]
+    elif op == "embedding" and p["indices"] is via and p["weight"] is not via:
+        rows = p["weight"]
+    elif op == "index_select" and p["index"] is via and int(p["dim"]) == 0 and p["self"] is not via:
+        rows = p["self"]
+    val = getattr(rows, "meta", {}).get("val")
+    return val is not None and val.dim() >= 1 and int(val.shape[0]) == width
+
+
+def _topk_indices_select_only(topk) -> bool:
+    """Whether ``topk`` selects along its last axis and its indices (maybe reshaped) are only used
+    to choose among that axis' items (``one_hot`` of as many classes, rows of a tensor of as many
+    rows): the choice then moves with any permutation of the scores' last axis."""
+    val = topk.args[0].meta.get("val")
+    p = _schema_args(topk.target, topk.args, topk.kwargs)
+    rank = len(getattr(val, "shape", ()))
+    if not rank or _norm(int(p.get("dim", -1)), rank) != rank - 1:
+        return False
+    width, found = _experts(topk), False
+    todo = [g for g in topk.users if g.target is operator.getitem and g.args[1] == 1]
+    while todo:
+        via = todo.pop()
+        for r in via.users:
+            if r.op == "call_function" and r.target is not operator.getitem and \
+                    _op_name(r.target) in _INDEX_VIEWS and r.args[0] is via:
+                todo.append(r)
+            elif r.op == "call_function" and hasattr(r.target, "_schema") and _selects(r, via, width):
+                found = True
+            else:
+                return False
+    return found
+
+
+def _topk_mask(b, topk, shape) -> str:
+    """The top-k mask of ``topk``'s scores (``[.., k, C]``: entry j of a row picks its j-th largest
+    score) viewed as ``shape`` (the shape of the reshaped indices, then C). It moves with any
+    permutation of the scores' last axis; the order along k is fixed."""
+    ss = b.shape(topk.args[0])
+    k = int(_schema_args(topk.target, topk.args, topk.kwargs)["k"])
+    ms = ss[:-1] + (k, ss[-1])
+    col = b.tmp(ss[:-1] + (1, ss[-1]))
+    b.emit("Reshape", [b.t(topk.args[0])], [col])
+    wide = b.tmp(ms)
+    b.emit("Expand", [col], [wide])
+    ranked = b.tmp(ms)
+    b.emit("Softmax", [wide], [ranked], axis=-1)  # each entry depends on all scores of its row
+    pos = b.tmp((k, 1))
+    b.emit("Reshape", [_positions(b, k)], [pos])
+    mask = b.tmp(ms)
+    b.emit("Mul", [ranked, pos], [mask])  # the j-th largest: fixed order along k
+    if tuple(shape) == ms:
+        return mask
+    viewed = b.tmp(shape)
+    b.emit("Reshape", [mask], [viewed])
+    return viewed
+
+
+def _pick_rows(b, rows, index) -> bool:
+    """``rows[index]`` where ``index`` holds top-k indices that only choose (see
+    :func:`_topk_indices_select_only`): the contraction ``mask @ rows`` over the rows axis, which
+    ties that axis to the scores' last axis (router rows move with the stacked experts)."""
+    topk = _topk_of(index)
+    if topk is None or not _topk_indices_select_only(topk):
+        return False
+    rs = b.shape(rows)
+    rest = int(np.prod(rs[1:]))
+    mask = _topk_mask(b, topk, tuple(b.shape(index)) + (rs[0],))
+    flat = b.tmp((rs[0], rest))
+    b.emit("Reshape", [b.t(rows)], [flat])
+    picked = b.tmp(tuple(b.shape(index)) + (rest,))
+    b.emit("MatMul", [mask, flat], [picked])
+    b.emit("Reshape", [picked], [b.out()])
+    return True
+
+
+@lowering("one_hot")
+def _one_hot(b, n, p, name):
+    """``[..] -> [.., C]``: position c of the new axis says whether the value is c (pinned axis).
+
+    Of the indices of ``topk(scores, k)`` along the scores' last axis (C wide) that are only used
+    to choose: the top-k mask of the scores, which moves with any permutation of their last axis
+    (the j-th largest moves with it), so that axis is tied to the mask's instead of pinned. Router
+    rows then move with whatever the mask selects (experts stacked on one axis)."""
+    topk = _topk_of(n.args[0])
+    if topk is not None and _topk_indices_select_only(topk):
+        b.emit("Identity", [_topk_mask(b, topk, b.shapes[b.out()])], [b.out()])
+        return
+    x, xs, ys = b.t(p["self"]), b.shape(p["self"]), b.shapes[b.out()]
+    col = b.tmp(tuple(xs) + (1,))
+    b.emit("Reshape", [x], [col])
+    b.emit("Equal", [col, _positions(b, ys[-1])], [b.out()])
+
+
+@lowering("nonzero", "argwhere", "nonzero_static")
+def _nonzero(b, n, p, name):
+    b.emit("NonZero", [b.t(p["self"])], [b.out()])
+
+
+@lowering("index_add", "index_copy", "index_fill", "index_put", "_index_put_impl", "_unsafe_index_put")
+def _index_scatter(b, n, p, name):
+    """Writes into ``self`` at the positions an index tensor gives along one axis: that axis is
+    pinned (the index is data), the other axes of ``self``, the source and the result stay tied.
+    Lowered as ``self + Gather(source, positions, axis)``."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    if name in ("index_put", "_index_put_impl", "_unsafe_index_put"):
+        idx = [t for t in p["indices"]]
+        used = [i for i, t in enumerate(idx) if t is not None]
+        v = idx[used[0]].meta.get("val") if len(used) == 1 else None
+        if v is None or v.dtype.is_floating_point or str(v.dtype) == "torch.bool" or v.dim() != 1:
+            return _unknown(b, n, "index_put with several, boolean or multi-axis indices")
+        dim, index, src = used[0], idx[used[0]], p["values"]
+    else:
+        dim, index = _norm(int(p["dim"]), len(xs)), p["index"]
+        src = p.get("source") if name != "index_fill" else p.get("value")
+    if b.shape(index) is not None and len(b.shape(index)) > 1:
+        return _unknown(b, n, "multi-axis index")
+    pos = _positions(b, xs[dim], [b.t(index)])
+    if b.t(src) is None or all(d == 1 for d in b.shape(src)):  # a scalar written: self's axis moves no value
+        if b.t(src) is not None:
+            b.emit("Range", [b.t(src)], [b.tmp(())])  # the scalar is a parameter: pinned
+        b.emit("Gather", [x, pos], [b.out()], axis=dim)
+        return
+    ss = b.shape(src)
+    if len(ss) != len(xs) or any(a != c for k, (a, c) in enumerate(zip(ss, xs)) if k != dim):
+        return _unknown(b, n, "source does not match self off the indexed axis")
+    moved = b.tmp(xs)
+    b.emit("Gather", [b.t(src), pos], [moved], axis=dim)
+    b.emit("Add", [x, moved], [b.out()])
+
+
+@lowering("scatter", "scatter_add", "scatter_reduce")
+def _scatter(b, n, p, name):
+    """``out[.., index[.., i, ..], ..] = src[.., i, ..]`` along ``dim``: that axis of ``self`` is
+    pinned (the index is data); the index, the source and ``self`` keep their other axes aligned,
+    as ``GatherElements`` does (an index expanded along an axis ties nothing there). Lowered as
+    ``self + Gather(Where(src, index), positions, dim)``; a source or index that covers only part
+    of ``self`` off ``dim`` makes the op unknown."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    dim = _norm(int(p["dim"]), len(xs))
+    idx, src = p["index"], p.get("src", p.get("value"))
+    shapes = [b.shape(idx)] + ([b.shape(src)] if b.t(src) is not None else [])
+    if any(s is None or len(s) != len(xs) or s != shapes[0] or any(
+            a != c for k, (a, c) in enumerate(zip(s, xs)) if k != dim) for s in shapes):
+        return _unknown(b, n, "scatter index or source does not match self off the scattered axis")
+    aligned = b.tmp(shapes[0])
+    b.emit("Where", [b.t(src), b.t(idx)] if b.t(src) is not None else [b.t(idx)], [aligned])
+    moved = b.tmp(xs)
+    b.emit("Gather", [aligned, _positions(b, xs[dim])], [moved], axis=dim)
+    b.emit("Add", [x, moved], [b.out()])
+
+
+@lowering("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
+def _grouped_mm(b, n, p, name):
+    """``y[s] = x[s] @ w[g(s)]`` with ``x [S, K]``, ``w [E, K, N]`` and the group ``g(s)`` of row s
+    given by offsets (data): the experts axis ``E`` and the rows are pinned, ``K`` and ``N`` are
+    shared by every expert. Lowered as a ``Gather`` of ``w`` at pinned positions and a batched
+    ``MatMul``. Other layouts (2-D weights, no offsets) stay unknown."""
+    schema = n.target._schema.name
+    if schema.split("::")[0] not in ("aten", "transformers"):
+        return _unknown(b, n, "grouped_mm of an unknown library")
+    x, w = (p.get("self"), p.get("mat2")) if "self" in p else (p.get("input"), p.get("weight"))
+    offs = p.get("offs")
+    xs, ws = b.shape(x), b.shape(w)
+    if b.t(offs) is None or len(xs) != 2 or len(ws) != 3 or p.get("bias") is not None:
+        return _unknown(b, n, "grouped_mm layout other than [S, K] x [E, K, N] with offsets")
+    rows = xs[0]
+    picked = b.tmp((rows, ws[1], ws[2]))
+    b.emit("Gather", [b.t(w), _positions(b, rows, [b.t(offs)])], [picked], axis=0)
+    x3 = b.tmp((rows, 1, xs[1]))
+    b.emit("Reshape", [b.t(x)], [x3])
+    y3 = b.tmp((rows, 1, ws[2]))
+    b.emit("MatMul", [x3, picked], [y3])
+    b.emit("Reshape", [y3], [b.out()])
+
+
+@lowering("diff")
+def _diff(b, n, p, name):
+    """Differences of neighbours along ``dim``: position dependent (pinned), other axes kept."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    dim = _norm(int(p["dim"]), len(xs))
+    extra = [b.t(p.get("prepend")), b.t(p.get("append"))]
+    b.emit("Gather", [x, _positions(b, b.shapes[b.out()][dim], extra)], [b.out()], axis=dim)
 
 
 # --- tensors made from shapes or positions
@@ -960,6 +1317,7 @@ def lower(tr: Traced, model) -> Graph:
         except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
             del e
             _unknown(b, n)
+    _fill_per_reader(b, set(outputs), _written_in_place(tr.graph, names))
     aliases = _aliases(model, set(weights))
     for key, others in tied.items():
         aliases[key] = list(dict.fromkeys(aliases.get(key, []) + others))
@@ -972,6 +1330,45 @@ def lower(tr: Traced, model) -> Graph:
     return Graph(tr, to_networkx(b.nodes), b.nodes, b.shapes, {**values, **b.values}, weights, inputs,
                  outputs, constants=constants, aliases=aliases, frontend=frontend,
                  capturable=capturable)
+
+
+def _written_in_place(graph, names: dict) -> set:
+    """IR names of tensors that an op with a mutable schema reads (``add_``, ``index_add_``: the
+    training IR and ``make_fx`` keep them); a view taken before the write still aliases them."""
+    out = set()
+    for n in graph.nodes:
+        schema = getattr(n.target, "_schema", None)
+        if n.op == "call_function" and schema is not None and schema.is_mutable:
+            out |= {names[a.name] for a in _flat_args(n) if a.name in names}
+    return out
+
+
+def _fill_per_reader(b, outputs: set, written: set) -> None:
+    """Give every reader of a filled tensor (``ConstantOfShape``: one value everywhere) its own
+    copy. Such a tensor is unchanged by any permutation of any axis, so it ties nothing between
+    its readers; shared, its axis variables would tie them (T5 adds one zero position bias to the
+    cross-attention scores of every decoder layer). ONNX exporters duplicate such constants too.
+    A tensor written in place (``written``) keeps one name: its readers see the written values."""
+    readers: dict[str, list] = {}
+    for i, (_, node) in enumerate(b.nodes):
+        for x in dict.fromkeys(node.input):
+            readers.setdefault(x, []).append(i)
+    copies = []
+    for label, node in list(b.nodes):
+        if node.op_type != "ConstantOfShape" or node.domain or len(node.output) != 1:
+            continue
+        y = node.output[0]
+        if y in written:
+            continue
+        users = readers.get(y, [])
+        for k, i in enumerate(users[0 if y in outputs else 1:], start=1):
+            copy = f"{y}~{k}"
+            b.shapes[copy] = b.shapes.get(y, ())
+            reader = b.nodes[i][1]
+            reader.input = [copy if x == y else x for x in reader.input]
+            copies.append((i, (f"{label}~{k}", Node("ConstantOfShape", [], [copy], dict(node.attrs)))))
+    for i, item in sorted(copies, key=lambda c: -c[0]):  # each copy just before its reader
+        b.nodes.insert(i, item)
 
 
 def _weight_array(t) -> np.ndarray:
