@@ -348,21 +348,23 @@ def slice_(cx, node):
         n = shape[a]
         st = int(np.ravel(steps)[i]) if steps is not None else 1
         s, e = int(np.ravel(starts)[i]), int(np.ravel(ends)[i])
-        if st != 1:
+        if st < 1:
             sliced[a] = None
             continue
         s = min(max(s + n if s < 0 else s, 0), n)
         e = min(max(e + n if e < 0 else e, 0), n)
-        sliced[a] = (s, max(e, s))
+        sliced[a] = (s, max(e, s), st)
     xa, ya = cx.ax(x), cx.ax(y)
     for k in range(rank):
         if k not in sliced:
             cx.tie(xa[k], ya[k])
         elif sliced[k] is None:
-            cx.pin(xa[k], "strided or reversed slice")
-            cx.pin(ya[k], "strided or reversed slice")
+            cx.pin(xa[k], "reversed slice")
+            cx.pin(ya[k], "reversed slice")
+        elif sliced[k][2] > 1:
+            _strided(cx, xa[k], ya[k], shape[k], *sliced[k])
         else:
-            s, e = sliced[k]
+            s, e, _ = sliced[k]
             alg = cx.alg
             cx.tie(xa[k], alg.sum([alg.new(s), ya[k], alg.new(shape[k] - e)]))
 
@@ -451,27 +453,6 @@ def pool(cx, node):
             cx.pin_tensor(extra, "pooling indices")
 
 
-@rule("Pad")
-def pad(cx, node):
-    """An axis with zero padding on both sides is untouched; any other (incl. unknown) is pinned."""
-    cx.invariant(node.input[1:])
-    x, y = node.input[0], node.output[0]
-    rank = len(cx.shape(x))
-    pads = cx.value(node.input[1]) if len(node.input) > 1 and node.input[1] else cx.attr("pads")
-    axes = cx.value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(rank)
-    zero = set()
-    if pads is not None and axes is not None:
-        pads, axes = np.ravel(pads), [_norm(int(a), rank) for a in np.ravel(axes)]
-        zero = {a for i, a in enumerate(axes) if pads[i] == 0 and pads[i + len(axes)] == 0}
-        zero |= set(range(rank)) - set(axes)
-    for k, (v, w) in enumerate(zip(cx.ax(x), cx.ax(y))):
-        if k in zero:
-            cx.tie(v, w)
-        else:
-            cx.pin(v, "padded axis")
-            cx.pin(w, "padded axis")
-
-
 @rule("Resize", "Upsample")
 def resize(cx, node):
     cx.invariant(node.input[1:])
@@ -555,3 +536,536 @@ def sequence_at(cx, node):
     src = piece if keep else piece[:axis] + piece[axis + 1:]
     for v, w in zip(src, ys):
         cx.tie(v, w)
+
+
+# --------------------------------------------------------------------------- indexing, padding
+
+
+@rule("GatherND")
+def gather_nd(cx, node):
+    """y[b.., i.., rest..] = x[b.., idx[b.., i.., :], rest..]: the ``m`` indexed axes of x are
+    position dependent; batch axes, index positions and the trailing axes of x carry through."""
+    data, idx, y = node.input[0], node.input[1], node.output[0]
+    b = int(cx.attr("batch_dims", 0))
+    da, ia, ya = cx.ax(data), cx.ax(idx), cx.ax(y)
+    m = cx.shape(idx)[-1]
+    for k in range(b):
+        cx.tie(da[k], ia[k])
+        cx.tie(da[k], ya[k])
+    for k in range(b, b + m):
+        cx.pin(da[k], "indexed by GatherND")
+    cx.pin(ia[-1], "GatherND index tuple")
+    for k in range(b, len(ia) - 1):
+        cx.tie(ia[k], ya[k])
+    for j, k in enumerate(range(b + m, len(da))):
+        cx.tie(da[k], ya[len(ia) - 1 + j])
+
+
+def _pad_amounts(cx, node, rank):
+    """(before, after) per axis, or None where unknown."""
+    pads = cx.value(node.input[1]) if len(node.input) > 1 and node.input[1] else cx.attr("pads")
+    axes = cx.value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(rank)
+    if pads is None or axes is None:
+        return None
+    pads, axes = np.ravel(pads), [_norm(int(a), rank) for a in np.ravel(axes)]
+    out = {k: (0, 0) for k in range(rank)}
+    for i, a in enumerate(axes):
+        out[a] = (int(pads[i]), int(pads[i + len(axes)]))
+    return out
+
+
+@rule("Pad")
+def pad(cx, node):
+    """Constant padding: y = [c]*before ++ x ++ [c]*after along an axis, so x is a piece of y and
+    each padding piece (all entries equal) is a piece of its own; negative amounts crop x, so the
+    kept part of x is a piece of x. Reflect / edge / wrap padding copies positions: pinned."""
+    cx.invariant(node.input[1:])
+    x, y = node.input[0], node.output[0]
+    rank = len(cx.shape(x))
+    amounts = _pad_amounts(cx, node, rank)
+    mode = cx.attr("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    alg = cx.alg
+    for k, (v, w) in enumerate(zip(cx.ax(x), cx.ax(y))):
+        before, after = amounts[k] if amounts is not None else (None, None)
+        if before == 0 and after == 0:
+            cx.tie(v, w)
+        elif before is None or mode != "constant":
+            cx.pin(v, f"padded axis ({mode} mode)" if before is not None else "pad amounts unknown")
+            cx.pin(w, "padded axis")
+        else:
+            n = cx.shape(x)[k]
+            mid = alg.new(n - max(-before, 0) - max(-after, 0))
+            cx.tie(v, alg.sum([alg.new(max(-before, 0)), mid, alg.new(max(-after, 0))]))
+            cx.tie(w, alg.sum([alg.new(max(before, 0)), mid, alg.new(max(after, 0))]))
+
+
+def _strided(cx, xv, yv, n, s, e, st):
+    """y = x[s:e:st] with st > 1: x = [s items] ++ blocks of st items ++ rest, y's item i is the
+    first item of block i. Permuting whole blocks permutes y alike; positions inside a block are
+    pinned (they decide which item is selected)."""
+    alg = cx.alg
+    count = len(range(s, e, st))
+    if count == 0:
+        return
+    full = count if s + count * st <= n else count - 1
+    inner = alg.new(st)
+    cx.pin(inner, "positions inside the stride of a strided slice")
+    blocks = alg.new(full)
+    rest = alg.new(n - s - full * st)
+    if count > full:  # the last selected item starts the rest, which is shorter than a block
+        cx.pin(rest, "the tail of a strided slice holds its last selected item")
+    cx.tie(xv, alg.sum([alg.new(s), alg.prod([blocks, inner]), rest]))
+    cx.tie(yv, alg.sum([blocks, alg.new(count - full)]))
+
+
+# --------------------------------------------------------------------------- einsum
+
+
+def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str] | None:
+    """Operand and output subscripts of an einsum equation, an ellipsis spelt out as letters
+    (right-aligned, as numpy broadcasts it). None if the equation does not fit the operands."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    spare = [chr(c) for c in range(0x100, 0x200)]  # letters no equation uses
+    width = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    dots = "".join(spare[:width])
+    out = []
+    for t, r in zip(terms, ranks):
+        if "..." in t:
+            k = r - len(t.replace("...", ""))
+            if k < 0:
+                return None
+            t = t.replace("...", dots[width - k:])
+        if len(t) != r or not all(ch.isalpha() or ch in dots for ch in t):
+            return None
+        out.append(t)
+    if not arrow:  # implicit output: the letters used once, in alphabetical order
+        counts = {}
+        for t in out:
+            for ch in t:
+                counts[ch] = counts.get(ch, 0) + 1
+        rhs = dots + "".join(sorted(ch for ch, c in counts.items() if c == 1 and ch not in dots))
+    else:
+        rhs = rhs.replace("...", dots)
+    return out, rhs
+
+
+@rule("Einsum")
+def einsum(cx, node):
+    """Every letter is one index running over all the axes that carry it (in any operand, the
+    output, or twice in one operand: a diagonal): permuting that index on all of them at once
+    commutes with the product and the sum. A summed letter is a contraction (it mixes)."""
+    eq = cx.attr("equation")
+    eq = eq.decode() if isinstance(eq, bytes) else str(eq)
+    ins = [x for x in node.input if x]
+    terms = _einsum_terms(eq, [len(cx.shape(x)) for x in ins])
+    y = node.output[0]
+    if terms is None or len(terms[1]) != len(cx.shape(y)):
+        cx.block(node, f"einsum equation {eq!r} does not fit its operands")
+        return
+    subs, rhs = terms
+    where: dict[str, list[tuple[int, int]]] = {}
+    for name, t in zip(ins, subs):
+        for k, ch in enumerate(t):
+            where.setdefault(ch, []).append((cx.ax(name)[k], cx.shape(name)[k]))
+    for k, ch in enumerate(rhs):
+        where.setdefault(ch, []).append((cx.ax(y)[k], cx.shape(y)[k]))
+    for ch, occ in where.items():
+        size = max(n for _, n in occ)
+        full = [v for v, n in occ if n == size]
+        for v in full[1:]:
+            cx.tie(full[0], v)
+        if ch not in rhs:
+            cx.mixes(full[0])
+
+
+# --------------------------------------------------------------------------- fused ops
+# onnxruntime's contrib ops (domain com.microsoft, docs/ContribOperators.md in onnxruntime) as its
+# transformer optimizer emits them, and the opset 23 ops with the same meaning.
+
+MS = "com.microsoft::"
+
+
+def _opt(node, i):
+    """Input ``i`` of ``node`` or "" where absent."""
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _ties_last(cx, names, v):
+    """Tie the last axis of each present tensor to ``v`` (per-feature parameters)."""
+    for n in names:
+        if n:
+            cx.tie(cx.ax(n)[-1], v)
+
+
+@rule(MS + "Gelu", MS + "QuickGelu", MS + "FastGelu", MS + "BiasGelu")
+def ms_gelu(cx, node):
+    """Element-wise activations; FastGelu / BiasGelu add a per-feature bias first."""
+    broadcast(cx, [x for x in node.input if x], node.output[0])
+
+
+@rule(MS + "BiasAdd")
+def ms_bias_add(cx, node):
+    """X + bias + skip: broadcasting."""
+    broadcast(cx, [x for x in node.input if x], node.output[0])
+
+
+@rule(MS + "BiasSplitGelu")
+def ms_bias_split_gelu(cx, node):
+    """(X + bias) split in halves a, b along the last axis; output = a * gelu(b): item i of the
+    output pairs item i of each half."""
+    x, y = node.input[0], node.output[0]
+    xa, ya = cx.ax(x), cx.ax(y)
+    for v, w in zip(xa[:-1], ya[:-1]):
+        cx.tie(v, w)
+    half = cx.ax(y)[-1]
+    cx.tie(xa[-1], cx.alg.sum([half, half]))
+    _ties_last(cx, [_opt(node, 1)], xa[-1])
+
+
+@rule(MS + "SkipLayerNormalization", MS + "SkipSimplifiedLayerNormalization")
+def ms_skip_layer_norm(cx, node):
+    """LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias); gamma / beta / bias
+    are per feature. Optional outputs: mean and inverse std (one per row), and the sum."""
+    x, y = node.input[0], node.output[0]
+    broadcast(cx, [x, _opt(node, 1)], y)
+    tie_all(cx, x, y)
+    feat = cx.ax(y)[-1]
+    cx.mixes(feat)
+    params = [_opt(node, 2), _opt(node, 3), _opt(node, 4)]
+    if node.op_type == "SkipSimplifiedLayerNormalization":
+        params = [_opt(node, 2), _opt(node, 3)]  # gamma, bias
+    _ties_last(cx, params, feat)
+    for extra in node.output[1:3]:
+        if extra:
+            broadcast(cx, [extra], x)
+    if len(node.output) > 3 and node.output[3]:
+        tie_all(cx, node.output[3], y)
+
+
+@rule(MS + "SimplifiedLayerNormalization", MS + "LayerNormalization")
+def ms_layer_norm(cx, node):
+    layer_norm(cx, node)
+
+
+@rule(MS + "EmbedLayerNormalization")
+def ms_embed_layer_norm(cx, node):
+    """Sum of word / position / segment embedding rows, then LayerNorm over the feature axis.
+    Embedding rows are looked up (pinned); their feature axis is the output's."""
+    ids, y = node.input[0], node.output[0]
+    ya = cx.ax(y)
+    cx.tie(cx.ax(ids)[0], ya[0])
+    cx.tie(cx.ax(ids)[1], ya[1])
+    feat = ya[-1]
+    cx.mixes(feat)
+    for i in (2, 3, 4):
+        t = _opt(node, i)
+        if t:
+            cx.pin(cx.ax(t)[0], "embedding rows (looked up by id)")
+            cx.tie(cx.ax(t)[1], feat)
+    _ties_last(cx, [_opt(node, 5), _opt(node, 6)], feat)
+    cx.invariant([_opt(node, 1), _opt(node, 7), _opt(node, 8)])
+    if len(node.output) > 1 and node.output[1]:
+        cx.pin_tensor(node.output[1], "mask index")
+    if len(node.output) > 2 and node.output[2]:
+        tie_all(cx, node.output[2], y)
+
+
+def _split_heads(cx, v, heads):
+    """Tie feature variable ``v`` to ``heads x head_size`` and return the head-size factor."""
+    d = cx.alg.new(cx.alg.size(v) // heads)
+    cx.tie(v, cx.alg.prod([heads, d]))
+    return d
+
+
+def _positions(cx, names, axes, why="attention positions (masks, causal order)"):
+    for n, k in zip(names, axes):
+        if n:
+            cx.pin(cx.ax(n)[k], why)
+
+
+def _head_bias(cx, name, heads, axis=1):
+    """An additive attention bias (batch, heads or 1, q positions, k positions): per head."""
+    if not name:
+        return
+    sh = cx.shape(name)
+    for k, v in enumerate(cx.ax(name)):
+        if len(sh) - k == 4 - axis and sh[k] == cx.alg.size(heads):
+            cx.tie(v, heads)
+        else:
+            cx.pin(v, "attention bias positions")
+
+
+def _cache(cx, names, heads, d, head_axis=1, d_axis=3):
+    """past / present key or value caches (batch, heads, positions, head size)."""
+    for n in names:
+        if n and len(cx.shape(n)) == 4:
+            a = cx.ax(n)
+            cx.tie(a[head_axis], heads)
+            cx.tie(a[d_axis], d)
+            cx.pin(a[2], "cache positions")
+        elif n:
+            cx.pin_tensor(n, "cache layout")
+
+
+@rule(MS + "Attention")
+def ms_attention(cx, node):
+    """Self-attention with packed weights: x @ W + bias = [q | k | v] along W's columns, each
+    heads x head size; per head softmax(q k^T) v, heads concatenated in the output. Heads move
+    together in q, k, v and the output; the q/k head size is one contraction index; the v head
+    size follows the output. Rotary (do_rotary) pins the q/k head size."""
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    heads = cx.alg.new(int(cx.attr("num_heads")))
+    xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
+    cx.tie(xa[-1], wa[0])
+    cx.mixes(xa[-1])
+    total = cx.shape(w)[1]
+    sizes = list(cx.attr("qkv_hidden_sizes") or []) or [total // 3] * 3
+    q, k, v = (cx.alg.new(int(n)) for n in sizes)
+    cx.tie(wa[1], cx.alg.sum([q, k, v]))
+    _ties_last(cx, [_opt(node, 2)], wa[1])
+    dq, dk, dv = (_split_heads(cx, t, heads) for t in (q, k, v))
+    cx.tie(dq, dk)
+    cx.mixes(dq)
+    cx.tie(ya[-1], cx.alg.prod([heads, dv]))
+    cx.tie(xa[0], ya[0])
+    _positions(cx, [x, y], [1, 1])
+    if cx.attr("do_rotary", 0):
+        cx.pin(dq, "rotary embedding of the query/key head size")
+    cx.invariant([_opt(node, 3), _opt(node, 6)])
+    _head_bias(cx, _opt(node, 5), heads)
+    past = [_opt(node, 4)] + list(node.output[1:2])
+    if any(past):  # (2, batch, heads, positions, head size): keys and values share the layout
+        cx.tie(dk, dv)
+        for n in past:
+            if n:
+                a = cx.ax(n)
+                cx.pin(a[0], "key / value slot")
+                cx.tie(a[1], xa[0])
+                cx.tie(a[2], heads)
+                cx.pin(a[3], "cache positions")
+                cx.tie(a[4], dk)
+
+
+def _qkv_3d(cx, name, heads):
+    """A (batch, positions, heads * head size) input: its head-size factor."""
+    return _split_heads(cx, cx.ax(name)[2], heads)
+
+
+@rule(MS + "MultiHeadAttention")
+def ms_multi_head_attention(cx, node):
+    """softmax(q k^T) v per head. q: (B, S, N*H) or packed (B, S, N, 3, H); k: (B, L, N*H),
+    (B, N, L, H) or packed kv (B, L, N, 2, H); v: (B, L, N*Hv) or (B, N, L, Hv). Heads move
+    together; the q/k head size is one contraction index, the v head size follows the output."""
+    q, k, v, y = node.input[0], _opt(node, 1), _opt(node, 2), node.output[0]
+    heads = cx.alg.new(int(cx.attr("num_heads")))
+    qa, ya = cx.ax(q), cx.ax(y)
+    cx.tie(qa[0], ya[0])
+    _positions(cx, [q, y], [1, 1])
+    if len(qa) == 5:  # packed q, k, v
+        cx.tie(qa[2], heads)
+        cx.pin(qa[3], "packed q/k/v slot")
+        dq = dv = qa[4]
+    else:
+        dq = _qkv_3d(cx, q, heads)
+        dv = None
+    if k:
+        ka = cx.ax(k)
+        cx.tie(ka[0], qa[0])
+        if len(ka) == 5:  # packed k, v
+            cx.tie(ka[2], heads)
+            cx.pin(ka[3], "packed k/v slot")
+            cx.tie(ka[4], dq)
+            dv = ka[4]
+            _positions(cx, [k], [1])
+        elif len(ka) == 4:
+            cx.tie(ka[1], heads)
+            cx.tie(ka[3], dq)
+            _positions(cx, [k], [2])
+        else:
+            cx.tie(_qkv_3d(cx, k, heads), dq)
+            _positions(cx, [k], [1])
+    if v:
+        va = cx.ax(v)
+        cx.tie(va[0], qa[0])
+        if len(va) == 4:
+            cx.tie(va[1], heads)
+            dv = va[3]
+            _positions(cx, [v], [2])
+        else:
+            dv = _qkv_3d(cx, v, heads)
+            _positions(cx, [v], [1])
+    cx.mixes(dq)
+    cx.tie(ya[-1], cx.alg.prod([heads, dv]))
+    bias = _opt(node, 3)
+    if bias:
+        hq = cx.alg.prod([heads, dq])
+        cx.tie(cx.ax(bias)[0], cx.alg.sum([hq, cx.alg.prod([heads, dq]), cx.alg.prod([heads, dv])]))
+    cx.invariant([_opt(node, 4), _opt(node, 8), _opt(node, 9)])
+    _head_bias(cx, _opt(node, 5), heads)
+    _cache(cx, [_opt(node, 6), node.output[1] if len(node.output) > 1 else ""], heads, dq)
+    _cache(cx, [_opt(node, 7), node.output[2] if len(node.output) > 2 else ""], heads, dv)
+    if len(node.output) > 3 and node.output[3]:
+        _head_bias(cx, node.output[3], heads)
+
+
+@rule(MS + "GroupQueryAttention")
+def ms_group_query_attention(cx, node):
+    """Query head h reads key/value head h // (num_heads / kv_num_heads). Heads factor into
+    kv heads x group: kv heads move together everywhere; query heads move freely inside their
+    group (q and output only); the q/k head size is one contraction index, the v head size
+    follows the output. q may pack [q | k | v] when key and value are absent."""
+    q, k, v, y = node.input[0], _opt(node, 1), _opt(node, 2), node.output[0]
+    n, nk = int(cx.attr("num_heads")), int(cx.attr("kv_num_heads"))
+    kvh, grp = cx.alg.new(nk), cx.alg.new(n // nk)
+    qa, ya = cx.ax(q), cx.ax(y)
+    head = cx.shape(y)[-1] // n
+    dq, dv = cx.alg.new(head), cx.alg.new(head)
+    qf = cx.alg.prod([kvh, grp, dq])
+    kf, vf = cx.alg.prod([kvh, dq]), cx.alg.prod([kvh, dv])
+    if k:
+        cx.tie(qa[-1], qf)
+        cx.tie(cx.ax(k)[-1], kf)
+        cx.tie(cx.ax(v)[-1], vf)
+        for t in (k, v):
+            cx.tie(cx.ax(t)[0], qa[0])
+            _positions(cx, [t], [1])
+    else:
+        cx.tie(qa[-1], cx.alg.sum([qf, kf, vf]))
+    cx.mixes(dq)
+    cx.tie(ya[-1], cx.alg.prod([kvh, grp, dv]))
+    cx.tie(qa[0], ya[0])
+    _positions(cx, [q, y], [1, 1])
+    if cx.attr("do_rotary", 0):
+        cx.pin(dq, "rotary embedding of the query/key head size")
+    cx.invariant([_opt(node, i) for i in (5, 6, 7, 8, 9)])
+    _head_bias(cx, _opt(node, 10), cx.alg.prod([kvh, grp]))
+    sink = _opt(node, 11)
+    if sink:
+        cx.tie(cx.ax(sink)[0], cx.alg.prod([kvh, grp]))
+    _cache(cx, [_opt(node, 3), node.output[1] if len(node.output) > 1 else ""], kvh, dq)
+    _cache(cx, [_opt(node, 4), node.output[2] if len(node.output) > 2 else ""], kvh, dv)
+    if len(node.output) > 3 and node.output[3]:
+        _head_bias(cx, node.output[3], cx.alg.prod([kvh, grp]))
+
+
+@rule("Attention")
+def onnx_attention(cx, node):
+    """opset 23 Attention: Q (B, Nq, S, H) or (B, S, Nq*H); K, V (B, Nkv, L, H|Hv) or 3-D. Query
+    head h reads key/value head h // (Nq / Nkv) (numpy repeat), so heads factor into kv heads x
+    group, as in GroupQueryAttention; the q/k head size is one contraction index."""
+    q, k, v, y = node.input[:3] + [node.output[0]]
+    qa, ka, va, ya = cx.ax(q), cx.ax(k), cx.ax(v), cx.ax(y)
+    four = len(qa) == 4
+    nq = cx.shape(q)[1] if four else int(cx.attr("q_num_heads"))
+    nk = cx.shape(k)[1] if four else int(cx.attr("kv_num_heads"))
+    kvh, grp = cx.alg.new(nk), cx.alg.new(nq // nk)
+    heads = cx.alg.prod([kvh, grp])
+    for t in (k, v, y):
+        cx.tie(cx.ax(t)[0], qa[0])
+    if four:
+        cx.tie(qa[1], heads)
+        cx.tie(ya[1], cx.alg.prod([kvh, grp]))
+        cx.tie(ka[1], kvh)
+        cx.tie(va[1], kvh)
+        dq, dv = qa[3], va[3]
+        cx.tie(ka[3], dq)
+        cx.tie(ya[3], dv)
+        _positions(cx, [q, k, v, y], [2, 2, 2, 2])
+    else:
+        dq = cx.alg.new(cx.shape(q)[2] // nq)
+        dv = cx.alg.new(cx.shape(v)[2] // nk)
+        cx.tie(qa[2], cx.alg.prod([kvh, grp, dq]))
+        cx.tie(ka[2], cx.alg.prod([kvh, dq]))
+        cx.tie(va[2], cx.alg.prod([kvh, dv]))
+        cx.tie(ya[2], cx.alg.prod([kvh, grp, dv]))
+        _positions(cx, [q, k, v, y], [1, 1, 1, 1])
+    cx.mixes(dq)
+    _head_bias(cx, _opt(node, 3), cx.alg.prod([kvh, grp]))
+    cx.invariant([_opt(node, 6)])
+    _cache(cx, [_opt(node, 4), node.output[1] if len(node.output) > 1 else ""], kvh, dq)
+    _cache(cx, [_opt(node, 5), node.output[2] if len(node.output) > 2 else ""], kvh, dv)
+    if len(node.output) > 3 and node.output[3]:
+        _head_bias(cx, node.output[3], cx.alg.prod([kvh, grp]))
+
+
+@rule("RotaryEmbedding", MS + "RotaryEmbedding")
+def rotary_embedding(cx, node):
+    """Rotates pairs of head-size items by position-dependent angles: heads move freely, the
+    head size and positions are pinned. x: (B, S, N*H) with num_heads, or (B, N, S, H)."""
+    x, y = node.input[0], node.output[0]
+    tie_all(cx, x, y)
+    xa = cx.ax(x)
+    n = int(cx.attr("num_heads", 0) or 0)
+    if len(xa) == 4:
+        cx.pin(xa[2], "rotary positions")
+        cx.pin(xa[3], "rotary embedding of the head size")
+    elif n:
+        d = _split_heads(cx, xa[2], cx.alg.new(n))
+        cx.pin(d, "rotary embedding of the head size")
+        cx.pin(xa[1], "rotary positions")
+    else:
+        cx.pin(xa[-1], "rotary embedding (heads unknown)")
+        cx.pin(xa[1], "rotary positions")
+    cx.invariant(node.input[1:])
+
+
+@rule(MS + "MatMulNBits")
+def ms_matmul_nbits(cx, node):
+    """y = A @ dequant(B)^T (+ bias), B: (N, blocks, blob) quantized in blocks of block_size
+    along K. Output rows move with B's rows, their scales, zero points and bias. Along K, whole
+    blocks move together in A, B, scales and unpacked zero points; positions inside a block
+    share bytes of the blob: pinned. Packed (uint8) zero points hold several blocks per byte,
+    so then blocks are pinned too."""
+    a, b, y = node.input[0], node.input[1], node.output[0]
+    aa, ba, ya = cx.ax(a), cx.ax(b), cx.ax(y)
+    kdim, ndim = int(cx.attr("K")), int(cx.attr("N"))
+    bs = int(cx.attr("block_size"))
+    nb = cx.shape(b)[1]
+    cx.packed_weight(b)
+    rows, blocks = ba[0], ba[1]
+    cx.pin(ba[2], "quantized blob (several items per byte)")
+    cx.tie(ya[-1], rows)
+    for v, w in zip(aa[:-1], ya[:-1]):
+        cx.tie(v, w)
+    cx.mixes(aa[-1])
+    inner = cx.alg.new(bs)
+    cx.pin(inner, "positions inside a quantization block")
+    if kdim == nb * bs:
+        cx.tie(aa[-1], cx.alg.prod([blocks, inner]))
+    else:
+        cx.pin(aa[-1], "K is not a whole number of quantization blocks")
+        cx.pin(blocks, "K is not a whole number of quantization blocks")
+    for i in (2, 3):  # scales, zero points: (N * blocks) or (N, blocks); packed bytes per row
+        t = _opt(node, i)
+        if not t:
+            continue
+        sh = cx.shape(t)
+        ta = cx.ax(t)
+        if i == 3 and cx.value(t) is not None:
+            cx.packed_weight(t)
+        if sh == (ndim, nb):
+            cx.tie(ta[0], rows)
+            cx.tie(ta[1], blocks)
+        elif sh == (ndim * nb,):
+            cx.tie(ta[0], cx.alg.prod([rows, blocks]))
+        elif len(sh) == 1 and sh[0] % ndim == 0 or len(sh) == 2 and sh[0] == ndim:
+            per = cx.alg.new(int(np.prod(sh)) // ndim)
+            cx.pin(per, "packed zero points (several blocks per byte)")
+            cx.pin(blocks, "packed zero points (several blocks per byte)")
+            if len(sh) == 1:
+                cx.tie(ta[0], cx.alg.prod([rows, per]))
+            else:
+                cx.tie(ta[0], rows)
+                cx.tie(ta[1], per)
+        else:
+            cx.block(node, f"unexpected shape {sh} of {t}")
+            return
+    cx.invariant([_opt(node, 4)])
+    if _opt(node, 4):
+        cx.pin(blocks, "g_idx maps K positions to blocks")
+    _ties_last(cx, [_opt(node, 5)], rows)
