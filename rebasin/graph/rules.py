@@ -777,7 +777,7 @@ def ms_embed_layer_norm(cx, node):
 
 def _split_heads(cx, v, heads):
     """Tie feature variable ``v`` to ``heads x head_size`` and return the head-size factor."""
-    d = cx.alg.new(cx.alg.size(v) // heads)
+    d = cx.alg.new(cx.alg.size(v) // cx.alg.size(heads))
     cx.tie(v, cx.alg.prod([heads, d]))
     return d
 
