@@ -17,6 +17,7 @@ from rebasin.graph.axes import AxisAlgebra
 from rebasin.graph.ir import Graph, attr
 from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.rules import RULES
+from rebasin.graph.slots import split_slots
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 
 
@@ -157,6 +158,7 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
         g = build_torch_graph(model, example_inputs, tracer=tracer)
     else:
         g = build_graph(model, feeds)
+    g = split_slots(g)
     cx = _Context(g, strict)
     for name, node in g.nodes:
         cx.node, cx.node_name = node, name
