@@ -159,7 +159,9 @@ def frontends_may_differ(arch: Arch) -> bool:
     layer_norm per head after a view into heads, the other way round (the ONNX path ties)."""
     coarser_in_one = any(b.get("norm") == "groupnorm" or (b["op"] == "heads" and b["kind"] == "layernorm")
                          for b in arch.blocks)
-    return coarser_in_one or bool(archgen.torch_frontend_gaps(arch))
+    # Einsum: the ONNX rule sees through it; aten::einsum has no torch lowering on this branch yet
+    einsum = any(b.get("einsum") for b in arch.blocks)
+    return coarser_in_one or einsum or bool(archgen.torch_frontend_gaps(arch))
 
 
 # --------------------------------------------------------------------------- properties

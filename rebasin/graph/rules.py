@@ -55,11 +55,19 @@ UNARY = ["Relu", "Sigmoid", "Tanh", "Exp", "Log", "Abs", "Neg", "Sqrt", "Recipro
 
 @rule(*UNARY)
 def elementwise_unary(cx, node):
+    """Element-wise: every axis of the output is the input's.
+
+    Pins: nothing.
+    """
     tie_all(cx, node.input[0], node.output[0])
 
 
 @rule("Dropout")
 def dropout(cx, node):
+    """Element-wise (inference): output and mask follow the input axis for axis.
+
+    Pins: the ratio / training-mode inputs (parameters).
+    """
     for y in node.output:
         if y:
             tie_all(cx, node.input[0], y)
@@ -68,6 +76,10 @@ def dropout(cx, node):
 
 @rule("Clip")
 def clip(cx, node):
+    """Element-wise: output axes are the input's.
+
+    Pins: the min / max inputs (parameters).
+    """
     tie_all(cx, node.input[0], node.output[0])
     cx.invariant(node.input[1:])
 
@@ -75,17 +87,30 @@ def clip(cx, node):
 @rule("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Mod", "Equal", "Less", "Greater", "LessOrEqual",
       "GreaterOrEqual", "And", "Or", "Xor", "BitShift", "Sum", "Mean", "Max", "Min", "Where")
 def elementwise_broadcast(cx, node):
+    """Numpy broadcasting: an input axis of the output's size is the output's axis.
+
+    Pins: an axis broadcast from a size other than 1 (cannot happen in a valid model).
+    """
     broadcast(cx, list(node.input), node.output[0])
 
 
 @rule("Expand")
 def expand(cx, node):
+    """Broadcasting of the input to the target shape.
+
+    Pins: the shape input.
+    """
     cx.invariant(node.input[1:])
     broadcast(cx, [node.input[0]], node.output[0])
 
 
 @rule("Gemm")
 def gemm(cx, node):
+    """A's columns contract with B's rows (after transA/transB); rows of A and columns of B carry to Y;
+    C broadcasts.
+
+    Pins: nothing.
+    """
     a, b = cx.ax(node.input[0]), cx.ax(node.input[1])
     if cx.attr("transA", 0):
         a = a[::-1]
@@ -102,6 +127,11 @@ def gemm(cx, node):
 
 @rule("MatMul")
 def matmul(cx, node):
+    """Numpy matmul: the contraction axes are one variable, the free axes carry to the output, batch
+    axes broadcast.
+
+    Pins: a batch axis broadcast from a size other than 1.
+    """
     a, b, y = node.input[0], node.input[1], node.output[0]
     xa, xb, xy = cx.ax(a), cx.ax(b), cx.ax(y)
     cx.mixes(xa[-1])
@@ -145,6 +175,11 @@ def _spatial_pin(cx, names, why):
 
 @rule("Conv")
 def conv(cx, node):
+    """Output channels are W's rows; input channels are W's columns (per group: groups x channels in a
+    group).
+
+    Pins: spatial axes of input, weight and output (the window is position dependent).
+    """
     x, w, y = node.input[0], node.input[1], node.output[0]
     g = int(cx.attr("group", 1))
     xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
@@ -167,6 +202,10 @@ def conv(cx, node):
 
 @rule("ConvTranspose")
 def conv_transpose(cx, node):
+    """Input channels are W's rows; output channels are W's columns (per group).
+
+    Pins: spatial axes (the window).
+    """
     x, w, y = node.input[0], node.input[1], node.output[0]
     g = int(cx.attr("group", 1))
     xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
@@ -188,6 +227,10 @@ def conv_transpose(cx, node):
 
 @rule("BatchNormalization", "InstanceNormalization")
 def channel_norm(cx, node):
+    """Per-channel normalization: scale, bias, running mean / variance move with the channel axis.
+
+    Pins: nothing; instance statistics mix the spatial axes.
+    """
     x = node.input[0]
     tie_all(cx, x, node.output[0])
     c = cx.ax(x)[1]
@@ -204,6 +247,11 @@ def channel_norm(cx, node):
 
 @rule("GroupNormalization")
 def group_norm(cx, node):
+    """Channels = groups x channels in a group: groups permute, and channels inside each group (per-
+    group parameters follow groups).
+
+    Pins: nothing.
+    """
     x = node.input[0]
     tie_all(cx, x, node.output[0])
     g = int(cx.attr("num_groups"))
@@ -219,7 +267,13 @@ def group_norm(cx, node):
 
 @rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layer_norm(cx, node):
-    """Statistics over the normalized axes are invariant to any permutation of them."""
+    """Statistics over the normalized axes are invariant to any permutation of them; scale and bias
+    broadcast.
+
+    Pins: nothing (statistics mix the normalized axes).
+
+    Statistics over the normalized axes are invariant to any permutation of them.
+    """
     x = node.input[0]
     tie_all(cx, x, node.output[0])
     rank = len(cx.shape(x))
@@ -250,6 +304,11 @@ def _reduce_axes(cx, node):
 
 @rule(*REDUCE, "ArgMax", "ArgMin")
 def reduce(cx, node):
+    """Kept axes carry to the output; reduced axes mix (sum, mean, max ... are permutation invariant).
+
+    Pins: the reduced axis of ArgMax / ArgMin (it returns positions); non-constant reduction axes
+    block the node.
+    """
     x, y = node.input[0], node.output[0]
     cx.invariant(node.input[1:])
     if node.op_type in ("ArgMax", "ArgMin"):
@@ -276,6 +335,10 @@ def reduce(cx, node):
 
 @rule("Softmax", "LogSoftmax", "Hardmax")
 def softmax(cx, node):
+    """Element-wise along the axes it normalizes (they mix); other axes carry through.
+
+    Pins: nothing.
+    """
     tie_all(cx, node.input[0], node.output[0])
     rank = len(cx.shape(node.input[0]))
     axis = _norm(int(cx.attr("axis", -1)), rank)
@@ -285,6 +348,10 @@ def softmax(cx, node):
 
 @rule("CumSum")
 def cumsum(cx, node):
+    """Element-wise except along the summed axis.
+
+    Pins: the summed axis (order dependent); a non-constant axis blocks the node.
+    """
     tie_all(cx, node.input[0], node.output[0])
     v = cx.value(node.input[1])
     if v is None:
@@ -296,6 +363,10 @@ def cumsum(cx, node):
 
 @rule("Trilu")
 def trilu(cx, node):
+    """Element-wise except the last two axes.
+
+    Pins: the last two axes (the triangle is position dependent).
+    """
     tie_all(cx, node.input[0], node.output[0])
     cx.invariant(node.input[1:])
     for v in cx.ax(node.input[0])[-2:]:
@@ -304,6 +375,11 @@ def trilu(cx, node):
 
 @rule("Concat")
 def concat(cx, node):
+    """The concatenated axis is the sum of the inputs' axes (each a piece of its own); other axes are
+    shared.
+
+    Pins: nothing.
+    """
     y = node.output[0]
     rank = len(cx.shape(y))
     axis = _norm(int(cx.attr("axis")), rank)
@@ -317,6 +393,10 @@ def concat(cx, node):
 
 @rule("Split")
 def split(cx, node):
+    """The split axis is the sum of the outputs' axes (each a piece of its own); other axes are shared.
+
+    Pins: the split sizes input.
+    """
     x = node.input[0]
     rank = len(cx.shape(x))
     axis = _norm(int(cx.attr("axis", 0)), rank)
@@ -331,6 +411,11 @@ def split(cx, node):
 
 @rule("Slice")
 def slice_(cx, node):
+    """A contiguous slice is a piece of its input axis; a slice with step k > 1 takes the first item of
+    each block of k, so whole blocks move together.
+
+    Pins: positions inside a stride block; reversed slices; non-constant bounds block the node.
+    """
     x, y = node.input[0], node.output[0]
     cx.invariant(node.input[1:])
     shape = cx.shape(x)
@@ -371,6 +456,11 @@ def slice_(cx, node):
 
 @rule("Gather")
 def gather(cx, node):
+    """Axes before and after the indexed axis carry to the output; the index tensor's axes carry to the
+    output's.
+
+    Pins: the indexed axis of the data (positions).
+    """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     rank = len(cx.shape(data))
     axis = _norm(int(cx.attr("axis", 0)), rank)
@@ -386,7 +476,10 @@ def gather(cx, node):
 
 @rule("GatherElements")
 def gather_elements(cx, node):
-    """y[.., i, ..] = x[.., idx[.., i, ..], ..] along ``axis``; other axes index x, idx, y alike."""
+    """y[.., i, ..] = x[.., idx[.., i, ..], ..] along ``axis``; other axes index x, idx, y alike.
+
+    Pins: the indexed axis; an axis of x longer than idx's.
+    """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     rank = len(cx.shape(data))
     axis = _norm(int(cx.attr("axis", 0)), rank)
@@ -406,6 +499,10 @@ def gather_elements(cx, node):
 
 @rule("Transpose")
 def transpose(cx, node):
+    """Output axis i is input axis perm[i].
+
+    Pins: nothing.
+    """
     xa, ya = cx.ax(node.input[0]), cx.ax(node.output[0])
     perm = cx.attr("perm") or list(range(len(xa)))[::-1]
     for i, p in enumerate(perm):
@@ -414,7 +511,10 @@ def transpose(cx, node):
 
 @rule("Squeeze", "Unsqueeze", "Reshape", "Flatten")
 def reshape(cx, node):
-    """Row-major reshape: groups of axes with equal products are one variable with factors."""
+    """Row-major reshape: groups of axes with equal products are one variable with factors.
+
+    Pins: the shape input.
+    """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     xs, ys = cx.shape(x), cx.shape(y)
@@ -442,6 +542,10 @@ def reshape(cx, node):
 
 @rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def pool(cx, node):
+    """Batch and channel axes carry to the output.
+
+    Pins: spatial axes of windowed pooling; pooling indices outputs.
+    """
     x, y = node.input[0], node.output[0]
     xa, ya = cx.ax(x), cx.ax(y)
     cx.tie(xa[0], ya[0])
@@ -455,6 +559,10 @@ def pool(cx, node):
 
 @rule("Resize", "Upsample")
 def resize(cx, node):
+    """Axes of unchanged size carry to the output.
+
+    Pins: resized axes; every axis in tf_crop_and_resize mode.
+    """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     crop = cx.attr("coordinate_transformation_mode", b"") in (b"tf_crop_and_resize",
@@ -469,6 +577,10 @@ def resize(cx, node):
 
 @rule("Tile")
 def tile(cx, node):
+    """A tiled axis is (repeats x input axis): the input's variable is the inner factor.
+
+    Pins: the repeats input.
+    """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     for v, w, n, m in zip(cx.ax(x), cx.ax(y), cx.shape(x), cx.shape(y)):
@@ -477,7 +589,10 @@ def tile(cx, node):
 
 @rule("Shape", "Size", "Range", "EyeLike", "NonZero", "RandomNormalLike", "RandomUniformLike")
 def shape_like(cx, node):
-    """Outputs depend on shapes or positions only: they must stay where they are."""
+    """Outputs depend on shapes or positions only: they must stay where they are.
+
+    Pins: every output axis.
+    """
     for y in node.output:
         if y:
             cx.pin_tensor(y, f"{node.op_type} output is position dependent")
@@ -487,12 +602,19 @@ def shape_like(cx, node):
 
 @rule("ConstantOfShape")
 def constant_of_shape(cx, node):
+    """The output is constant along every axis: it ties nothing.
+
+    Pins: the shape input.
+    """
     cx.invariant(node.input)  # output is constant along every axis: free
 
 
 @rule("SplitToSequence")
 def split_to_sequence(cx, node):
-    """Sequences have no axes of their own: each piece gets variables, read by SequenceAt."""
+    """Sequences have no axes of their own: each piece gets variables, read by SequenceAt.
+
+    Pins: the whole node when the sequence is read by other ops or split sizes are unknown.
+    """
     x, seq = node.input[0], node.output[0]
     if seq in cx.g.outputs or any(n.op_type != "SequenceAt" for n in cx.consumers(seq)):
         cx.block(node, "sequence is read by ops other than SequenceAt")
@@ -524,6 +646,10 @@ def split_to_sequence(cx, node):
 
 @rule("SequenceAt")
 def sequence_at(cx, node):
+    """The output's axes are those of the selected piece.
+
+    Pins: the whole node when sequence or position is unknown.
+    """
     info = cx.sequences.get(node.input[0])
     pos = cx.value(node.input[1])
     cx.invariant(node.input[1:])
@@ -543,8 +669,14 @@ def sequence_at(cx, node):
 
 @rule("GatherND")
 def gather_nd(cx, node):
-    """y[b.., i.., rest..] = x[b.., idx[b.., i.., :], rest..]: the ``m`` indexed axes of x are
-    position dependent; batch axes, index positions and the trailing axes of x carry through."""
+    """y[b.., i.., rest..] = x[b.., idx[b.., i.., :], rest..]: batch axes, index positions and trailing
+    axes of x carry through.
+
+    Pins: the m indexed axes of x and the last axis of the index tuple.
+
+    y[b.., i.., rest..] = x[b.., idx[b.., i.., :], rest..]: the ``m`` indexed axes of x are
+    position dependent; batch axes, index positions and the trailing axes of x carry through.
+    """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     b = int(cx.attr("batch_dims", 0))
     da, ia, ya = cx.ax(data), cx.ax(idx), cx.ax(y)
@@ -576,9 +708,15 @@ def _pad_amounts(cx, node, rank):
 
 @rule("Pad")
 def pad(cx, node):
-    """Constant padding: y = [c]*before ++ x ++ [c]*after along an axis, so x is a piece of y and
+    """Constant padding: x is a piece of the padded axis, each padding run (equal entries) is a piece
+    of its own; negative amounts crop x, the kept part being a piece of x.
+
+    Pins: padded axes in reflect / edge / wrap mode; unknown pad amounts.
+
+    Constant padding: y = [c]*before ++ x ++ [c]*after along an axis, so x is a piece of y and
     each padding piece (all entries equal) is a piece of its own; negative amounts crop x, so the
-    kept part of x is a piece of x. Reflect / edge / wrap padding copies positions: pinned."""
+    kept part of x is a piece of x. Reflect / edge / wrap padding copies positions: pinned.
+    """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     rank = len(cx.shape(x))
@@ -656,9 +794,15 @@ def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str] | No
 
 @rule("Einsum")
 def einsum(cx, node):
-    """Every letter is one index running over all the axes that carry it (in any operand, the
+    """Every letter is one index over all the axes that carry it (operands, output, repeated letters =
+    diagonals); summed letters mix.
+
+    Pins: nothing; an equation that does not fit the operands blocks the node.
+
+    Every letter is one index running over all the axes that carry it (in any operand, the
     output, or twice in one operand: a diagonal): permuting that index on all of them at once
-    commutes with the product and the sum. A summed letter is a contraction (it mixes)."""
+    commutes with the product and the sum. A summed letter is a contraction (it mixes).
+    """
     eq = cx.attr("equation")
     eq = eq.decode() if isinstance(eq, bytes) else str(eq)
     ins = [x for x in node.input if x]
@@ -704,20 +848,34 @@ def _ties_last(cx, names, v):
 
 @rule(MS + "Gelu", MS + "QuickGelu", MS + "FastGelu", MS + "BiasGelu")
 def ms_gelu(cx, node):
-    """Element-wise activations; FastGelu / BiasGelu add a per-feature bias first."""
+    """Element-wise activations; FastGelu / BiasGelu add a per-feature bias first (broadcast).
+
+    Pins: nothing.
+
+    Element-wise activations; FastGelu / BiasGelu add a per-feature bias first.
+    """
     broadcast(cx, [x for x in node.input if x], node.output[0])
 
 
 @rule(MS + "BiasAdd")
 def ms_bias_add(cx, node):
-    """X + bias + skip: broadcasting."""
+    """X + bias + skip: broadcasting.
+
+    Pins: nothing.
+    """
     broadcast(cx, [x for x in node.input if x], node.output[0])
 
 
 @rule(MS + "BiasSplitGelu")
 def ms_bias_split_gelu(cx, node):
-    """(X + bias) split in halves a, b along the last axis; output = a * gelu(b): item i of the
-    output pairs item i of each half."""
+    """(X + bias) split in halves a, b along the last axis, output a * gelu(b): item i of the output
+    pairs item i of each half.
+
+    Pins: nothing.
+
+    (X + bias) split in halves a, b along the last axis; output = a * gelu(b): item i of the
+    output pairs item i of each half.
+    """
     x, y = node.input[0], node.output[0]
     xa, ya = cx.ax(x), cx.ax(y)
     for v, w in zip(xa[:-1], ya[:-1]):
@@ -729,8 +887,14 @@ def ms_bias_split_gelu(cx, node):
 
 @rule(MS + "SkipLayerNormalization", MS + "SkipSimplifiedLayerNormalization")
 def ms_skip_layer_norm(cx, node):
-    """LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias); gamma / beta / bias
-    are per feature. Optional outputs: mean and inverse std (one per row), and the sum."""
+    """LayerNorm (RMSNorm) over the last axis of input + skip (+ bias): gamma / beta / bias are per
+    feature; the optional sum output is the input's.
+
+    Pins: nothing (statistics mix the feature axis).
+
+    LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias); gamma / beta / bias
+    are per feature. Optional outputs: mean and inverse std (one per row), and the sum.
+    """
     x, y = node.input[0], node.output[0]
     broadcast(cx, [x, _opt(node, 1)], y)
     tie_all(cx, x, y)
@@ -747,15 +911,16 @@ def ms_skip_layer_norm(cx, node):
         tie_all(cx, node.output[3], y)
 
 
-@rule(MS + "SimplifiedLayerNormalization", MS + "LayerNormalization")
-def ms_layer_norm(cx, node):
-    layer_norm(cx, node)
-
-
 @rule(MS + "EmbedLayerNormalization")
 def ms_embed_layer_norm(cx, node):
-    """Sum of word / position / segment embedding rows, then LayerNorm over the feature axis.
-    Embedding rows are looked up (pinned); their feature axis is the output's."""
+    """Word / position / segment embedding rows summed, LayerNorm over features: every embedding's
+    columns, gamma and beta are the output's feature axis.
+
+    Pins: embedding rows (looked up by id); the ids, mask and mask index.
+
+    Sum of word / position / segment embedding rows, then LayerNorm over the feature axis.
+    Embedding rows are looked up (pinned); their feature axis is the output's.
+    """
     ids, y = node.input[0], node.output[0]
     ya = cx.ax(y)
     cx.tie(cx.ax(ids)[0], ya[0])
@@ -814,10 +979,17 @@ def _cache(cx, names, heads, d, head_axis=1, d_axis=3):
 
 @rule(MS + "Attention")
 def ms_attention(cx, node):
-    """Self-attention with packed weights: x @ W + bias = [q | k | v] along W's columns, each
+    """Packed weights: x @ W = [q | k | v], each heads x head size; heads move together, q/k head size
+    is one contraction index, v head size follows the output; the past cache ties k and v head
+    sizes.
+
+    Pins: positions; the q/k head size under do_rotary; mask inputs.
+
+    Self-attention with packed weights: x @ W + bias = [q | k | v] along W's columns, each
     heads x head size; per head softmax(q k^T) v, heads concatenated in the output. Heads move
     together in q, k, v and the output; the q/k head size is one contraction index; the v head
-    size follows the output. Rotary (do_rotary) pins the q/k head size."""
+    size follows the output. Rotary (do_rotary) pins the q/k head size.
+    """
     x, w, y = node.input[0], node.input[1], node.output[0]
     heads = cx.alg.new(int(cx.attr("num_heads")))
     xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
@@ -858,9 +1030,15 @@ def _qkv_3d(cx, name, heads):
 
 @rule(MS + "MultiHeadAttention")
 def ms_multi_head_attention(cx, node):
-    """softmax(q k^T) v per head. q: (B, S, N*H) or packed (B, S, N, 3, H); k: (B, L, N*H),
+    """softmax(q k^T) v per head, with 3-D, 4-D (B, N, L, H) or packed q/k/v; packed bias = [q | k |
+    v]; caches follow heads and head sizes.
+
+    Pins: positions; packed q/k/v slot axes; mask inputs.
+
+    softmax(q k^T) v per head. q: (B, S, N*H) or packed (B, S, N, 3, H); k: (B, L, N*H),
     (B, N, L, H) or packed kv (B, L, N, 2, H); v: (B, L, N*Hv) or (B, N, L, Hv). Heads move
-    together; the q/k head size is one contraction index, the v head size follows the output."""
+    together; the q/k head size is one contraction index, the v head size follows the output.
+    """
     q, k, v, y = node.input[0], _opt(node, 1), _opt(node, 2), node.output[0]
     heads = cx.alg.new(int(cx.attr("num_heads")))
     qa, ya = cx.ax(q), cx.ax(y)
@@ -915,10 +1093,16 @@ def ms_multi_head_attention(cx, node):
 
 @rule(MS + "GroupQueryAttention")
 def ms_group_query_attention(cx, node):
-    """Query head h reads key/value head h // (num_heads / kv_num_heads). Heads factor into
+    """Query head h reads kv head h // (num_heads / kv_num_heads): heads = kv heads x group; kv heads
+    move everywhere, query heads inside their group; q/k head size is one contraction index.
+
+    Pins: positions; q/k head size under do_rotary; sequence lengths, cos / sin caches.
+
+    Query head h reads key/value head h // (num_heads / kv_num_heads). Heads factor into
     kv heads x group: kv heads move together everywhere; query heads move freely inside their
     group (q and output only); the q/k head size is one contraction index, the v head size
-    follows the output. q may pack [q | k | v] when key and value are absent."""
+    follows the output. q may pack [q | k | v] when key and value are absent.
+    """
     q, k, v, y = node.input[0], _opt(node, 1), _opt(node, 2), node.output[0]
     n, nk = int(cx.attr("num_heads")), int(cx.attr("kv_num_heads"))
     kvh, grp = cx.alg.new(nk), cx.alg.new(n // nk)
@@ -955,9 +1139,15 @@ def ms_group_query_attention(cx, node):
 
 @rule("Attention")
 def onnx_attention(cx, node):
-    """opset 23 Attention: Q (B, Nq, S, H) or (B, S, Nq*H); K, V (B, Nkv, L, H|Hv) or 3-D. Query
+    """opset 23 Attention, MHA or GQA (query head h reads kv head h // (Nq / Nkv)): as
+    GroupQueryAttention, 3-D or 4-D inputs.
+
+    Pins: positions; masks follow heads where they have a heads axis.
+
+    opset 23 Attention: Q (B, Nq, S, H) or (B, S, Nq*H); K, V (B, Nkv, L, H|Hv) or 3-D. Query
     head h reads key/value head h // (Nq / Nkv) (numpy repeat), so heads factor into kv heads x
-    group, as in GroupQueryAttention; the q/k head size is one contraction index."""
+    group, as in GroupQueryAttention; the q/k head size is one contraction index.
+    """
     q, k, v, y = node.input[:3] + [node.output[0]]
     qa, ka, va, ya = cx.ax(q), cx.ax(k), cx.ax(v), cx.ax(y)
     four = len(qa) == 4
@@ -995,8 +1185,13 @@ def onnx_attention(cx, node):
 
 @rule("RotaryEmbedding", MS + "RotaryEmbedding")
 def rotary_embedding(cx, node):
-    """Rotates pairs of head-size items by position-dependent angles: heads move freely, the
-    head size and positions are pinned. x: (B, S, N*H) with num_heads, or (B, N, S, H)."""
+    """Rotates pairs of head-size items by position-dependent angles: heads move freely.
+
+    Pins: the head size and positions (so heads move only when num_heads or a 4-D input shows them).
+
+    Rotates pairs of head-size items by position-dependent angles: heads move freely, the
+    head size and positions are pinned. x: (B, S, N*H) with num_heads, or (B, N, S, H).
+    """
     x, y = node.input[0], node.output[0]
     tie_all(cx, x, y)
     xa = cx.ax(x)
@@ -1016,11 +1211,18 @@ def rotary_embedding(cx, node):
 
 @rule(MS + "MatMulNBits")
 def ms_matmul_nbits(cx, node):
-    """y = A @ dequant(B)^T (+ bias), B: (N, blocks, blob) quantized in blocks of block_size
+    """y = A @ dequant(B)^T: output rows move with B's rows, their scales, zero points and bias; along
+    K whole quantization blocks move in A, B, scales and unpacked zero points.
+
+    Pins: positions inside a quantization block (bytes of the blob); blocks with packed 4-bit zero
+    points or g_idx; K not a multiple of block_size.
+
+    y = A @ dequant(B)^T (+ bias), B: (N, blocks, blob) quantized in blocks of block_size
     along K. Output rows move with B's rows, their scales, zero points and bias. Along K, whole
     blocks move together in A, B, scales and unpacked zero points; positions inside a block
     share bytes of the blob: pinned. Packed (uint8) zero points hold several blocks per byte,
-    so then blocks are pinned too."""
+    so then blocks are pinned too.
+    """
     a, b, y = node.input[0], node.input[1], node.output[0]
     aa, ba, ya = cx.ax(a), cx.ax(b), cx.ax(y)
     kdim, ndim = int(cx.attr("K")), int(cx.attr("N"))
@@ -1069,3 +1271,28 @@ def ms_matmul_nbits(cx, node):
     if _opt(node, 4):
         cx.pin(blocks, "g_idx maps K positions to blocks")
     _ties_last(cx, [_opt(node, 5)], rows)
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+def ops_table() -> str:
+    """The op table of docs/ops.md, from the rules' docstrings (first paragraph: the rule;
+    ``Pins:`` paragraph: what it pins). ``python -m benchmarks.ops_doc`` writes it into the doc.
+
+    Example:
+        >>> ops_table().splitlines()[0]
+        '| ops | rule | pins or blocks |'
+    """
+    import inspect
+
+    groups: dict = {}
+    for op, fn in RULES.items():
+        groups.setdefault(fn, []).append(op)
+    rows = ["| ops | rule | pins or blocks |", "|---|---|---|"]
+    for fn, ops in groups.items():
+        paras = inspect.cleandoc(fn.__doc__ or "").split("\n\n")
+        pins = next((p for p in paras if p.startswith("Pins:")), "Pins: ?")
+        cells = [", ".join(f"`{o}`" for o in ops), paras[0], pins.removeprefix("Pins:")]
+        rows.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)
