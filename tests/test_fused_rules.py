@@ -416,3 +416,33 @@ def test_reflect_pad_pins():
     m = mlp_around(nodes, [I("pads", [0, 0, 0, 0, 0, 2])], d=6)
     m.graph.initializer[1].CopyFrom(W("w_out", 8, 3))
     assert sizes(assert_sound(m)) == []
+
+
+@pytest.mark.slow  # the dynamo export alone takes about 20 s on 2 cores
+def test_fresh_bert_of_the_dynamo_exporter_keeps_its_classes():
+    """A freshly initialized BERT (zero biases, unit LayerNorm weights) exported by the dynamo
+    exporter with its optimizer, which merges equal initializers into shared tensors: the ONNX
+    spec has as many classes and as much symmetry as the torch module's."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    import tempfile
+    import warnings
+
+    from tests.corpus import _Logits
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=16)
+    module = _Logits(tf.BertModel(cfg, add_pooling_layer=False)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = f"{d}/bert.onnx"
+        torch.onnx.export(module, (ids,), path, dynamo=True, opset_version=18, optimize=True, verbose=False,
+                          input_names=["input"], output_names=["output"])
+        m = onnx.load(path)
+    shared = [b for b in rebasin.infer_spec(m).blocked if "shared by several ops" in b.reason]
+    assert shared, "the exporter merged no equal initializers: the test would not exercise them"
+    spec = assert_sound(m)
+    tspec = rebasin.infer_spec(module, (ids,))
+    assert (len(spec), spec.log_symmetry) == (len(tspec), pytest.approx(tspec.log_symmetry))
