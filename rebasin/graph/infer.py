@@ -216,22 +216,27 @@ _UNIFORM_MAX = 1 << 24  # elements: larger weights are not scanned (they are nev
 def _uniform_axes(g: Graph) -> dict[str, set[int]]:
     """Constant tensors that are equal along some axis, and those axes.
 
-    Non-weight constants (masks, fill values) qualify whatever their uses. A weight qualifies
-    only when several ops read it (exporters merge equal initializers, e.g. every all-zero bias of
-    a freshly initialized model becomes one tensor): a weight read once is better left a member
-    of its class, so the spec stays valid for models whose values differ.
+    Non-weight constants (masks, fill values) qualify whatever their uses; values computed by a
+    node (the shape-discovery run's small integer results) never do, as they may depend on the
+    input. A weight qualifies only when several ops read it (exporters merge equal initializers,
+    e.g. every all-zero bias of a freshly initialized model becomes one tensor): a weight read
+    once is better left a member of its class, so the spec stays valid for models whose values
+    differ.
 
     Example:
         >>> # a [4, 3] all-zero bias read by two Adds is uniform along both axes: {"b": {0, 1}}
     """
     uses: dict[str, int] = {}
+    computed = set()  # values the shape-discovery run computed: they may depend on the input
     for _, node in g.nodes:
         for x in node.input:
             if x:
                 uses[x] = uses.get(x, 0) + 1
+        if node.op_type != "Constant":
+            computed.update(node.output)
     out = {}
     for name, arr in [*g.values.items(), *g.weights.items()]:
-        if name in g.weights and uses.get(name, 0) < 2 and name not in g.constants:
+        if name in computed or name in g.weights and uses.get(name, 0) < 2 and name not in g.constants:
             continue
         try:
             a = np.asarray(arr)

@@ -40,8 +40,10 @@ def split_slots(g: Graph) -> Graph:
             if x:
                 consumers.setdefault(x, []).append((name, n))
     plans, order = [], {name: i for i, (name, _) in enumerate(g.nodes)}
+    # constant indices only: a value the shape-discovery run computed may depend on the input
+    fixed = {k: v for k, v in g.values.items() if k not in producer or producer[k][1].op_type == "Constant"}
     for t, users in consumers.items():
-        plan = _plan(g, t, users, producer, consumers, order)
+        plan = _plan(g, t, users, producer, consumers, order, fixed)
         if plan is not None:
             plans.append(plan)
     if not plans:
@@ -62,20 +64,20 @@ def split_slots(g: Graph) -> Graph:
                                capturable=[c for c in g.capturable if c not in gone or c in kept])
 
 
-def _selectors(g, t, users, axis_of):
+def _selectors(g, t, users, fixed):
     """Slot readers of ``t``: [(name, node, {slot: output}, keepdims)] all on one axis, or None."""
     out, axis = [], None
     rank = len(g.shapes[t])
     for name, n in users:
-        if n.op_type == "Gather" and n.input[0] == t and n.input[1] in g.values:
-            idx = np.asarray(g.values[n.input[1]])
-            a = axis_of(int(attr(n, "axis", 0)), rank)
+        if n.op_type == "Gather" and n.input[0] == t and n.input[1] in fixed:
+            idx = np.asarray(fixed[n.input[1]])
+            a = _norm(int(attr(n, "axis", 0)), rank)
             if idx.size != 1:
                 return None
             i = int(idx.ravel()[0]) % g.shapes[t][a]
             out.append((name, n, {i: n.output[0]}, a))
         elif n.op_type == "Split" and n.input[0] == t:
-            a = axis_of(int(attr(n, "axis", 0)), rank)
+            a = _norm(int(attr(n, "axis", 0)), rank)
             outs = list(n.output)
             if len(outs) != g.shapes[t][a] or any(not y or g.shapes.get(y, (0,) * rank)[a] != 1
                                                   for y in outs):
@@ -106,10 +108,10 @@ def _nth_big(shape, k):
     return big[k] if k < len(big) else None
 
 
-def _plan(g, t, users, producer, consumers, order):
+def _plan(g, t, users, producer, consumers, order, fixed):
     if t in g.outputs or t not in g.shapes or t in g.weights or t in g.values:
         return None
-    sel = _selectors(g, t, users, _norm)
+    sel = _selectors(g, t, users, fixed)
     if not sel:
         return None
     ax = sel[0][3]
