@@ -482,3 +482,62 @@ def test_cuda_only_ops_against_their_documented_semantics(op):
         assert res.equal, res
     a, b = (run_model(m_ref, make_inputs(m_ref, seed=s))["y"] for s in (0, 1))
     assert not np.allclose(a, b)
+
+
+def _init(name, *shape):
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype("f"), name)
+
+
+def _variant(kind):
+    """Attention variants onnxruntime runs on CPU, and their hand-counted class sizes."""
+    mm = [node("MatMul", ["a", "wo"], ["y"])]
+    if kind == "ms-attention-past":  # past (2, B, N, P, H) ties k and v head dims; no per-head nesting
+        nodes = [node("Attention", ["x", "w", "b", "", "past"], ["a", "present"], MS, num_heads=2), *mm]
+        return model(nodes, [W("w", 8, 24), W("b", 24), W("wo", 8, 3), _init("past", 2, 2, 2, 2, 4)],
+                     [2, 3, 8], [2, 3, 3]), [2, 4]
+    if kind == "mha-4d-kv":  # key / value as (B, N, L, H)
+        nodes, inits = _qkv(8, 8, 8)
+        nodes += [node("Reshape", [t, "s4"], [t + "4"]) for t in "kv"]
+        nodes += [node("Transpose", [t + "4"], [t + "t"], perm=[0, 2, 1, 3]) for t in "kv"]
+        nodes += [node("MultiHeadAttention", ["q", "kt", "vt"], ["a"], MS, num_heads=2), *mm]
+        return model(nodes, inits + [W("wo", 8, 3), I("s4", [2, 3, 2, 4])], [2, 3, 8], [2, 3, 3]), \
+            [2, 4, 4, 4, 4]
+    if kind == "onnx-attention-4d":
+        nodes, inits = _qkv(8, 8, 8)
+        nodes += [node("Reshape", [t, "s4"], [t + "4"]) for t in "qkv"]
+        nodes += [node("Transpose", [t + "4"], [t + "t"], perm=[0, 2, 1, 3]) for t in "qkv"]
+        nodes += [node("Attention", ["qt", "kt", "vt"], ["a4"]),
+                  node("Transpose", ["a4"], ["at"], perm=[0, 2, 1, 3]), node("Reshape", ["at", "s3"], ["a"]), *mm]
+        return model(nodes, inits + [W("wo", 8, 3), I("s4", [2, 3, 2, 4]), I("s3", [2, 3, 8])], [2, 3, 8],
+                     [2, 3, 3], opset=23), [2, 4, 4, 4, 4]
+    if kind == "onnx-attention-head-mask":  # a learned (1, N, S, L) bias moves with the heads
+        nodes, inits = _qkv(8, 8, 8)
+        nodes += [node("Attention", ["q", "k", "v", "mask"], ["a"], q_num_heads=2, kv_num_heads=2), *mm]
+        return model(nodes, inits + [W("wo", 8, 3), W("mask", 1, 2, 3, 3)], [2, 3, 8], [2, 3, 3], opset=23), \
+            [2, 4, 4, 4, 4]
+    if kind == "gqa-packed":  # [q | k | v] in one input
+        nodes = [node("MatMul", ["x", "wqkv"], ["p"]),
+                 node("GroupQueryAttention", ["p", "", "", "", "", "seqlens", "total"], ["a"], MS,
+                      num_heads=4, kv_num_heads=2), *mm]
+        return model(nodes, [W("wqkv", 8, 64), W("wo", 32, 3), *_seqlens()], [2, 3, 8], [2, 3, 3]), \
+            [2] * 3 + [8] * 4
+    if kind == "gqa-rotary":  # rotary pins the q/k head size
+        nodes, inits = _qkv(64, 32, 32)
+        ins = ["q", "k", "v", "", "", "seqlens", "total", "cos", "sin"]
+        nodes += [node("GroupQueryAttention", ins, ["a"], MS, num_heads=4, kv_num_heads=2, do_rotary=1), *mm]
+        return model(nodes, inits + [W("wo", 64, 3), *_seqlens(), _init("cos", 8, 8), _init("sin", 8, 8)],
+                     [2, 3, 8], [2, 3, 3]), [2, 2, 2, 16, 16]
+    assert kind == "gqa-past"  # caches (B, kvN, P, H): head dims not nested under kv heads there
+    nodes, inits = _qkv(32, 16, 16)
+    ins = ["q", "k", "v", "pk", "pv", "seqlens", "total"]
+    nodes += [node("GroupQueryAttention", ins, ["a", "prk", "prv"], MS, num_heads=4, kv_num_heads=2), *mm]
+    return model(nodes, inits + [W("wo", 32, 3), _init("pk", 1, 2, 2, 8), _init("pv", 1, 2, 2, 8),
+                                 I("seqlens", [4], "int32"), I("total", 5, "int32")], [1, 3, 8], [1, 3, 3]), \
+        [2, 2, 2, 8, 8]
+
+
+@pytest.mark.parametrize("kind", ["ms-attention-past", "mha-4d-kv", "onnx-attention-4d",
+                                  "onnx-attention-head-mask", "gqa-packed", "gqa-rotary", "gqa-past"])
+def test_attention_variants(kind):
+    m, expected = _variant(kind)
+    assert sizes(assert_sound(m)) == expected
