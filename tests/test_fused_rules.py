@@ -507,7 +507,8 @@ def _variant(kind):
         nodes += [node("Reshape", [t, "s4"], [t + "4"]) for t in "qkv"]
         nodes += [node("Transpose", [t + "4"], [t + "t"], perm=[0, 2, 1, 3]) for t in "qkv"]
         nodes += [node("Attention", ["qt", "kt", "vt"], ["a4"]),
-                  node("Transpose", ["a4"], ["at"], perm=[0, 2, 1, 3]), node("Reshape", ["at", "s3"], ["a"]), *mm]
+                  node("Transpose", ["a4"], ["at"], perm=[0, 2, 1, 3]),
+                  node("Reshape", ["at", "s3"], ["a"]), *mm]
         return model(nodes, inits + [W("wo", 8, 3), I("s4", [2, 3, 2, 4]), I("s3", [2, 3, 8])], [2, 3, 8],
                      [2, 3, 3], opset=23), [2, 4, 4, 4, 4]
     if kind == "onnx-attention-head-mask":  # a learned (1, N, S, L) bias moves with the heads
