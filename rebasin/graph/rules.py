@@ -271,8 +271,6 @@ def layer_norm(cx, node):
     broadcast.
 
     Pins: nothing (statistics mix the normalized axes).
-
-    Statistics over the normalized axes are invariant to any permutation of them.
     """
     x = node.input[0]
     tie_all(cx, x, node.output[0])
@@ -673,9 +671,6 @@ def gather_nd(cx, node):
     axes of x carry through.
 
     Pins: the m indexed axes of x and the last axis of the index tuple.
-
-    y[b.., i.., rest..] = x[b.., idx[b.., i.., :], rest..]: the ``m`` indexed axes of x are
-    position dependent; batch axes, index positions and the trailing axes of x carry through.
     """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     b = int(cx.attr("batch_dims", 0))
@@ -713,9 +708,7 @@ def pad(cx, node):
 
     Pins: padded axes in reflect / edge / wrap mode; unknown pad amounts.
 
-    Constant padding: y = [c]*before ++ x ++ [c]*after along an axis, so x is a piece of y and
-    each padding piece (all entries equal) is a piece of its own; negative amounts crop x, so the
-    kept part of x is a piece of x. Reflect / edge / wrap padding copies positions: pinned.
+    y = [c] * before ++ x ++ [c] * after along a padded axis.
     """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
@@ -851,8 +844,6 @@ def ms_gelu(cx, node):
     """Element-wise activations; FastGelu / BiasGelu add a per-feature bias first (broadcast).
 
     Pins: nothing.
-
-    Element-wise activations; FastGelu / BiasGelu add a per-feature bias first.
     """
     broadcast(cx, [x for x in node.input if x], node.output[0])
 
@@ -872,9 +863,6 @@ def ms_bias_split_gelu(cx, node):
     pairs item i of each half.
 
     Pins: nothing.
-
-    (X + bias) split in halves a, b along the last axis; output = a * gelu(b): item i of the
-    output pairs item i of each half.
     """
     x, y = node.input[0], node.output[0]
     xa, ya = cx.ax(x), cx.ax(y)
@@ -917,9 +905,6 @@ def ms_embed_layer_norm(cx, node):
     columns, gamma and beta are the output's feature axis.
 
     Pins: embedding rows (looked up by id); the ids, mask and mask index.
-
-    Sum of word / position / segment embedding rows, then LayerNorm over the feature axis.
-    Embedding rows are looked up (pinned); their feature axis is the output's.
     """
     ids, y = node.input[0], node.output[0]
     ya = cx.ax(y)
