@@ -92,10 +92,12 @@ def test_skip_layer_norm_ties_params_and_skip(op):
     assert {mb.tensor for mb in spec.classes[0].members} >= {"w_s", *params}
 
 
-def test_simplified_layer_norm():
-    """RMS norm over features (onnxruntime registers it in the default domain)."""
-    m = mlp_around([node("SimplifiedLayerNormalization", ["h", "g"], ["o"], axis=-1, epsilon=1e-5)],
-                   [W("g", 6)])
+@pytest.mark.parametrize("op,opset", [("SimplifiedLayerNormalization", 17), ("RMSNormalization", 23)])
+def test_rms_norms(op, opset):
+    """RMS norm over features (onnxruntime registers SimplifiedLayerNormalization in the default
+    domain; RMSNormalization is opset 23's)."""
+    m = mlp_around([node(op, ["h", "g"], ["o"], axis=-1, epsilon=1e-5)], [W("g", 6)])
+    m.opset_import[0].version = opset
     assert sizes(assert_sound(m)) == [6]
 
 

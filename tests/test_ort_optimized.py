@@ -103,3 +103,21 @@ def test_optimized_graph_keeps_symmetry(name, level):
             assert res.equal, res
     a, b = (run_model(m, _feeds(m, s)) for s in (0, 1))
     assert any(not np.allclose(a[k], b[k]) for k in a)
+
+
+def test_optimized_and_4bit_quantized_bert_is_sound():
+    """The optimized BERT with every MatMul quantized to 4 bits (MatMulNBits, blocks of 16)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _, opt = optimized("bert", 2)
+    q = MatMulNBitsQuantizer(onnx.load(str(opt)), block_size=16, is_symmetric=True)
+    q.process()
+    m = q.model.model
+    assert sum(n.op_type == "MatMulNBits" for n in m.graph.node) >= 8
+    spec = rebasin.infer_spec(m, feeds=_feeds(m, 0))
+    assert any(mb.tensor.endswith("_Q4") for c in spec.classes for mb in c.members)
+    for seed in (0, 1):
+        p = rebasin.apply_permutation(m, spec, spec.random_permutations(seed))
+        for f in (_feeds(m, 0), _feeds(m, 1)):
+            res = rebasin.verify(m, p, feeds=f)
+            assert res.equal, res
