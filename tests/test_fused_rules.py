@@ -264,12 +264,15 @@ def test_matmul_nbits_rows_move_with_scales_and_zero_points(symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_matmul_nbits_input_axis_moves_in_whole_blocks(symmetric):
-    """mm2 quantized with K=32 in 2 blocks of 16: hidden 1 may only move whole blocks (a class of
-    2, block 16), and not even that with packed 4-bit zero points (2 blocks share a byte)."""
+def test_matmul_nbits_input_axis_moves_in_blocks_and_bytes(symmetric):
+    """mm2 quantized with K=32 in 2 blocks of 16 (8 bytes of 2 codes each): hidden 1 = blocks (2)
+    x bytes (8) x codes in a byte (pinned); blocks are pinned by packed 4-bit zero points (2
+    blocks share a byte) in the asymmetric case."""
     m = _quantize(_mlp3(), exclude=["mm1", "mm3"], symmetric=symmetric)
     spec = assert_sound(m)
-    assert sizes(spec) == ([2, 32] if symmetric else [32])
+    assert sizes(spec) == ([2, 8, 32] if symmetric else [8, 32])
+    w1 = sorted((mb.block, mb.stride) for c in spec.classes for mb in c.members if mb.tensor == "w1")
+    assert w1 == ([(2, 2), (2, 2), (16, 16)] if symmetric else [(2, 2), (2, 2)])  # bytes: 2 codes
 
 
 # --------------------------------------------------------------------------- exporter habits

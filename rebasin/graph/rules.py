@@ -1197,36 +1197,35 @@ def rotary_embedding(cx, node):
 @rule(MS + "MatMulNBits")
 def ms_matmul_nbits(cx, node):
     """y = A @ dequant(B)^T: output rows move with B's rows, their scales, zero points and bias; along
-    K whole quantization blocks move in A, B, scales and unpacked zero points.
+    K whole quantization blocks move in A, B, scales and unpacked zero points, and inside a block
+    whole bytes of the blob (the codes packed in one byte move together).
 
-    Pins: positions inside a quantization block (bytes of the blob); blocks with packed 4-bit zero
-    points or g_idx; K not a multiple of block_size.
+    Pins: codes sharing a byte; blocks with packed zero points or g_idx; K not a whole number of
+    blocks or codes straddling bytes (then all of K).
 
-    y = A @ dequant(B)^T (+ bias), B: (N, blocks, blob) quantized in blocks of block_size
-    along K. Output rows move with B's rows, their scales, zero points and bias. Along K, whole
-    blocks move together in A, B, scales and unpacked zero points; positions inside a block
-    share bytes of the blob: pinned. Packed (uint8) zero points hold several blocks per byte,
-    so then blocks are pinned too.
+    B: (N, blocks, blob), codes packed low-first along K: byte j of block b holds the codes of
+    K positions b * block_size + j * (8 / bits) + (0 .. 8 / bits - 1). So K = blocks x bytes x
+    codes per byte, with the blob's byte axis the middle factor.
     """
     a, b, y = node.input[0], node.input[1], node.output[0]
     aa, ba, ya = cx.ax(a), cx.ax(b), cx.ax(y)
     kdim, ndim = int(cx.attr("K")), int(cx.attr("N"))
-    bs = int(cx.attr("block_size"))
+    bs, bits = int(cx.attr("block_size")), int(cx.attr("bits", 4))
     nb = cx.shape(b)[1]
     cx.packed_weight(b)
-    rows, blocks = ba[0], ba[1]
-    cx.pin(ba[2], "quantized blob (several items per byte)")
+    rows, blocks, nbytes = ba
     cx.tie(ya[-1], rows)
     for v, w in zip(aa[:-1], ya[:-1]):
         cx.tie(v, w)
     cx.mixes(aa[-1])
-    inner = cx.alg.new(bs)
-    cx.pin(inner, "positions inside a quantization block")
-    if kdim == nb * bs:
-        cx.tie(aa[-1], cx.alg.prod([blocks, inner]))
+    if kdim == nb * bs and 8 % bits == 0 and cx.shape(b)[2] * (8 // bits) == bs:
+        per_byte = cx.alg.new(8 // bits)
+        cx.pin(per_byte, "quantized codes sharing a byte of the blob")
+        cx.tie(aa[-1], cx.alg.prod([blocks, nbytes, per_byte]))
     else:
-        cx.pin(aa[-1], "K is not a whole number of quantization blocks")
-        cx.pin(blocks, "K is not a whole number of quantization blocks")
+        why = "K is not a whole number of quantization blocks of whole bytes"
+        for v in (aa[-1], blocks, nbytes):
+            cx.pin(v, why)
     for i in (2, 3):  # scales, zero points: (N * blocks) or (N, blocks); packed bytes per row
         t = _opt(node, i)
         if not t:
