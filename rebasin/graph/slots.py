@@ -43,7 +43,10 @@ def split_slots(g: Graph) -> Graph:
     # constant indices only: a value the shape-discovery run computed may depend on the input
     fixed = {k: v for k, v in g.values.items() if k not in producer or producer[k][1].op_type == "Constant"}
     for t, users in consumers.items():
-        plan = _plan(g, t, users, producer, consumers, order, fixed)
+        try:
+            plan = _plan(g, t, users, producer, consumers, order, fixed)
+        except (KeyError, IndexError, ValueError, TypeError):  # shapes or attributes missing: leave it
+            plan = None
         if plan is not None:
             plans.append(plan)
     if not plans:
