@@ -207,7 +207,7 @@ def test_onnx_attention_opset23(kv_heads):
         assert _attention_counts(spec) == [2] * 7
 
 
-@pytest.mark.parametrize("layout", ["3d", "4d"])
+@pytest.mark.parametrize("layout", ["3d", "3d-from-cos", "4d"])
 @pytest.mark.parametrize("domain", [MS, ""])
 def test_rotary_embedding_pins_head_dims_not_heads(layout, domain):
     """Rotary angles depend on the position and the head-size item: heads move, head dims stay."""
@@ -217,13 +217,17 @@ def test_rotary_embedding_pins_head_dims_not_heads(layout, domain):
     ins = (["t", "pos", "cos", "sin"] if domain == MS else ["t", "cos", "sin", "pos"])
     if layout == "3d":
         nodes = [node("RotaryEmbedding", ins, ["o"], domain, num_heads=2)]
+    elif layout == "3d-from-cos":  # full rotation: head size = 2 x cos cache width (contrib op only)
+        if domain == "":
+            pytest.skip("opset 23 RotaryEmbedding requires num_heads for a 3-D input")
+        nodes = [node("RotaryEmbedding", ins, ["o"], domain)]
     else:
         nodes = [node("Reshape", ["h", "shape4"], ["h4"]),
                  node("Transpose", ["h4"], ["t4"], perm=[0, 2, 1, 3]),
                  node("RotaryEmbedding", ["t4", *ins[1:]], ["r4"], domain),
                  node("Transpose", ["r4"], ["o4"], perm=[0, 2, 1, 3]),
                  node("Reshape", ["o4", "shape3"], ["o"])]
-    nodes = [node("Identity", ["h"], ["t"])] + nodes if layout == "3d" else nodes
+    nodes = [node("Identity", ["h"], ["t"])] + nodes if layout.startswith("3d") else nodes
     m = mlp_around(nodes, [cos, sin, pos, I("shape4", [2, 3, 2, 4]), I("shape3", [2, 3, 8])], d=8)
     if domain == "":
         m.opset_import[0].version = 23

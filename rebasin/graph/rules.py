@@ -1172,15 +1172,20 @@ def onnx_attention(cx, node):
 def rotary_embedding(cx, node):
     """Rotates pairs of head-size items by position-dependent angles: heads move freely.
 
-    Pins: the head size and positions (so heads move only when num_heads or a 4-D input shows them).
+    Pins: the head size and positions (heads are known from a 4-D input, num_heads, or, for a
+    full rotation, the cos cache: head size = 2 x its last axis).
 
-    Rotates pairs of head-size items by position-dependent angles: heads move freely, the
-    head size and positions are pinned. x: (B, S, N*H) with num_heads, or (B, N, S, H).
+    x: (B, S, N*H) or (B, N, S, H). Inputs: com.microsoft (x, position_ids, cos, sin); opset 23
+    (x, cos, sin, position_ids).
     """
     x, y = node.input[0], node.output[0]
     tie_all(cx, x, y)
     xa = cx.ax(x)
     n = int(cx.attr("num_heads", 0) or 0)
+    cos = _opt(node, 2 if node.domain == "com.microsoft" else 1)
+    if len(xa) == 3 and not n and not cx.attr("rotary_embedding_dim", 0) and cos:
+        head = 2 * cx.shape(cos)[-1]
+        n = cx.shape(x)[2] // head if head and cx.shape(x)[2] % head == 0 else 0
     if len(xa) == 4:
         cx.pin(xa[2], "rotary positions")
         cx.pin(xa[3], "rotary embedding of the head size")
