@@ -47,13 +47,15 @@ class _Context:
 
         A constant tensor whose values are equal along axis ``k`` is unchanged by every permutation
         of that axis, so along ``k`` it ties nothing: each node reading it gets a fresh variable
-        there (the tensor's own variable stays apart; see :func:`_uniform_axes`).
+        there (the tensor's own variable stays apart; see :func:`_uniform_axes`). Not for the
+        indices of Gather ops: their replicated positions stay pinned.
         """
         if name not in self.axes:
             raise _NoShape(name)
         axes = self.axes[name]
         uniform = self.uniform.get(name)
-        if not uniform or self.node is None or name not in self.node.input:
+        if not uniform or self.node is None or name not in self.node.input[:1] + (
+                self.node.input[1:] if self.node.op_type not in _INDEXING else self.node.input[2:]):
             return axes
         key = (self.node_name, name)
         if key not in self._views:
@@ -111,6 +113,9 @@ class _Context:
 
 
 _MAX_ACTIVATIONS = 4  # activation members kept per class
+# ops whose second input holds positions: constant indices there keep their own variables (the
+# replicas they make, e.g. adaptive pooling of a 1x1 map to 7x7, are left pinned)
+_INDEXING = {"Gather", "GatherElements", "GatherND"}
 
 
 class _NoShape(Exception):
