@@ -12,7 +12,7 @@ import rebasin
 from tests.test_ort_optimized import _feeds, optimized
 
 CASES = [("bert", 0), ("bert", 1), ("bert", 2), ("gpt2", 0), ("gpt2", 1), ("gpt2", 2), ("bert_ts", 1),
-         ("bert_ts", 2)]
+         ("bert_ts", 2), ("bert_classic", 1), ("bert_classic", 2)]
 
 
 def main():
