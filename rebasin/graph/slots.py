@@ -68,10 +68,12 @@ def split_slots(g: Graph) -> Graph:
 
 
 def _selectors(g, t, users, fixed):
-    """Slot readers of ``t``: [(name, node, {slot: output}, keepdims)] all on one axis, or None."""
+    """Slot readers of ``t``: [(name, node, {slot: output}, axis)] all on one axis, or None."""
     out, axis = [], None
     rank = len(g.shapes[t])
     for name, n in users:
+        if not _standard(n):
+            return None
         if n.op_type == "Gather" and n.input[0] == t and n.input[1] in fixed:
             idx = np.asarray(fixed[n.input[1]])
             a = _norm(int(attr(n, "axis", 0)), rank)
@@ -92,6 +94,11 @@ def _selectors(g, t, users, fixed):
             return None
         axis = out[-1][3]
     return out
+
+
+def _standard(n) -> bool:
+    """An op of the default ONNX domain (another domain's op of the same name is unknown)."""
+    return n.domain in ("", "ai.onnx")
 
 
 def _norm(a, rank):
@@ -127,6 +134,8 @@ def _plan(g, t, users, producer, consumers, order, fixed):
             return None
         pname, p = producer[cur]
         src = p.input[0]
+        if not _standard(p):
+            return None
         if p.op_type == "Reshape" and not _only_unit_axes(g, src, cur):
             break
         if p.op_type not in _CHAIN | {"Reshape"} or len(consumers.get(src, ())) != 1 \
