@@ -228,15 +228,8 @@ def _after_linear(block: dict, width: int) -> Arch:
 _GQA = {"op": "attention", "d": 8, "heads": 4, "kv_heads": 2, "head_dim": 4, "sdpa": False, "causal": False,
         "residual": True, "bias": True}
 # Models whose hidden units a frontend does not see: their axes are blocked (sound, no symmetry found).
-GAPS = {
-    "einsum": (Arch("vec", (5,), ({"op": "matmul", "cin": 5, "cout": 4, "einsum": True},), _head(4)),
-               "no rule for Einsum (ONNX; the torch frontend lowers aten::einsum to it)"),
-    "channel-pad": (_after_linear({"op": "pad", "before": 1, "after": 2}, 10),
-                    "Pad on the feature axis blocks it (both frontends)"),
-    "strided-slice": (_after_linear({"op": "slice", "start": 1, "step": 2}, 3),
-                      "a strided Slice of the feature axis blocks it (both frontends)"),
-}
-# Hand-counted maximal symmetry of small cases, found by both frontends (classes as (size, count)).
+GAPS: dict = {}  # none known now (former ones are in FOUND)
+# Hand-counted maximal symmetry of small cases, found by both frontends (classes as {size: count}).
 FOUND = {
     # 4 query heads of 4 dims sharing 2 key/value heads (the residual stream is the input: fixed):
     # the kv heads (2) with their query heads; the 2 query heads of each kv head (2 classes of 2);
@@ -248,13 +241,21 @@ FOUND = {
         {"op": "conv", "cin": 3, "cout": 8, "k": 3, "pad": 1, "stride": 1, "groups": 1, "bias": True},
         {"op": "norm", "norm": "groupnorm", "c": 8, "groups": 2}, {"op": "act", "kind": "relu"}),
         _head(8, 3, "gap")), {2: 1, 4: 2}),
+    # a Linear written as an einsum: its 4 outputs
+    "einsum": (Arch("vec", (5,), ({"op": "matmul", "cin": 5, "cout": 4, "einsum": True},), _head(4)), {4: 1}),
+    # constant padding of the feature axis (1 before, 2 after a width of 7): the input is a piece of
+    # the padded axis (7), the two trailing pads a piece of their own (2), the single one none
+    "channel-pad": (_after_linear({"op": "pad", "before": 1, "after": 2}, 10), {2: 1, 7: 1}),
+    # a strided slice (start 1, step 2) of 6 features: whole strides move together (3, block 2)
+    "strided-slice": (_after_linear({"op": "slice", "start": 1, "step": 2}, 3), {3: 1}),
 }
 
 
 @pytest.mark.parametrize("name", list(FOUND))
 def test_both_frontends_find_the_maximal_symmetry(name):
-    """Formerly known gaps (``aten::repeat_interleave``, ``aten::prelu``, GroupNorm's groups):
-    both frontends find the same classes, of the hand-counted sizes, soundly."""
+    """Formerly known gaps (``aten::repeat_interleave``, ``aten::prelu``, GroupNorm's groups, Einsum,
+    Pad and strided Slice of the feature axis): both frontends find the same classes, of the
+    hand-counted sizes, soundly."""
     arch, sizes = FOUND[name]
     results = run_example(arch, 0, f"found[{name}]")
     for path, (spec, res) in results.items():

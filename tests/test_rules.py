@@ -195,9 +195,10 @@ def test_rope_with_frozen_inv_freq_pins_query_key_dims():
         rebasin.infer_spec(path, frozen=["no_such_tensor"])
 
 
-@pytest.mark.parametrize("pads,free", [([0, 0, 0, 0], 1), ([0, 1, 0, -1], 0), ([0, 0, 0, 2], 0)])
-def test_pad_ties_only_unpadded_axes(pads, free):
-    """Pad [1, -1] keeps the size but shifts the axis: it must pin, not tie."""
+@pytest.mark.parametrize("pads,sizes", [([0, 0, 0, 0], [6]), ([0, 1, 0, -1], [5]), ([0, 0, 0, 2], [2, 6])])
+def test_pad_makes_pieces(pads, sizes):
+    """Pad [1, -1] keeps the size but shifts the axis: the 5 kept items are a class, the cropped
+    one and the padding stay put; Pad [0, 2] appends two equal items, which permute freely."""
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
              helper.make_node("Pad", ["h", "pads"], ["p"]),
              helper.make_node("MatMul", ["p", "w2"], ["y"])]
@@ -205,4 +206,4 @@ def test_pad_ties_only_unpadded_axes(pads, free):
     m = model(nodes, [W("w1", 4, 6), W("w2", n_out, 3),
                       numpy_helper.from_array(np.array(pads, dtype=np.int64), "pads")], [2, 4], [2, 3])
     spec = assert_sound(m)
-    assert len(spec) == free
+    assert sorted(c.size for c in spec.classes) == sizes

@@ -103,8 +103,12 @@ def test_multihead_attention_packed_in_proj():
     assert blocks == {1, 8} and heads and heads[0].size == 4
     # q, k and v pieces of the packed weight all move with the head permutation
     assert {m.offset for m in heads[0].members if m.tensor == "attn.in_proj_weight"} == {0, 32, 64}
-    per_head = [c for c, m in _members(spec, "attn.in_proj_weight", 0) if m.block == 1]
-    assert len({c.name for c in per_head}) == 4  # an independent head-dim class per head
+    per_head = [(c, m) for c, m in _members(spec, "attn.in_proj_weight", 0) if m.block == 1]
+    # an independent head-dim class per head for q/k (offsets in [0, 64)) and another for v
+    assert len({c.name for c, _ in per_head}) == 8
+    qk = {c.name for c, m in per_head if m.offset < 64}
+    v = {c.name for c, m in per_head if m.offset >= 64}
+    assert len(qk) == len(v) == 4 and not qk & v
 
 
 def test_gpt2_conv1d_and_tied_embeddings():

@@ -17,6 +17,7 @@ from rebasin.graph.axes import AxisAlgebra
 from rebasin.graph.ir import Graph, attr
 from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.rules import RULES
+from rebasin.graph.slots import split_slots
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 
 
@@ -29,7 +30,10 @@ class _Context:
         self.node_name = ""
         self.mixing: list[tuple[int, str]] = []  # (axis variable, output tensor)
         self.sequences: dict[str, tuple] = {}  # sequence tensor -> (axis, keepdims, pieces)
+        self.packed: set[str] = set()  # integer initializers holding weights (quantized blobs)
         self._by_name = dict(g.nodes)
+        self.uniform = _uniform_axes(g)  # tensor -> axes along which its values are all equal
+        self._views: dict[tuple[str, str], list[int]] = {}
 
     def consumers(self, name):
         """The nodes that read tensor ``name``."""
@@ -39,9 +43,31 @@ class _Context:
 
     # --- what rules use
     def ax(self, name):
+        """Axis variables of tensor ``name`` as the current node sees it.
+
+        A constant tensor whose values are equal along axis ``k`` is unchanged by every permutation
+        of that axis, so along ``k`` it ties nothing: each node reading it gets a fresh variable
+        there (the tensor's own variable stays apart; see :func:`_uniform_axes`). Not for the
+        indices of Gather ops: their replicated positions stay pinned.
+        """
         if name not in self.axes:
             raise _NoShape(name)
-        return self.axes[name]
+        axes = self.axes[name]
+        uniform = self.uniform.get(name)
+        if not uniform or self.node is None or name not in self.node.input[:1] + (
+                self.node.input[1:] if self.node.op_type not in _INDEXING else self.node.input[2:]):
+            return axes
+        key = (self.node_name, name)
+        if key not in self._views:
+            self._views[key] = [self.alg.new(self.alg.size(v)) if k in uniform else v
+                                for k, v in enumerate(axes)]
+        return self._views[key]
+
+    def packed_weight(self, name):
+        """Integer initializer ``name`` holds learned weights (e.g. 4-bit blobs): it is a spec
+        member like a float weight, not a pinned constant."""
+        if name in self.g.values and name not in self.g.inputs:
+            self.packed.add(name)
 
     def shape(self, name):
         if name not in self.g.shapes:
@@ -87,6 +113,9 @@ class _Context:
 
 
 _MAX_ACTIVATIONS = 4  # activation members kept per class
+# ops whose second input holds positions: constant indices there keep their own variables (the
+# replicas they make, e.g. adaptive pooling of a 1x1 map to 7x7, are left pinned)
+_INDEXING = {"Gather", "GatherElements", "GatherND"}
 
 
 class _NoShape(Exception):
@@ -134,10 +163,11 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
         g = build_torch_graph(model, example_inputs, tracer=tracer)
     else:
         g = build_graph(model, feeds)
+    g = split_slots(g)
     cx = _Context(g, strict)
     for name, node in g.nodes:
         cx.node, cx.node_name = node, name
-        fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        fn = RULES.get(rule_key(node))
         if node.op_type == "Constant":
             continue
         if fn is None or name in g.subgraph_reads:
@@ -164,14 +194,77 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     unknown = set(frozen) - set(g.weights)
     if unknown:
         raise SpecMismatchError(f"--frozen names no float initializer: {sorted(unknown)[:5]}")
-    for name in list(g.values) + list(frozen) + sorted(g.constants):
+    for name in [n for n in g.values if n not in cx.packed] + list(frozen) + sorted(g.constants):
         for v in cx.axes.get(name, ()):
             cx.alg.pin(v, f"constant {name}")
+    _pin_shared_uniform(cx)
     cx.alg.propagate_pins()
-    spec = _extract(cx, {k: v for k, v in g.weights.items() if k not in set(frozen)})
+    weights = {k: v for k, v in g.weights.items() if k not in set(frozen)}
+    weights.update({k: g.values[k] for k in sorted(cx.packed)})
+    spec = _extract(cx, weights)
     if g.aliases:
         spec = _with_aliases(spec, g.aliases, g.weights)
     return dataclasses.replace(spec, source=g.frontend)
+
+
+def rule_key(node) -> str:
+    """The :data:`RULES` key of a node: its op type in the default ONNX domain, else
+    ``"domain::op_type"`` (an op of a domain without rules finds none, so it blocks)."""
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type
+    return f"{node.domain}::{node.op_type}"
+
+
+_UNIFORM_MAX = 1 << 24  # elements: larger weights are not scanned (they are never all-equal in practice)
+
+
+def _uniform_axes(g: Graph) -> dict[str, set[int]]:
+    """Constant tensors that are equal along some axis, and those axes.
+
+    Non-weight constants (masks, fill values) qualify whatever their uses; values computed by a
+    node (the shape-discovery run's small integer results) never do, as they may depend on the
+    input. A weight qualifies only when several ops read it (exporters merge equal initializers,
+    e.g. every all-zero bias of a freshly initialized model becomes one tensor): a weight read
+    once is better left a member of its class, so the spec stays valid for models whose values
+    differ.
+
+    Example:
+        >>> # a [4, 3] all-zero bias read by two Adds is uniform along both axes: {"b": {0, 1}}
+    """
+    uses: dict[str, int] = {}
+    computed = set()  # values the shape-discovery run computed: they may depend on the input
+    for _, node in g.nodes:
+        for x in node.input:
+            if x:
+                uses[x] = uses.get(x, 0) + 1
+        if node.op_type != "Constant":
+            computed.update(node.output)
+    out = {}
+    for name, arr in [*g.values.items(), *g.weights.items()]:
+        if name in computed or name in g.weights and uses.get(name, 0) < 2 and name not in g.constants:
+            continue
+        try:
+            a = np.asarray(arr)
+        except Exception:  # a FakeTensor or other shape-only stand-in: nothing to read
+            continue
+        if a.dtype == object or a.ndim == 0 or a.size > _UNIFORM_MAX or a.size == 0:
+            continue
+        axes = {k for k in range(a.ndim) if a.shape[k] > 1
+                and bool(np.all(a == np.take(a, [0], axis=k)))}
+        if axes:
+            out[name] = axes
+    return out
+
+
+def _pin_shared_uniform(cx: _Context) -> None:
+    """A weight read by several ops and uniform along an axis gave its readers fresh variables
+    there; its own variable is left unpermuted (any permutation leaves its values unchanged)."""
+    for name, axes in cx.uniform.items():
+        if name not in cx.g.weights and name not in cx.packed:
+            continue
+        for k in axes:
+            cx.alg.pin(cx.axes[name][k], f"weight {name} is constant along axis {k} and shared by "
+                       "several ops: it ties none of them and stays in place")
 
 
 def _is_torch_module(model) -> bool:

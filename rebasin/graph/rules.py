@@ -55,11 +55,19 @@ UNARY = ["Relu", "Sigmoid", "Tanh", "Exp", "Log", "Abs", "Neg", "Sqrt", "Recipro
 
 @rule(*UNARY)
 def elementwise_unary(cx, node):
+    """Element-wise: every axis of the output is the input's.
+
+    Pins: nothing.
+    """
     tie_all(cx, node.input[0], node.output[0])
 
 
 @rule("Dropout")
 def dropout(cx, node):
+    """Element-wise (inference): output and mask follow the input axis for axis.
+
+    Pins: the ratio / training-mode inputs (parameters).
+    """
     for y in node.output:
         if y:
             tie_all(cx, node.input[0], y)
@@ -68,6 +76,10 @@ def dropout(cx, node):
 
 @rule("Clip")
 def clip(cx, node):
+    """Element-wise: output axes are the input's.
+
+    Pins: the min / max inputs (parameters).
+    """
     tie_all(cx, node.input[0], node.output[0])
     cx.invariant(node.input[1:])
 
@@ -75,17 +87,30 @@ def clip(cx, node):
 @rule("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Mod", "Equal", "Less", "Greater", "LessOrEqual",
       "GreaterOrEqual", "And", "Or", "Xor", "BitShift", "Sum", "Mean", "Max", "Min", "Where")
 def elementwise_broadcast(cx, node):
+    """Numpy broadcasting: an input axis of the output's size is the output's axis.
+
+    Pins: an axis broadcast from a size other than 1 (cannot happen in a valid model).
+    """
     broadcast(cx, list(node.input), node.output[0])
 
 
 @rule("Expand")
 def expand(cx, node):
+    """Broadcasting of the input to the target shape.
+
+    Pins: the shape input.
+    """
     cx.invariant(node.input[1:])
     broadcast(cx, [node.input[0]], node.output[0])
 
 
 @rule("Gemm")
 def gemm(cx, node):
+    """A's columns contract with B's rows (after transA/transB); rows of A and columns of B carry to Y;
+    C broadcasts.
+
+    Pins: nothing.
+    """
     a, b = cx.ax(node.input[0]), cx.ax(node.input[1])
     if cx.attr("transA", 0):
         a = a[::-1]
@@ -102,6 +127,11 @@ def gemm(cx, node):
 
 @rule("MatMul")
 def matmul(cx, node):
+    """Numpy matmul: the contraction axes are one variable, the free axes carry to the output, batch
+    axes broadcast.
+
+    Pins: a batch axis broadcast from a size other than 1.
+    """
     a, b, y = node.input[0], node.input[1], node.output[0]
     xa, xb, xy = cx.ax(a), cx.ax(b), cx.ax(y)
     cx.mixes(xa[-1])
@@ -145,6 +175,11 @@ def _spatial_pin(cx, names, why):
 
 @rule("Conv")
 def conv(cx, node):
+    """Output channels are W's rows; input channels are W's columns (per group: groups x channels in a
+    group).
+
+    Pins: spatial axes of input, weight and output (the window is position dependent).
+    """
     x, w, y = node.input[0], node.input[1], node.output[0]
     g = int(cx.attr("group", 1))
     xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
@@ -167,6 +202,10 @@ def conv(cx, node):
 
 @rule("ConvTranspose")
 def conv_transpose(cx, node):
+    """Input channels are W's rows; output channels are W's columns (per group).
+
+    Pins: spatial axes (the window).
+    """
     x, w, y = node.input[0], node.input[1], node.output[0]
     g = int(cx.attr("group", 1))
     xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
@@ -188,6 +227,10 @@ def conv_transpose(cx, node):
 
 @rule("BatchNormalization", "InstanceNormalization")
 def channel_norm(cx, node):
+    """Per-channel normalization: scale, bias, running mean / variance move with the channel axis.
+
+    Pins: nothing; instance statistics mix the spatial axes.
+    """
     x = node.input[0]
     tie_all(cx, x, node.output[0])
     c = cx.ax(x)[1]
@@ -204,6 +247,11 @@ def channel_norm(cx, node):
 
 @rule("GroupNormalization")
 def group_norm(cx, node):
+    """Channels = groups x channels in a group: groups permute, and channels inside each group (per-
+    group parameters follow groups).
+
+    Pins: nothing.
+    """
     x = node.input[0]
     tie_all(cx, x, node.output[0])
     g = int(cx.attr("num_groups"))
@@ -219,7 +267,11 @@ def group_norm(cx, node):
 
 @rule("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 def layer_norm(cx, node):
-    """Statistics over the normalized axes are invariant to any permutation of them."""
+    """Statistics over the normalized axes are invariant to any permutation of them; scale and bias
+    broadcast.
+
+    Pins: nothing (statistics mix the normalized axes).
+    """
     x = node.input[0]
     tie_all(cx, x, node.output[0])
     rank = len(cx.shape(x))
@@ -250,6 +302,11 @@ def _reduce_axes(cx, node):
 
 @rule(*REDUCE, "ArgMax", "ArgMin")
 def reduce(cx, node):
+    """Kept axes carry to the output; reduced axes mix (sum, mean, max ... are permutation invariant).
+
+    Pins: the reduced axis of ArgMax / ArgMin (it returns positions); non-constant reduction axes
+    block the node.
+    """
     x, y = node.input[0], node.output[0]
     cx.invariant(node.input[1:])
     if node.op_type in ("ArgMax", "ArgMin"):
@@ -276,6 +333,10 @@ def reduce(cx, node):
 
 @rule("Softmax", "LogSoftmax", "Hardmax")
 def softmax(cx, node):
+    """Element-wise along the axes it normalizes (they mix); other axes carry through.
+
+    Pins: nothing.
+    """
     tie_all(cx, node.input[0], node.output[0])
     rank = len(cx.shape(node.input[0]))
     axis = _norm(int(cx.attr("axis", -1)), rank)
@@ -285,6 +346,10 @@ def softmax(cx, node):
 
 @rule("CumSum")
 def cumsum(cx, node):
+    """Element-wise except along the summed axis.
+
+    Pins: the summed axis (order dependent); a non-constant axis blocks the node.
+    """
     tie_all(cx, node.input[0], node.output[0])
     v = cx.value(node.input[1])
     if v is None:
@@ -296,6 +361,10 @@ def cumsum(cx, node):
 
 @rule("Trilu")
 def trilu(cx, node):
+    """Element-wise except the last two axes.
+
+    Pins: the last two axes (the triangle is position dependent).
+    """
     tie_all(cx, node.input[0], node.output[0])
     cx.invariant(node.input[1:])
     for v in cx.ax(node.input[0])[-2:]:
@@ -304,6 +373,11 @@ def trilu(cx, node):
 
 @rule("Concat")
 def concat(cx, node):
+    """The concatenated axis is the sum of the inputs' axes (each a piece of its own); other axes are
+    shared.
+
+    Pins: nothing.
+    """
     y = node.output[0]
     rank = len(cx.shape(y))
     axis = _norm(int(cx.attr("axis")), rank)
@@ -317,6 +391,10 @@ def concat(cx, node):
 
 @rule("Split")
 def split(cx, node):
+    """The split axis is the sum of the outputs' axes (each a piece of its own); other axes are shared.
+
+    Pins: the split sizes input.
+    """
     x = node.input[0]
     rank = len(cx.shape(x))
     axis = _norm(int(cx.attr("axis", 0)), rank)
@@ -331,6 +409,11 @@ def split(cx, node):
 
 @rule("Slice")
 def slice_(cx, node):
+    """A contiguous slice is a piece of its input axis; a slice with step k > 1 takes the first item of
+    each block of k, so whole blocks move together.
+
+    Pins: positions inside a stride block; reversed slices; non-constant bounds block the node.
+    """
     x, y = node.input[0], node.output[0]
     cx.invariant(node.input[1:])
     shape = cx.shape(x)
@@ -348,27 +431,34 @@ def slice_(cx, node):
         n = shape[a]
         st = int(np.ravel(steps)[i]) if steps is not None else 1
         s, e = int(np.ravel(starts)[i]), int(np.ravel(ends)[i])
-        if st != 1:
+        if st < 1:
             sliced[a] = None
             continue
         s = min(max(s + n if s < 0 else s, 0), n)
         e = min(max(e + n if e < 0 else e, 0), n)
-        sliced[a] = (s, max(e, s))
+        sliced[a] = (s, max(e, s), st)
     xa, ya = cx.ax(x), cx.ax(y)
     for k in range(rank):
         if k not in sliced:
             cx.tie(xa[k], ya[k])
         elif sliced[k] is None:
-            cx.pin(xa[k], "strided or reversed slice")
-            cx.pin(ya[k], "strided or reversed slice")
+            cx.pin(xa[k], "reversed slice")
+            cx.pin(ya[k], "reversed slice")
+        elif sliced[k][2] > 1:
+            _strided(cx, xa[k], ya[k], shape[k], *sliced[k])
         else:
-            s, e = sliced[k]
+            s, e, _ = sliced[k]
             alg = cx.alg
             cx.tie(xa[k], alg.sum([alg.new(s), ya[k], alg.new(shape[k] - e)]))
 
 
 @rule("Gather")
 def gather(cx, node):
+    """Axes before and after the indexed axis carry to the output; the index tensor's axes carry to the
+    output's.
+
+    Pins: the indexed axis of the data (positions).
+    """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     rank = len(cx.shape(data))
     axis = _norm(int(cx.attr("axis", 0)), rank)
@@ -384,7 +474,10 @@ def gather(cx, node):
 
 @rule("GatherElements")
 def gather_elements(cx, node):
-    """y[.., i, ..] = x[.., idx[.., i, ..], ..] along ``axis``; other axes index x, idx, y alike."""
+    """y[.., i, ..] = x[.., idx[.., i, ..], ..] along ``axis``; other axes index x, idx, y alike.
+
+    Pins: the indexed axis; an axis of x longer than idx's.
+    """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     rank = len(cx.shape(data))
     axis = _norm(int(cx.attr("axis", 0)), rank)
@@ -404,6 +497,10 @@ def gather_elements(cx, node):
 
 @rule("Transpose")
 def transpose(cx, node):
+    """Output axis i is input axis perm[i].
+
+    Pins: nothing.
+    """
     xa, ya = cx.ax(node.input[0]), cx.ax(node.output[0])
     perm = cx.attr("perm") or list(range(len(xa)))[::-1]
     for i, p in enumerate(perm):
@@ -412,7 +509,10 @@ def transpose(cx, node):
 
 @rule("Squeeze", "Unsqueeze", "Reshape", "Flatten")
 def reshape(cx, node):
-    """Row-major reshape: groups of axes with equal products are one variable with factors."""
+    """Row-major reshape: groups of axes with equal products are one variable with factors.
+
+    Pins: the shape input.
+    """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     xs, ys = cx.shape(x), cx.shape(y)
@@ -440,6 +540,10 @@ def reshape(cx, node):
 
 @rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 def pool(cx, node):
+    """Batch and channel axes carry to the output.
+
+    Pins: spatial axes of windowed pooling; pooling indices outputs.
+    """
     x, y = node.input[0], node.output[0]
     xa, ya = cx.ax(x), cx.ax(y)
     cx.tie(xa[0], ya[0])
@@ -451,29 +555,12 @@ def pool(cx, node):
             cx.pin_tensor(extra, "pooling indices")
 
 
-@rule("Pad")
-def pad(cx, node):
-    """An axis with zero padding on both sides is untouched; any other (incl. unknown) is pinned."""
-    cx.invariant(node.input[1:])
-    x, y = node.input[0], node.output[0]
-    rank = len(cx.shape(x))
-    pads = cx.value(node.input[1]) if len(node.input) > 1 and node.input[1] else cx.attr("pads")
-    axes = cx.value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(rank)
-    zero = set()
-    if pads is not None and axes is not None:
-        pads, axes = np.ravel(pads), [_norm(int(a), rank) for a in np.ravel(axes)]
-        zero = {a for i, a in enumerate(axes) if pads[i] == 0 and pads[i + len(axes)] == 0}
-        zero |= set(range(rank)) - set(axes)
-    for k, (v, w) in enumerate(zip(cx.ax(x), cx.ax(y))):
-        if k in zero:
-            cx.tie(v, w)
-        else:
-            cx.pin(v, "padded axis")
-            cx.pin(w, "padded axis")
-
-
 @rule("Resize", "Upsample")
 def resize(cx, node):
+    """Axes of unchanged size carry to the output.
+
+    Pins: resized axes; every axis in tf_crop_and_resize mode.
+    """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     crop = cx.attr("coordinate_transformation_mode", b"") in (b"tf_crop_and_resize",
@@ -488,6 +575,10 @@ def resize(cx, node):
 
 @rule("Tile")
 def tile(cx, node):
+    """A tiled axis is (repeats x input axis): the input's variable is the inner factor.
+
+    Pins: the repeats input.
+    """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     for v, w, n, m in zip(cx.ax(x), cx.ax(y), cx.shape(x), cx.shape(y)):
@@ -496,7 +587,10 @@ def tile(cx, node):
 
 @rule("Shape", "Size", "Range", "EyeLike", "NonZero", "RandomNormalLike", "RandomUniformLike")
 def shape_like(cx, node):
-    """Outputs depend on shapes or positions only: they must stay where they are."""
+    """Outputs depend on shapes or positions only: they must stay where they are.
+
+    Pins: every output axis.
+    """
     for y in node.output:
         if y:
             cx.pin_tensor(y, f"{node.op_type} output is position dependent")
@@ -506,12 +600,19 @@ def shape_like(cx, node):
 
 @rule("ConstantOfShape")
 def constant_of_shape(cx, node):
+    """The output is constant along every axis: it ties nothing.
+
+    Pins: the shape input.
+    """
     cx.invariant(node.input)  # output is constant along every axis: free
 
 
 @rule("SplitToSequence")
 def split_to_sequence(cx, node):
-    """Sequences have no axes of their own: each piece gets variables, read by SequenceAt."""
+    """Sequences have no axes of their own: each piece gets variables, read by SequenceAt.
+
+    Pins: the whole node when the sequence is read by other ops or split sizes are unknown.
+    """
     x, seq = node.input[0], node.output[0]
     if seq in cx.g.outputs or any(n.op_type != "SequenceAt" for n in cx.consumers(seq)):
         cx.block(node, "sequence is read by ops other than SequenceAt")
@@ -543,6 +644,10 @@ def split_to_sequence(cx, node):
 
 @rule("SequenceAt")
 def sequence_at(cx, node):
+    """The output's axes are those of the selected piece.
+
+    Pins: the whole node when sequence or position is unknown.
+    """
     info = cx.sequences.get(node.input[0])
     pos = cx.value(node.input[1])
     cx.invariant(node.input[1:])
@@ -555,3 +660,628 @@ def sequence_at(cx, node):
     src = piece if keep else piece[:axis] + piece[axis + 1:]
     for v, w in zip(src, ys):
         cx.tie(v, w)
+
+
+# --------------------------------------------------------------------------- indexing, padding
+
+
+@rule("GatherND")
+def gather_nd(cx, node):
+    """y[b.., i.., rest..] = x[b.., idx[b.., i.., :], rest..]: batch axes, index positions and trailing
+    axes of x carry through.
+
+    Pins: the m indexed axes of x and the last axis of the index tuple.
+    """
+    data, idx, y = node.input[0], node.input[1], node.output[0]
+    b = int(cx.attr("batch_dims", 0))
+    da, ia, ya = cx.ax(data), cx.ax(idx), cx.ax(y)
+    m = cx.shape(idx)[-1]
+    for k in range(b):
+        cx.tie(da[k], ia[k])
+        cx.tie(da[k], ya[k])
+    for k in range(b, b + m):
+        cx.pin(da[k], "indexed by GatherND")
+    cx.pin(ia[-1], "GatherND index tuple")
+    for k in range(b, len(ia) - 1):
+        cx.tie(ia[k], ya[k])
+    for j, k in enumerate(range(b + m, len(da))):
+        cx.tie(da[k], ya[len(ia) - 1 + j])
+
+
+def _pad_amounts(cx, node, rank):
+    """(before, after) per axis, or None where unknown."""
+    pads = cx.value(node.input[1]) if len(node.input) > 1 and node.input[1] else cx.attr("pads")
+    axes = cx.value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(rank)
+    if pads is None or axes is None:
+        return None
+    pads, axes = np.ravel(pads), [_norm(int(a), rank) for a in np.ravel(axes)]
+    out = {k: (0, 0) for k in range(rank)}
+    for i, a in enumerate(axes):
+        out[a] = (int(pads[i]), int(pads[i + len(axes)]))
+    return out
+
+
+@rule("Pad")
+def pad(cx, node):
+    """Constant padding: x is a piece of the padded axis, each padding run (equal entries) is a piece
+    of its own; negative amounts crop x, the kept part being a piece of x.
+
+    Pins: padded axes in reflect / edge / wrap mode; unknown pad amounts.
+
+    y = [c] * before ++ x ++ [c] * after along a padded axis.
+    """
+    cx.invariant(node.input[1:])
+    x, y = node.input[0], node.output[0]
+    rank = len(cx.shape(x))
+    amounts = _pad_amounts(cx, node, rank)
+    mode = cx.attr("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    alg = cx.alg
+    for k, (v, w) in enumerate(zip(cx.ax(x), cx.ax(y))):
+        before, after = amounts[k] if amounts is not None else (None, None)
+        if before == 0 and after == 0:
+            cx.tie(v, w)
+        elif before is None or mode != "constant":
+            cx.pin(v, f"padded axis ({mode} mode)" if before is not None else "pad amounts unknown")
+            cx.pin(w, "padded axis")
+        else:
+            n = cx.shape(x)[k]
+            mid = alg.new(n - max(-before, 0) - max(-after, 0))
+            cx.tie(v, alg.sum([alg.new(max(-before, 0)), mid, alg.new(max(-after, 0))]))
+            cx.tie(w, alg.sum([alg.new(max(before, 0)), mid, alg.new(max(after, 0))]))
+
+
+def _strided(cx, xv, yv, n, s, e, st):
+    """y = x[s:e:st] with st > 1: x = [s items] ++ blocks of st items ++ rest, y's item i is the
+    first item of block i. Permuting whole blocks permutes y alike; positions inside a block are
+    pinned (they decide which item is selected)."""
+    alg = cx.alg
+    count = len(range(s, e, st))
+    if count == 0:
+        return
+    full = count if s + count * st <= n else count - 1
+    inner = alg.new(st)
+    cx.pin(inner, "positions inside the stride of a strided slice")
+    blocks = alg.new(full)
+    rest = alg.new(n - s - full * st)
+    if count > full:  # the last selected item starts the rest, which is shorter than a block
+        cx.pin(rest, "the tail of a strided slice holds its last selected item")
+    cx.tie(xv, alg.sum([alg.new(s), alg.prod([blocks, inner]), rest]))
+    cx.tie(yv, alg.sum([blocks, alg.new(count - full)]))
+
+
+# --------------------------------------------------------------------------- einsum
+
+
+def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[str], str] | None:
+    """Operand and output subscripts of an einsum equation, an ellipsis spelt out as letters
+    (right-aligned, as numpy broadcasts it). None if the equation does not fit the operands."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    spare = [chr(c) for c in range(0x100, 0x200)]  # letters no equation uses
+    width = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    dots = "".join(spare[:width])
+    out = []
+    for t, r in zip(terms, ranks):
+        if "..." in t:
+            k = r - len(t.replace("...", ""))
+            if k < 0:
+                return None
+            t = t.replace("...", dots[width - k:])
+        if len(t) != r or not all(ch.isalpha() or ch in dots for ch in t):
+            return None
+        out.append(t)
+    if not arrow:  # implicit output: the letters used once, in alphabetical order
+        counts = {}
+        for t in out:
+            for ch in t:
+                counts[ch] = counts.get(ch, 0) + 1
+        rhs = dots + "".join(sorted(ch for ch, c in counts.items() if c == 1 and ch not in dots))
+    else:
+        rhs = rhs.replace("...", dots)
+    return out, rhs
+
+
+@rule("Einsum")
+def einsum(cx, node):
+    """Every letter is one index over all the axes that carry it (operands, output, repeated letters =
+    diagonals); summed letters mix.
+
+    Pins: nothing; an equation that does not fit the operands blocks the node.
+
+    Every letter is one index running over all the axes that carry it (in any operand, the
+    output, or twice in one operand: a diagonal): permuting that index on all of them at once
+    commutes with the product and the sum. A summed letter is a contraction (it mixes).
+    """
+    eq = cx.attr("equation")
+    eq = eq.decode() if isinstance(eq, bytes) else str(eq)
+    ins = [x for x in node.input if x]
+    terms = _einsum_terms(eq, [len(cx.shape(x)) for x in ins])
+    y = node.output[0]
+    if terms is None or len(terms[1]) != len(cx.shape(y)):
+        cx.block(node, f"einsum equation {eq!r} does not fit its operands")
+        return
+    subs, rhs = terms
+    where: dict[str, list[tuple[int, int]]] = {}
+    for name, t in zip(ins, subs):
+        for k, ch in enumerate(t):
+            where.setdefault(ch, []).append((cx.ax(name)[k], cx.shape(name)[k]))
+    for k, ch in enumerate(rhs):
+        where.setdefault(ch, []).append((cx.ax(y)[k], cx.shape(y)[k]))
+    for ch, occ in where.items():
+        size = max(n for _, n in occ)
+        full = [v for v, n in occ if n == size]
+        for v in full[1:]:
+            cx.tie(full[0], v)
+        if ch not in rhs:
+            cx.mixes(full[0])
+
+
+# --------------------------------------------------------------------------- fused ops
+# onnxruntime's contrib ops (domain com.microsoft, docs/ContribOperators.md in onnxruntime) as its
+# transformer optimizer emits them, and the opset 23 ops with the same meaning.
+
+MS = "com.microsoft::"
+
+
+def _opt(node, i):
+    """Input ``i`` of ``node`` or "" where absent."""
+    return node.input[i] if len(node.input) > i else ""
+
+
+def _ties_last(cx, names, v):
+    """Tie the last axis of each present tensor to ``v`` (per-feature parameters)."""
+    for n in names:
+        if n:
+            cx.tie(cx.ax(n)[-1], v)
+
+
+@rule(MS + "Gelu", MS + "QuickGelu", MS + "FastGelu", MS + "BiasGelu")
+def ms_gelu(cx, node):
+    """Element-wise activations; FastGelu / BiasGelu add a per-feature bias first (broadcast).
+
+    Pins: nothing.
+    """
+    broadcast(cx, [x for x in node.input if x], node.output[0])
+
+
+@rule(MS + "BiasAdd")
+def ms_bias_add(cx, node):
+    """X + bias + skip: broadcasting.
+
+    Pins: nothing.
+    """
+    broadcast(cx, [x for x in node.input if x], node.output[0])
+
+
+@rule(MS + "BiasSplitGelu")
+def ms_bias_split_gelu(cx, node):
+    """(X + bias) split in halves a, b along the last axis, output a * gelu(b): item i of the output
+    pairs item i of each half.
+
+    Pins: nothing.
+    """
+    x, y = node.input[0], node.output[0]
+    xa, ya = cx.ax(x), cx.ax(y)
+    for v, w in zip(xa[:-1], ya[:-1]):
+        cx.tie(v, w)
+    half = cx.ax(y)[-1]
+    cx.tie(xa[-1], cx.alg.sum([half, half]))
+    _ties_last(cx, [_opt(node, 1)], xa[-1])
+
+
+@rule(MS + "SkipLayerNormalization", MS + "SkipSimplifiedLayerNormalization")
+def ms_skip_layer_norm(cx, node):
+    """LayerNorm (RMSNorm) over the last axis of input + skip (+ bias): gamma / beta / bias are per
+    feature; the optional sum output is the input's.
+
+    Pins: nothing (statistics mix the feature axis).
+
+    LayerNorm (or RMSNorm) over the last axis of input + skip (+ bias); gamma / beta / bias
+    are per feature. Optional outputs: mean and inverse std (one per row), and the sum.
+    """
+    x, y = node.input[0], node.output[0]
+    broadcast(cx, [x, _opt(node, 1)], y)
+    tie_all(cx, x, y)
+    feat = cx.ax(y)[-1]
+    cx.mixes(feat)
+    params = [_opt(node, 2), _opt(node, 3), _opt(node, 4)]
+    if node.op_type == "SkipSimplifiedLayerNormalization":
+        params = [_opt(node, 2), _opt(node, 3)]  # gamma, bias
+    _ties_last(cx, params, feat)
+    for extra in node.output[1:3]:
+        if extra:
+            broadcast(cx, [extra], x)
+    if len(node.output) > 3 and node.output[3]:
+        tie_all(cx, node.output[3], y)
+
+
+@rule(MS + "EmbedLayerNormalization")
+def ms_embed_layer_norm(cx, node):
+    """Word / position / segment embedding rows summed, LayerNorm over features: every embedding's
+    columns, gamma and beta are the output's feature axis.
+
+    Pins: embedding rows (looked up by id); the ids, mask and mask index.
+    """
+    ids, y = node.input[0], node.output[0]
+    ya = cx.ax(y)
+    cx.tie(cx.ax(ids)[0], ya[0])
+    cx.tie(cx.ax(ids)[1], ya[1])
+    feat = ya[-1]
+    cx.mixes(feat)
+    for i in (2, 3, 4):
+        t = _opt(node, i)
+        if t:
+            cx.pin(cx.ax(t)[0], "embedding rows (looked up by id)")
+            cx.tie(cx.ax(t)[1], feat)
+    _ties_last(cx, [_opt(node, 5), _opt(node, 6)], feat)
+    cx.invariant([_opt(node, 1), _opt(node, 7), _opt(node, 8)])
+    if len(node.output) > 1 and node.output[1]:
+        cx.pin_tensor(node.output[1], "mask index")
+    if len(node.output) > 2 and node.output[2]:
+        tie_all(cx, node.output[2], y)
+
+
+def _split_heads(cx, v, heads):
+    """Tie feature variable ``v`` to ``heads x head_size`` and return the head-size factor."""
+    d = cx.alg.new(cx.alg.size(v) // cx.alg.size(heads))
+    cx.tie(v, cx.alg.prod([heads, d]))
+    return d
+
+
+def _positions(cx, names, axes, why="attention positions (masks, causal order)"):
+    for n, k in zip(names, axes):
+        if n:
+            cx.pin(cx.ax(n)[k], why)
+
+
+def _head_bias(cx, name, heads, axis=1):
+    """An additive attention bias (batch, heads or 1, q positions, k positions): per head."""
+    if not name:
+        return
+    sh = cx.shape(name)
+    for k, v in enumerate(cx.ax(name)):
+        if len(sh) - k == 4 - axis and sh[k] == cx.alg.size(heads):
+            cx.tie(v, heads)
+        else:
+            cx.pin(v, "attention bias positions")
+
+
+def _cache(cx, names, heads, d, head_axis=1, d_axis=3):
+    """past / present key or value caches (batch, heads, positions, head size)."""
+    for n in names:
+        if n and len(cx.shape(n)) == 4:
+            a = cx.ax(n)
+            cx.tie(a[head_axis], heads)
+            cx.tie(a[d_axis], d)
+            cx.pin(a[2], "cache positions")
+        elif n:
+            cx.pin_tensor(n, "cache layout")
+
+
+@rule(MS + "Attention")
+def ms_attention(cx, node):
+    """Packed weights: x @ W = [q | k | v], each heads x head size; heads move together, q/k head size
+    is one contraction index, v head size follows the output; the past cache ties k and v head
+    sizes.
+
+    Pins: positions; the q/k head size under do_rotary; mask inputs.
+
+    Self-attention with packed weights: x @ W + bias = [q | k | v] along W's columns, each
+    heads x head size; per head softmax(q k^T) v, heads concatenated in the output. Heads move
+    together in q, k, v and the output; the q/k head size is one contraction index; the v head
+    size follows the output. Rotary (do_rotary) pins the q/k head size.
+    """
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    heads = cx.alg.new(int(cx.attr("num_heads")))
+    xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
+    cx.tie(xa[-1], wa[0])
+    cx.mixes(xa[-1])
+    total = cx.shape(w)[1]
+    sizes = list(cx.attr("qkv_hidden_sizes") or []) or [total // 3] * 3
+    q, k, v = (cx.alg.new(int(n)) for n in sizes)
+    cx.tie(wa[1], cx.alg.sum([q, k, v]))
+    _ties_last(cx, [_opt(node, 2)], wa[1])
+    dq, dk, dv = (_split_heads(cx, t, heads) for t in (q, k, v))
+    cx.tie(dq, dk)
+    cx.mixes(dq)
+    cx.tie(ya[-1], cx.alg.prod([heads, dv]))
+    cx.tie(xa[0], ya[0])
+    _positions(cx, [x, y], [1, 1])
+    if cx.attr("do_rotary", 0):
+        cx.pin(dq, "rotary embedding of the query/key head size")
+    cx.invariant([_opt(node, 3), _opt(node, 6)])
+    _head_bias(cx, _opt(node, 5), heads)
+    past = [_opt(node, 4)] + list(node.output[1:2])
+    if any(past):  # (2, batch, heads, positions, head size): keys and values share the layout
+        cx.tie(dk, dv)
+        for n in past:
+            if n:
+                a = cx.ax(n)
+                cx.pin(a[0], "key / value slot")
+                cx.tie(a[1], xa[0])
+                cx.tie(a[2], heads)
+                cx.pin(a[3], "cache positions")
+                cx.tie(a[4], dk)
+
+
+def _qkv_3d(cx, name, heads):
+    """A (batch, positions, heads * head size) input: its head-size factor."""
+    return _split_heads(cx, cx.ax(name)[2], heads)
+
+
+@rule(MS + "MultiHeadAttention")
+def ms_multi_head_attention(cx, node):
+    """softmax(q k^T) v per head, with 3-D, 4-D (B, N, L, H) or packed q/k/v; packed bias = [q | k |
+    v]; caches follow heads and head sizes.
+
+    Pins: positions; packed q/k/v slot axes; mask inputs.
+
+    softmax(q k^T) v per head. q: (B, S, N*H) or packed (B, S, N, 3, H); k: (B, L, N*H),
+    (B, N, L, H) or packed kv (B, L, N, 2, H); v: (B, L, N*Hv) or (B, N, L, Hv). Heads move
+    together; the q/k head size is one contraction index, the v head size follows the output.
+    """
+    q, k, v, y = node.input[0], _opt(node, 1), _opt(node, 2), node.output[0]
+    heads = cx.alg.new(int(cx.attr("num_heads")))
+    qa, ya = cx.ax(q), cx.ax(y)
+    cx.tie(qa[0], ya[0])
+    _positions(cx, [q, y], [1, 1])
+    if len(qa) == 5:  # packed q, k, v
+        cx.tie(qa[2], heads)
+        cx.pin(qa[3], "packed q/k/v slot")
+        dq = dv = qa[4]
+    else:
+        dq = _qkv_3d(cx, q, heads)
+        dv = None
+    if k:
+        ka = cx.ax(k)
+        cx.tie(ka[0], qa[0])
+        if len(ka) == 5:  # packed k, v
+            cx.tie(ka[2], heads)
+            cx.pin(ka[3], "packed k/v slot")
+            cx.tie(ka[4], dq)
+            dv = ka[4]
+            _positions(cx, [k], [1])
+        elif len(ka) == 4:
+            cx.tie(ka[1], heads)
+            cx.tie(ka[3], dq)
+            _positions(cx, [k], [2])
+        else:
+            cx.tie(_qkv_3d(cx, k, heads), dq)
+            _positions(cx, [k], [1])
+    if v:
+        va = cx.ax(v)
+        cx.tie(va[0], qa[0])
+        if len(va) == 4:
+            cx.tie(va[1], heads)
+            dv = va[3]
+            _positions(cx, [v], [2])
+        else:
+            dv = _qkv_3d(cx, v, heads)
+            _positions(cx, [v], [1])
+    cx.mixes(dq)
+    cx.tie(ya[-1], cx.alg.prod([heads, dv]))
+    bias = _opt(node, 3)
+    if bias:
+        hq = cx.alg.prod([heads, dq])
+        cx.tie(cx.ax(bias)[0], cx.alg.sum([hq, cx.alg.prod([heads, dq]), cx.alg.prod([heads, dv])]))
+    cx.invariant([_opt(node, 4), _opt(node, 8), _opt(node, 9)])
+    _head_bias(cx, _opt(node, 5), heads)
+    _cache(cx, [_opt(node, 6), node.output[1] if len(node.output) > 1 else ""], heads, dq)
+    _cache(cx, [_opt(node, 7), node.output[2] if len(node.output) > 2 else ""], heads, dv)
+    if len(node.output) > 3 and node.output[3]:
+        _head_bias(cx, node.output[3], heads)
+
+
+@rule(MS + "GroupQueryAttention")
+def ms_group_query_attention(cx, node):
+    """Query head h reads kv head h // (num_heads / kv_num_heads): heads = kv heads x group; kv heads
+    move everywhere, query heads inside their group; q/k head size is one contraction index.
+
+    Pins: positions; q/k head size under do_rotary; sequence lengths, cos / sin caches.
+
+    Query head h reads key/value head h // (num_heads / kv_num_heads). Heads factor into
+    kv heads x group: kv heads move together everywhere; query heads move freely inside their
+    group (q and output only); the q/k head size is one contraction index, the v head size
+    follows the output. q may pack [q | k | v] when key and value are absent.
+    """
+    q, k, v, y = node.input[0], _opt(node, 1), _opt(node, 2), node.output[0]
+    n, nk = int(cx.attr("num_heads")), int(cx.attr("kv_num_heads"))
+    kvh, grp = cx.alg.new(nk), cx.alg.new(n // nk)
+    qa, ya = cx.ax(q), cx.ax(y)
+    head = cx.shape(y)[-1] // n
+    dq, dv = cx.alg.new(head), cx.alg.new(head)
+    qf = cx.alg.prod([kvh, grp, dq])
+    kf, vf = cx.alg.prod([kvh, dq]), cx.alg.prod([kvh, dv])
+    if k:
+        cx.tie(qa[-1], qf)
+        cx.tie(cx.ax(k)[-1], kf)
+        cx.tie(cx.ax(v)[-1], vf)
+        for t in (k, v):
+            cx.tie(cx.ax(t)[0], qa[0])
+            _positions(cx, [t], [1])
+    else:
+        cx.tie(qa[-1], cx.alg.sum([qf, kf, vf]))
+    cx.mixes(dq)
+    cx.tie(ya[-1], cx.alg.prod([kvh, grp, dv]))
+    cx.tie(qa[0], ya[0])
+    _positions(cx, [q, y], [1, 1])
+    if cx.attr("do_rotary", 0):
+        cx.pin(dq, "rotary embedding of the query/key head size")
+    cx.invariant([_opt(node, i) for i in (5, 6, 7, 8, 9)])
+    _head_bias(cx, _opt(node, 10), cx.alg.prod([kvh, grp]))
+    sink = _opt(node, 11)
+    if sink:
+        cx.tie(cx.ax(sink)[0], cx.alg.prod([kvh, grp]))
+    _cache(cx, [_opt(node, 3), node.output[1] if len(node.output) > 1 else ""], kvh, dq)
+    _cache(cx, [_opt(node, 4), node.output[2] if len(node.output) > 2 else ""], kvh, dv)
+    if len(node.output) > 3 and node.output[3]:
+        _head_bias(cx, node.output[3], cx.alg.prod([kvh, grp]))
+
+
+@rule("Attention")
+def onnx_attention(cx, node):
+    """opset 23 Attention, MHA or GQA (query head h reads kv head h // (Nq / Nkv)): as
+    GroupQueryAttention, 3-D or 4-D inputs.
+
+    Pins: positions; masks follow heads where they have a heads axis.
+
+    opset 23 Attention: Q (B, Nq, S, H) or (B, S, Nq*H); K, V (B, Nkv, L, H|Hv) or 3-D. Query
+    head h reads key/value head h // (Nq / Nkv) (numpy repeat), so heads factor into kv heads x
+    group, as in GroupQueryAttention; the q/k head size is one contraction index.
+    """
+    q, k, v, y = node.input[:3] + [node.output[0]]
+    qa, ka, va, ya = cx.ax(q), cx.ax(k), cx.ax(v), cx.ax(y)
+    four = len(qa) == 4
+    nq = cx.shape(q)[1] if four else int(cx.attr("q_num_heads"))
+    nk = cx.shape(k)[1] if four else int(cx.attr("kv_num_heads"))
+    kvh, grp = cx.alg.new(nk), cx.alg.new(nq // nk)
+    heads = cx.alg.prod([kvh, grp])
+    for t in (k, v, y):
+        cx.tie(cx.ax(t)[0], qa[0])
+    if four:
+        cx.tie(qa[1], heads)
+        cx.tie(ya[1], cx.alg.prod([kvh, grp]))
+        cx.tie(ka[1], kvh)
+        cx.tie(va[1], kvh)
+        dq, dv = qa[3], va[3]
+        cx.tie(ka[3], dq)
+        cx.tie(ya[3], dv)
+        _positions(cx, [q, k, v, y], [2, 2, 2, 2])
+    else:
+        dq = cx.alg.new(cx.shape(q)[2] // nq)
+        dv = cx.alg.new(cx.shape(v)[2] // nk)
+        cx.tie(qa[2], cx.alg.prod([kvh, grp, dq]))
+        cx.tie(ka[2], cx.alg.prod([kvh, dq]))
+        cx.tie(va[2], cx.alg.prod([kvh, dv]))
+        cx.tie(ya[2], cx.alg.prod([kvh, grp, dv]))
+        _positions(cx, [q, k, v, y], [1, 1, 1, 1])
+    cx.mixes(dq)
+    _head_bias(cx, _opt(node, 3), cx.alg.prod([kvh, grp]))
+    cx.invariant([_opt(node, 6)])
+    _cache(cx, [_opt(node, 4), node.output[1] if len(node.output) > 1 else ""], kvh, dq)
+    _cache(cx, [_opt(node, 5), node.output[2] if len(node.output) > 2 else ""], kvh, dv)
+    if len(node.output) > 3 and node.output[3]:
+        _head_bias(cx, node.output[3], cx.alg.prod([kvh, grp]))
+
+
+@rule("RotaryEmbedding", MS + "RotaryEmbedding")
+def rotary_embedding(cx, node):
+    """Rotates pairs of head-size items by position-dependent angles: heads move freely.
+
+    Pins: the head size and positions (heads are known from a 4-D input, num_heads, or, for a
+    full rotation, the cos cache: head size = 2 x its last axis).
+
+    x: (B, S, N*H) or (B, N, S, H). Inputs: com.microsoft (x, position_ids, cos, sin); opset 23
+    (x, cos, sin, position_ids).
+    """
+    x, y = node.input[0], node.output[0]
+    tie_all(cx, x, y)
+    xa = cx.ax(x)
+    n = int(cx.attr("num_heads", 0) or 0)
+    cos = _opt(node, 2 if node.domain == "com.microsoft" else 1)
+    if len(xa) == 3 and not n and not cx.attr("rotary_embedding_dim", 0) and cos:
+        head = 2 * cx.shape(cos)[-1]
+        n = cx.shape(x)[2] // head if head and cx.shape(x)[2] % head == 0 else 0
+    if len(xa) == 4:
+        cx.pin(xa[2], "rotary positions")
+        cx.pin(xa[3], "rotary embedding of the head size")
+    elif n:
+        d = _split_heads(cx, xa[2], cx.alg.new(n))
+        cx.pin(d, "rotary embedding of the head size")
+        cx.pin(xa[1], "rotary positions")
+    else:
+        cx.pin(xa[-1], "rotary embedding (heads unknown)")
+        cx.pin(xa[1], "rotary positions")
+    cx.invariant(node.input[1:])
+
+
+@rule(MS + "MatMulNBits")
+def ms_matmul_nbits(cx, node):
+    """y = A @ dequant(B)^T: output rows move with B's rows, their scales, zero points and bias; along
+    K whole quantization blocks move in A, B, scales and unpacked zero points, and inside a block
+    whole bytes of the blob (the codes packed in one byte move together).
+
+    Pins: codes sharing a byte; blocks with packed zero points or g_idx; K not a whole number of
+    blocks or codes straddling bytes (then all of K).
+
+    B: (N, blocks, blob), codes packed low-first along K: byte j of block b holds the codes of
+    K positions b * block_size + j * (8 / bits) + (0 .. 8 / bits - 1). So K = blocks x bytes x
+    codes per byte, with the blob's byte axis the middle factor.
+    """
+    a, b, y = node.input[0], node.input[1], node.output[0]
+    aa, ba, ya = cx.ax(a), cx.ax(b), cx.ax(y)
+    kdim, ndim = int(cx.attr("K")), int(cx.attr("N"))
+    bs, bits = int(cx.attr("block_size")), int(cx.attr("bits", 4))
+    nb = cx.shape(b)[1]
+    cx.packed_weight(b)
+    rows, blocks, nbytes = ba
+    cx.tie(ya[-1], rows)
+    for v, w in zip(aa[:-1], ya[:-1]):
+        cx.tie(v, w)
+    cx.mixes(aa[-1])
+    if kdim == nb * bs and 8 % bits == 0 and cx.shape(b)[2] * (8 // bits) == bs:
+        per_byte = cx.alg.new(8 // bits)
+        cx.pin(per_byte, "quantized codes sharing a byte of the blob")
+        cx.tie(aa[-1], cx.alg.prod([blocks, nbytes, per_byte]))
+    else:
+        why = "K is not a whole number of quantization blocks of whole bytes"
+        for v in (aa[-1], blocks, nbytes):
+            cx.pin(v, why)
+    for i in (2, 3):  # scales, zero points: (N * blocks) or (N, blocks); packed bytes per row
+        t = _opt(node, i)
+        if not t:
+            continue
+        sh = cx.shape(t)
+        ta = cx.ax(t)
+        if i == 3 and cx.value(t) is not None:
+            cx.packed_weight(t)
+        if sh == (ndim, nb):
+            cx.tie(ta[0], rows)
+            cx.tie(ta[1], blocks)
+        elif sh == (ndim * nb,):
+            cx.tie(ta[0], cx.alg.prod([rows, blocks]))
+        elif len(sh) == 1 and sh[0] % ndim == 0 or len(sh) == 2 and sh[0] == ndim:
+            per = cx.alg.new(int(np.prod(sh)) // ndim)
+            cx.pin(per, "packed zero points (several blocks per byte)")
+            cx.pin(blocks, "packed zero points (several blocks per byte)")
+            if len(sh) == 1:
+                cx.tie(ta[0], cx.alg.prod([rows, per]))
+            else:
+                cx.tie(ta[0], rows)
+                cx.tie(ta[1], per)
+        else:
+            cx.block(node, f"unexpected shape {sh} of {t}")
+            return
+    cx.invariant([_opt(node, 4)])
+    if _opt(node, 4):
+        cx.pin(blocks, "g_idx maps K positions to blocks")
+    _ties_last(cx, [_opt(node, 5)], rows)
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+def ops_table() -> str:
+    """The op table of docs/ops.md, from the rules' docstrings (first paragraph: the rule;
+    ``Pins:`` paragraph: what it pins). ``python -m benchmarks.ops_doc`` writes it into the doc.
+
+    Example:
+        >>> ops_table().splitlines()[0]
+        '| ops | rule | pins or blocks |'
+    """
+    import inspect
+
+    groups: dict = {}
+    for op, fn in RULES.items():
+        groups.setdefault(fn, []).append(op)
+    rows = ["| ops | rule | pins or blocks |", "|---|---|---|"]
+    for fn, ops in groups.items():
+        paras = inspect.cleandoc(fn.__doc__ or "").split("\n\n")
+        pins = next((p for p in paras if p.startswith("Pins:")), "Pins: ?")
+        cells = [", ".join(f"`{o}`" for o in ops), paras[0], pins.removeprefix("Pins:")]
+        rows.append("| " + " | ".join(" ".join(c.split()).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)

@@ -1,0 +1,556 @@
+"""Rules for fused and exporter-specific ops: onnxruntime contrib ops (com.microsoft), opset 23
+attention ops, GatherND, Einsum, Pad / strided Slice pieces, constant-along-axis tensors.
+
+Each test builds a tiny model with the op and trained-like random values, checks the classes
+against a hand count, and checks soundness: every class permuted at random, outputs unchanged
+(onnxruntime, CPU EP, which runs the contrib ops), and the output varies with the input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import rebasin
+from rebasin.execute import make_inputs, run_model
+
+RNG = np.random.default_rng(0)
+MS = "com.microsoft"
+
+
+def W(name, *shape, scale=0.5):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype("f"), name)
+
+
+def I(name, values, dtype="int64"):  # noqa: E743 - an integer initializer
+    return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+
+
+def model(nodes, inits, x_shape, y_shape, opset=17, x_type=TensorProto.FLOAT, extra_inputs=()):
+    x = helper.make_tensor_value_info("x", x_type, x_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
+    ops = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    return helper.make_model(helper.make_graph(nodes, "g", [x, *extra_inputs], [y], inits),
+                             opset_imports=ops)
+
+
+def node(op, ins, outs, domain="", **attrs):
+    return helper.make_node(op, ins, outs, domain=domain, **attrs)
+
+
+def assert_sound(m, seeds=(0, 1, 2)):
+    """Random permutation of every class leaves every output equal; the output varies with the
+    input (so the check is not vacuous). Returns the spec."""
+    spec = rebasin.infer_spec(m)
+    for s in seeds:
+        res = rebasin.verify(m, rebasin.apply_permutation(m, spec, spec.random_permutations(s)),
+                             seeds=(0, 1))
+        assert res.equal, res
+    a, b = (run_model(m, make_inputs(m, seed=s)) for s in (0, 1))
+    assert any(not np.allclose(a[k], b[k]) for k in a), "output does not depend on the input"
+    return spec
+
+
+def sizes(spec):
+    return sorted(c.size for c in spec.classes)
+
+
+def mlp_around(op_nodes, inits, d=6, d_in=4, d_out=3, seq=(2, 3)):
+    """x (.., d_in) -> MatMul w_in -> h -> [op_nodes: h -> o] -> MatMul w_out -> y."""
+    nodes = [node("MatMul", ["x", "w_in"], ["h"]), *op_nodes, node("MatMul", ["o", "w_out"], ["y"])]
+    return model(nodes, [W("w_in", d_in, d), W("w_out", d, d_out), *inits], [*seq, d_in],
+                 [*seq, d_out])
+
+
+# --------------------------------------------------------------------------- element-wise and norms
+
+
+@pytest.mark.parametrize("op,extra,attrs", [
+    ("Gelu", [], {}), ("QuickGelu", [], {"alpha": 1.702}), ("FastGelu", ["b"], {}),
+    ("BiasGelu", ["b"], {})])
+def test_gelu_family_is_elementwise(op, extra, attrs):
+    m = mlp_around([node(op, ["h", *extra], ["o"], MS, **attrs)], [W("b", 6)] if extra else [])
+    spec = assert_sound(m)
+    assert sizes(spec) == [6]
+    if extra:
+        assert any(mb.tensor == "b" for mb in spec.classes[0].members)
+
+
+@pytest.mark.parametrize("op", ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"])
+def test_skip_layer_norm_ties_params_and_skip(op):
+    """h + skip (+ bias), normalized over features: one class; gamma/beta/bias are members."""
+    params = ["g", "be", "bi"] if op == "SkipLayerNormalization" else ["g", "bi"]
+    nodes = [node("MatMul", ["x", "w_s"], ["s"]),
+             node(op, ["h", "s", *params], ["o", "", "", "sum"], MS, epsilon=1e-5)]
+    m = mlp_around(nodes, [W("w_s", 4, 6), *(W(p, 6) for p in params)])
+    spec = assert_sound(m)
+    assert sizes(spec) == [6]
+    assert {mb.tensor for mb in spec.classes[0].members} >= {"w_s", *params}
+
+
+@pytest.mark.parametrize("op,opset", [("SimplifiedLayerNormalization", 17), ("RMSNormalization", 23)])
+def test_rms_norms(op, opset):
+    """RMS norm over features (onnxruntime registers SimplifiedLayerNormalization in the default
+    domain; RMSNormalization is opset 23's)."""
+    m = mlp_around([node(op, ["h", "g"], ["o"], axis=-1, epsilon=1e-5)], [W("g", 6)])
+    m.opset_import[0].version = opset
+    assert sizes(assert_sound(m)) == [6]
+
+
+def test_unknown_domain_blocks_even_with_a_known_op_type():
+    """An op type we know, in a domain we do not (onnxruntime cannot run it either): its
+    semantics are unknown, so it blocks with a reason naming the domain and the node."""
+    m = mlp_around([node("Relu", ["h"], ["o"], "my.domain", name="mine")], [])
+    m.opset_import.append(helper.make_opsetid("my.domain", 1))
+    spec = rebasin.infer_spec(m)
+    assert sizes(spec) == []
+    reasons = {b.reason for b in spec.blocked if b.tensor == "w_in" and b.axis == 1}
+    assert any("my.domain::Relu" in r and "'mine'" in r for r in reasons), reasons
+    with pytest.raises(rebasin.UnsupportedModelError, match="mine"):
+        rebasin.infer_spec(m, strict=True)
+    m.graph.node[1].domain = MS  # com.microsoft has rules, but not for Relu
+    assert sizes(rebasin.infer_spec(m)) == []
+
+
+def test_embed_layer_norm():
+    """word + position + segment embedding rows (looked up: pinned), LayerNorm over features:
+    one class of the hidden size over every embedding's columns, gamma, beta and the next layer."""
+    ids = helper.make_tensor_value_info("x", TensorProto.INT32, [2, 5])
+    seg = helper.make_tensor_value_info("seg", TensorProto.INT32, [2, 5])
+    nodes = [node("EmbedLayerNormalization", ["x", "seg", "we", "pe", "se", "g", "b"], ["e", "mi"], MS,
+                  epsilon=1e-5),
+             node("MatMul", ["e", "w_out"], ["y"])]
+    inits = [W("we", 10, 6), W("pe", 8, 6), W("se", 2, 6), W("g", 6), W("b", 6), W("w_out", 6, 3)]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])
+    m = helper.make_model(helper.make_graph(nodes, "g", [ids, seg], [y], inits),
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
+    spec = rebasin.infer_spec(m)
+    assert sizes(spec) == [6]
+    feeds = [{"x": np.random.default_rng(s).integers(0, 10, (2, 5)).astype("int32"),
+              "seg": np.random.default_rng(s).integers(0, 2, (2, 5)).astype("int32")} for s in (0, 1)]
+    for s in (0, 1):
+        p = rebasin.apply_permutation(m, spec, spec.random_permutations(s))
+        for f in feeds:
+            assert rebasin.verify(m, p, feeds=f).equal
+    a, b = (run_model(m, f)["y"] for f in feeds)
+    assert not np.allclose(a, b)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_counts(spec):
+    return sorted(c.size for c in spec.classes)
+
+
+def test_ms_attention_packed_weights():
+    """x @ W (8 -> 3*8) = [q|k|v], 2 heads of 4: heads (2) + per head: q/k dims (4), v dims (4)."""
+    nodes = [node("Attention", ["x", "w", "b"], ["a"], MS, num_heads=2),
+             node("MatMul", ["a", "wo"], ["y"])]
+    m = model(nodes, [W("w", 8, 24), W("b", 24), W("wo", 8, 3)], [2, 3, 8], [2, 3, 3])
+    spec = assert_sound(m)
+    assert _attention_counts(spec) == [2, 4, 4, 4, 4]
+
+
+def _qkv(d_q, d_k, d_v, d=8):
+    return ([node("MatMul", ["x", "wq"], ["q"]), node("MatMul", ["x", "wk"], ["k"]),
+             node("MatMul", ["x", "wv"], ["v"])],
+            [W("wq", d, d_q), W("wk", d, d_k), W("wv", d, d_v)])
+
+
+def test_ms_multi_head_attention():
+    """Separate q/k/v projections, a packed bias, 2 heads of 4 (v heads of 3)."""
+    nodes, inits = _qkv(8, 8, 6)
+    nodes += [node("MultiHeadAttention", ["q", "k", "v", "b"], ["a"], MS, num_heads=2),
+              node("MatMul", ["a", "wo"], ["y"])]
+    m = model(nodes, inits + [W("b", 22), W("wo", 6, 3)], [2, 3, 8], [2, 3, 3])
+    spec = assert_sound(m)
+    assert _attention_counts(spec) == [2, 3, 3, 4, 4]
+
+
+def _seqlens(b=2, s=3):
+    return [I("seqlens", [s - 1] * b, "int32"), I("total", s, "int32")]
+
+
+def _gqa():
+    """4 query heads over 2 kv heads, head size 8 (onnxruntime wants a multiple of 8)."""
+    nodes, inits = _qkv(32, 16, 16)
+    nodes += [node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens", "total"], ["a"], MS,
+                   num_heads=4, kv_num_heads=2),
+              node("MatMul", ["a", "wo"], ["y"])]
+    return model(nodes, inits + [W("wo", 32, 3), *_seqlens()], [2, 3, 8], [2, 3, 3])
+
+
+def test_ms_group_query_attention():
+    """kv heads (2); per kv head: the 2 query heads of its group (2), the q/k dims (8), the v
+    dims (8); hand count: 3 classes of 2, 4 of 8."""
+    spec = assert_sound(_gqa())
+    assert _attention_counts(spec) == [2] * 3 + [8] * 4
+    assert spec.log_symmetry == pytest.approx(3 * math.log(2) + 4 * math.log(math.factorial(8)))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_onnx_attention_opset23(kv_heads):
+    """ai.onnx Attention (opset 23), 3-D inputs, 4 query heads of 2, MHA and GQA."""
+    nodes, inits = _qkv(8, 2 * kv_heads, 2 * kv_heads)
+    nodes += [node("Attention", ["q", "k", "v"], ["a"], q_num_heads=4, kv_num_heads=kv_heads),
+              node("MatMul", ["a", "wo"], ["y"])]
+    m = model(nodes, inits + [W("wo", 8, 3)], [2, 3, 8], [2, 3, 3], opset=23)
+    spec = assert_sound(m)
+    if kv_heads == 4:  # heads (4); per head q/k dims, v dims
+        assert _attention_counts(spec) == [2] * 8 + [4]
+    else:
+        assert _attention_counts(spec) == [2] * 7
+
+
+@pytest.mark.parametrize("layout", ["3d", "3d-from-cos", "4d"])
+@pytest.mark.parametrize("domain", [MS, ""])
+def test_rotary_embedding_pins_head_dims_not_heads(layout, domain):
+    """Rotary angles depend on the position and the head-size item: heads move, head dims stay."""
+    cos = numpy_helper.from_array(RNG.standard_normal((8, 2)).astype("f"), "cos")
+    sin = numpy_helper.from_array(RNG.standard_normal((8, 2)).astype("f"), "sin")
+    pos = I("pos", [[0, 1, 2], [1, 2, 3]])
+    ins = (["t", "pos", "cos", "sin"] if domain == MS else ["t", "cos", "sin", "pos"])
+    if layout == "3d":
+        nodes = [node("RotaryEmbedding", ins, ["o"], domain, num_heads=2)]
+    elif layout == "3d-from-cos":  # full rotation: head size = 2 x cos cache width (contrib op only)
+        if domain == "":
+            pytest.skip("opset 23 RotaryEmbedding requires num_heads for a 3-D input")
+        nodes = [node("RotaryEmbedding", ins, ["o"], domain)]
+    else:
+        nodes = [node("Reshape", ["h", "shape4"], ["h4"]),
+                 node("Transpose", ["h4"], ["t4"], perm=[0, 2, 1, 3]),
+                 node("RotaryEmbedding", ["t4", *ins[1:]], ["r4"], domain),
+                 node("Transpose", ["r4"], ["o4"], perm=[0, 2, 1, 3]),
+                 node("Reshape", ["o4", "shape3"], ["o"])]
+    nodes = [node("Identity", ["h"], ["t"])] + nodes if layout.startswith("3d") else nodes
+    m = mlp_around(nodes, [cos, sin, pos, I("shape4", [2, 3, 2, 4]), I("shape3", [2, 3, 8])], d=8)
+    if domain == "":
+        m.opset_import[0].version = 23
+    spec = assert_sound(m)
+    assert sizes(spec) == [2]
+    assert spec.classes[0].members[0].block == 4
+
+
+# --------------------------------------------------------------------------- quantized weights
+
+
+def _quantize(m, exclude=(), symmetric=True, block=16):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(m, block_size=block, is_symmetric=symmetric, nodes_to_exclude=list(exclude))
+    q.process()
+    return q.model.model
+
+
+def _mlp3():
+    nodes = [node("MatMul", ["x", "w1"], ["h1"], name="mm1"), node("Relu", ["h1"], ["r1"]),
+             node("MatMul", ["r1", "w2"], ["h2"], name="mm2"), node("Relu", ["h2"], ["r2"]),
+             node("MatMul", ["r2", "w3"], ["y"], name="mm3")]
+    return model(nodes, [W("w1", 16, 32), W("w2", 32, 32), W("w3", 32, 3)], [2, 3, 16], [2, 3, 3])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_rows_move_with_scales_and_zero_points(symmetric):
+    """Only mm1 quantized (K=16, N=32, one block per row): its 32 output rows are a class with
+    the blob's rows, the scales, the zero points (asymmetric) and w2's rows."""
+    m = _quantize(_mlp3(), exclude=["mm2", "mm3"], symmetric=symmetric)
+    assert [n.op_type for n in m.graph.node].count("MatMulNBits") == 1
+    spec = assert_sound(m)
+    assert sizes(spec) == [32, 32]
+    hidden = next(c for c in spec.classes if any(mb.tensor == "w2" and mb.axis == 0 for mb in c.members))
+    quant = {mb.tensor for mb in hidden.members} - {"w2"}
+    assert len(quant) == (3 if not symmetric else 2)  # blob, scales (, zero points)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_input_axis_moves_in_blocks_and_bytes(symmetric):
+    """mm2 quantized with K=32 in 2 blocks of 16 (8 bytes of 2 codes each): hidden 1 = blocks (2)
+    x bytes (8) x codes in a byte (pinned); blocks are pinned by packed 4-bit zero points (2
+    blocks share a byte) in the asymmetric case."""
+    m = _quantize(_mlp3(), exclude=["mm1", "mm3"], symmetric=symmetric)
+    spec = assert_sound(m)
+    assert sizes(spec) == ([2, 8, 32] if symmetric else [8, 32])
+    w1 = sorted((mb.block, mb.stride) for c in spec.classes for mb in c.members if mb.tensor == "w1")
+    assert w1 == ([(2, 2), (2, 2), (16, 16)] if symmetric else [(2, 2), (2, 2)])  # bytes: 2 codes
+
+
+# --------------------------------------------------------------------------- exporter habits
+
+
+def test_gather_nd_keeps_channels():
+    """y[i.., c] = x[idx[i.., :], c]: indexed axes pinned, trailing axes carried through."""
+    idx = I("idx", RNG.integers(0, 4, (3, 2, 2)))
+    nodes = [node("Transpose", ["h"], ["t"], perm=[1, 2, 0]),  # (4, 4, 6): spatial first
+             node("GatherND", ["t", "idx"], ["g"]),  # (3, 2, 6)
+             node("ReduceMean", ["g", "ax"], ["o"], keepdims=0)]  # (6,)... per batch below
+    nodes = [node("MatMul", ["x", "w_in"], ["h0"]), node("Transpose", ["h0"], ["h"], perm=[2, 0, 1]),
+             *nodes, node("Unsqueeze", ["o", "zero"], ["o1"]), node("MatMul", ["o1", "w_out"], ["y"])]
+    m = model(nodes, [W("w_in", 3, 6), W("w_out", 6, 2), idx, I("ax", [0, 1]), I("zero", [0])],
+              [4, 4, 3], [1, 2], opset=18)
+    spec = assert_sound(m)
+    assert sizes(spec) == [6]
+
+
+@pytest.mark.parametrize("size", [5, 1])
+def test_adaptive_pool_of_the_dynamo_exporter_keeps_the_last_conv_class(size):
+    """AdaptiveAvgPool2d(3) on 5x5 exports as Gather / GatherND / Where with constant indices; on
+    1x1 (a VGG at small input) it replicates each channel 9 times with all-zero indices: the
+    replicas stay pinned (they would be a class per channel and row of the linear layer)."""
+    torch = pytest.importorskip("torch")
+    import tempfile
+    import warnings
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv2d(3, 6, 3, padding=1)
+            self.p = torch.nn.AdaptiveAvgPool2d((3, 3))
+            self.fc = torch.nn.Linear(54, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.p(torch.relu(self.c(x))), 1))
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = f"{d}/ap.onnx"
+        torch.onnx.export(M().eval(), (torch.randn(2, 3, size, size),), path, dynamo=True, opset_version=18,
+                          verbose=False, input_names=["input"], output_names=["output"])
+        m = onnx.load(path)
+    assert {"Gather", "GatherND"} & {n.op_type for n in m.graph.node}
+    spec = assert_sound(m)
+    assert sizes(spec) == [6]
+
+
+def _shared_bias_mlp(bias_values):
+    nodes = [node("MatMul", ["x", "w1"], ["a"]), node("Add", ["a", "zb"], ["b"]), node("Relu", ["b"], ["c"]),
+             node("MatMul", ["c", "w2"], ["d"]), node("Add", ["d", "zb"], ["e"]), node("Relu", ["e"], ["f"]),
+             node("MatMul", ["f", "w3"], ["y"])]
+    return model(nodes, [W("w1", 4, 6), W("w2", 6, 6), W("w3", 6, 3),
+                         numpy_helper.from_array(np.asarray(bias_values, "f"), "zb")], [2, 4], [2, 3])
+
+
+def test_shared_constant_tensor_ties_nothing():
+    """One all-zero bias read by two layers (as exporters merge equal initializers): it is
+    unchanged by any permutation, so the two hidden layers are two classes; it stays in place."""
+    spec = assert_sound(_shared_bias_mlp(np.zeros(6)))
+    assert sizes(spec) == [6, 6]
+    assert any(b.tensor == "zb" and "constant along axis 0" in b.reason for b in spec.blocked)
+    assert all(mb.tensor != "zb" for c in spec.classes for mb in c.members)
+
+
+def test_shared_varying_tensor_still_ties():
+    spec = assert_sound(_shared_bias_mlp(RNG.standard_normal(6)))
+    assert sizes(spec) == [6]
+    assert any(mb.tensor == "zb" for mb in spec.classes[0].members)
+
+
+def test_constant_mask_along_features_does_not_pin():
+    """Where(cond, x, 0) with cond equal along the feature axis: features stay free."""
+    cond = numpy_helper.from_array(np.array([[True] * 6, [False] * 6]), "cond")
+    m = mlp_around([node("Where", ["cond", "h", "zero"], ["o"])], [cond, W("zero", 1)], seq=(2,))
+    spec = assert_sound(m)
+    assert sizes(spec) == [6]
+
+
+# --------------------------------------------------------------------------- einsum
+
+
+@pytest.mark.parametrize("eq1,eq2", [("ij,jk->ik", "bi,ij->bj"), ("ij,jk", "...i,ij->...j"),
+                                     ("bj,kj->bk", "bi,ij->bj")])
+def test_einsum_linear_layers(eq1, eq2):
+    w1 = W("w1", 6, 4) if eq1.startswith("bj,kj") else W("w1", 4, 6)
+    nodes = [node("Einsum", ["x", "w1"], ["h"], equation=eq1), node("Tanh", ["h"], ["t"]),
+             node("Einsum", ["t", "w2"], ["y"], equation=eq2)]
+    m = model(nodes, [w1, W("w2", 6, 3)], [2, 4], [2, 3], opset=12)
+    spec = assert_sound(m)
+    assert sizes(spec) == [6]
+
+
+def test_einsum_attention_finds_heads_and_head_dims():
+    """q, k, v split into 2 heads of 4 and contracted by einsum: like MatMul attention."""
+    nodes, inits = _qkv(8, 8, 8)
+    for t in "qkv":
+        nodes.append(node("Reshape", [t, "s4"], [t + "4"]))
+    nodes += [node("Einsum", ["q4", "k4"], ["s"], equation="bshd,bthd->bhst"),
+              node("Softmax", ["s"], ["p"], axis=-1),
+              node("Einsum", ["p", "v4"], ["a4"], equation="bhst,bthd->bshd"),
+              node("Reshape", ["a4", "s3"], ["a"]), node("MatMul", ["a", "wo"], ["y"])]
+    m = model(nodes, inits + [W("wo", 8, 3), I("s4", [2, 3, 2, 4]), I("s3", [2, 3, 8])], [2, 3, 8],
+              [2, 3, 3], opset=12)
+    spec = assert_sound(m)
+    assert _attention_counts(spec) == [2, 4, 4, 4, 4]
+
+
+def test_einsum_diagonal_and_bad_equation():
+    """bi,bj->bij then the diagonal bii->bi: the same index on both axes is sound. An equation
+    that does not fit its operands blocks the node."""
+    nodes = [node("MatMul", ["x", "w1"], ["h"]), node("Einsum", ["h", "h"], ["o"], equation="bi,bj->bij"),
+             node("Einsum", ["o"], ["d"], equation="bii->bi"), node("MatMul", ["d", "w2"], ["y"])]
+    m = model(nodes, [W("w1", 4, 6), W("w2", 6, 3)], [2, 4], [2, 3], opset=12)
+    assert sizes(assert_sound(m)) == [6]
+    from rebasin.graph.rules import _einsum_terms
+
+    assert _einsum_terms("...ij,jk", [3, 2]) == (["\u0100ij", "jk"], "\u0100ik")
+    assert _einsum_terms("ij,jk", [2, 3]) is None  # second operand has rank 3
+
+
+# --------------------------------------------------------------------------- pad, strided slice
+
+
+def test_strided_slice_moves_whole_strides():
+    """x[1::2] of 7 features: blocks (1,2), (3,4), (5,6) move together: a class of 3, block 2."""
+    nodes = [node("Slice", ["h", "st", "en", "ax", "sp"], ["o"])]
+    m = mlp_around(nodes, [I("st", [1]), I("en", [7]), I("ax", [-1]), I("sp", [2])], d=7)
+    m.graph.initializer[1].CopyFrom(W("w_out", 3, 3))
+    spec = assert_sound(m)
+    assert sizes(spec) == [3]
+    w_in = [mb for mb in spec.classes[0].members if mb.tensor == "w_in"][0]
+    assert (w_in.offset, w_in.block, w_in.stride) == (1, 2, 2)
+
+
+@pytest.mark.parametrize("start,n", [(0, 7), (2, 8), (1, 6)])
+def test_strided_slice_with_a_partial_last_stride(start, n):
+    nodes = [node("Slice", ["h", "st", "en", "ax", "sp"], ["o"])]
+    k = len(range(start, n, 3))
+    m = mlp_around(nodes, [I("st", [start]), I("en", [100]), I("ax", [-1]), I("sp", [3])], d=n)
+    m.graph.initializer[1].CopyFrom(W("w_out", k, 3))
+    assert_sound(m)
+
+
+def test_reflect_pad_pins():
+    nodes = [node("Pad", ["h", "pads"], ["o"], mode="reflect")]
+    m = mlp_around(nodes, [I("pads", [0, 0, 0, 0, 0, 2])], d=6)
+    m.graph.initializer[1].CopyFrom(W("w_out", 8, 3))
+    assert sizes(assert_sound(m)) == []
+
+
+@pytest.mark.slow  # the dynamo export alone takes about 20 s on 2 cores
+def test_fresh_bert_of_the_dynamo_exporter_keeps_its_classes():
+    """A freshly initialized BERT (zero biases, unit LayerNorm weights) exported by the dynamo
+    exporter with its optimizer, which merges equal initializers into shared tensors: the ONNX
+    spec has as many classes and as much symmetry as the torch module's."""
+    torch = pytest.importorskip("torch")
+    tf = pytest.importorskip("transformers")
+    import tempfile
+    import warnings
+
+    from tests.corpus import _Logits
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=100, max_position_embeddings=16)
+    module = _Logits(tf.BertModel(cfg, add_pooling_layer=False)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = f"{d}/bert.onnx"
+        torch.onnx.export(module, (ids,), path, dynamo=True, opset_version=18, optimize=True, verbose=False,
+                          input_names=["input"], output_names=["output"])
+        m = onnx.load(path)
+    shared = [b for b in rebasin.infer_spec(m).blocked if "shared by several ops" in b.reason]
+    assert shared, "the exporter merged no equal initializers: the test would not exercise them"
+    spec = assert_sound(m)
+    tspec = rebasin.infer_spec(module, (ids,))
+    assert (len(spec), spec.log_symmetry) == (len(tspec), pytest.approx(tspec.log_symmetry))
+
+
+# onnxruntime runs BiasSplitGelu and BiasAdd on CUDA only: the spec their rules give is checked on
+# a model computing the documented semantics with CPU ops, with the same weight names.
+CUDA_ONLY = {
+    "BiasSplitGelu": ([node("BiasSplitGelu", ["h", "b"], ["o"], MS)],
+                      [node("Add", ["h", "b"], ["hb"]), node("Split", ["hb"], ["left", "right"], axis=-1),
+                       node("Gelu", ["right"], ["g"], MS), node("Mul", ["left", "g"], ["o"])], 3, [3]),
+    "BiasAdd": ([node("BiasAdd", ["h", "b", "s"], ["o"], MS)],
+                [node("Add", ["h", "b"], ["hb"]), node("Add", ["hb", "s"], ["o"])], 6, [6]),
+}
+
+
+@pytest.mark.parametrize("op", sorted(CUDA_ONLY))
+def test_cuda_only_ops_against_their_documented_semantics(op):
+    fused, reference, width, expected = CUDA_ONLY[op]
+    skip = [node("MatMul", ["x", "w_s"], ["s"])] if op == "BiasAdd" else []
+    inits = [W("b", 6), W("w_s", 4, 6)] if op == "BiasAdd" else [W("b", 6)]
+
+    def build(nodes):
+        m = mlp_around(skip + nodes, inits, d=6)
+        m.graph.initializer[1].CopyFrom(W("w_out", width, 3, scale=1.0))
+        return m
+
+    m_fused, m_ref = build(fused), build(reference)
+    m_ref.graph.initializer[1].CopyFrom(m_fused.graph.initializer[1])
+    # no CPU kernel: the analysis takes static shapes, which ONNX cannot infer for a contrib op
+    m_fused.graph.value_info.append(helper.make_tensor_value_info("o", TensorProto.FLOAT, [2, 3, width]))
+    spec = rebasin.infer_spec(m_fused)
+    assert sizes(spec) == expected
+    for s in (0, 1, 2):
+        res = rebasin.verify(m_ref, rebasin.apply_permutation(m_ref, spec, spec.random_permutations(s)),
+                             seeds=(0, 1))
+        assert res.equal, res
+    a, b = (run_model(m_ref, make_inputs(m_ref, seed=s))["y"] for s in (0, 1))
+    assert not np.allclose(a, b)
+
+
+def _init(name, *shape):
+    return numpy_helper.from_array(RNG.standard_normal(shape).astype("f"), name)
+
+
+def _variant(kind):
+    """Attention variants onnxruntime runs on CPU, and their hand-counted class sizes."""
+    mm = [node("MatMul", ["a", "wo"], ["y"])]
+    if kind == "ms-attention-past":  # past (2, B, N, P, H) ties k and v head dims; no per-head nesting
+        nodes = [node("Attention", ["x", "w", "b", "", "past"], ["a", "present"], MS, num_heads=2), *mm]
+        return model(nodes, [W("w", 8, 24), W("b", 24), W("wo", 8, 3), _init("past", 2, 2, 2, 2, 4)],
+                     [2, 3, 8], [2, 3, 3]), [2, 4]
+    if kind == "mha-4d-kv":  # key / value as (B, N, L, H)
+        nodes, inits = _qkv(8, 8, 8)
+        nodes += [node("Reshape", [t, "s4"], [t + "4"]) for t in "kv"]
+        nodes += [node("Transpose", [t + "4"], [t + "t"], perm=[0, 2, 1, 3]) for t in "kv"]
+        nodes += [node("MultiHeadAttention", ["q", "kt", "vt"], ["a"], MS, num_heads=2), *mm]
+        return model(nodes, inits + [W("wo", 8, 3), I("s4", [2, 3, 2, 4])], [2, 3, 8], [2, 3, 3]), \
+            [2, 4, 4, 4, 4]
+    if kind == "onnx-attention-4d":
+        nodes, inits = _qkv(8, 8, 8)
+        nodes += [node("Reshape", [t, "s4"], [t + "4"]) for t in "qkv"]
+        nodes += [node("Transpose", [t + "4"], [t + "t"], perm=[0, 2, 1, 3]) for t in "qkv"]
+        nodes += [node("Attention", ["qt", "kt", "vt"], ["a4"]),
+                  node("Transpose", ["a4"], ["at"], perm=[0, 2, 1, 3]),
+                  node("Reshape", ["at", "s3"], ["a"]), *mm]
+        return model(nodes, inits + [W("wo", 8, 3), I("s4", [2, 3, 2, 4]), I("s3", [2, 3, 8])], [2, 3, 8],
+                     [2, 3, 3], opset=23), [2, 4, 4, 4, 4]
+    if kind == "onnx-attention-head-mask":  # a learned (1, N, S, L) bias moves with the heads
+        nodes, inits = _qkv(8, 8, 8)
+        nodes += [node("Attention", ["q", "k", "v", "mask"], ["a"], q_num_heads=2, kv_num_heads=2), *mm]
+        return model(nodes, inits + [W("wo", 8, 3), W("mask", 1, 2, 3, 3)], [2, 3, 8], [2, 3, 3], opset=23), \
+            [2, 4, 4, 4, 4]
+    if kind == "gqa-packed":  # [q | k | v] in one input
+        nodes = [node("MatMul", ["x", "wqkv"], ["p"]),
+                 node("GroupQueryAttention", ["p", "", "", "", "", "seqlens", "total"], ["a"], MS,
+                      num_heads=4, kv_num_heads=2), *mm]
+        return model(nodes, [W("wqkv", 8, 64), W("wo", 32, 3), *_seqlens()], [2, 3, 8], [2, 3, 3]), \
+            [2] * 3 + [8] * 4
+    if kind == "gqa-rotary":  # rotary pins the q/k head size
+        nodes, inits = _qkv(64, 32, 32)
+        ins = ["q", "k", "v", "", "", "seqlens", "total", "cos", "sin"]
+        nodes += [node("GroupQueryAttention", ins, ["a"], MS, num_heads=4, kv_num_heads=2, do_rotary=1), *mm]
+        return model(nodes, inits + [W("wo", 64, 3), *_seqlens(), _init("cos", 8, 8), _init("sin", 8, 8)],
+                     [2, 3, 8], [2, 3, 3]), [2, 2, 2, 16, 16]
+    assert kind == "gqa-past"  # caches (B, kvN, P, H): head dims not nested under kv heads there
+    nodes, inits = _qkv(32, 16, 16)
+    ins = ["q", "k", "v", "pk", "pv", "seqlens", "total"]
+    nodes += [node("GroupQueryAttention", ins, ["a", "prk", "prv"], MS, num_heads=4, kv_num_heads=2), *mm]
+    return model(nodes, inits + [W("wo", 32, 3), _init("pk", 1, 2, 2, 8), _init("pv", 1, 2, 2, 8),
+                                 I("seqlens", [4], "int32"), I("total", 5, "int32")], [1, 3, 8], [1, 3, 3]), \
+        [2, 2, 2, 8, 8]
+
+
+@pytest.mark.parametrize("kind", ["ms-attention-past", "mha-4d-kv", "onnx-attention-4d",
+                                  "onnx-attention-head-mask", "gqa-packed", "gqa-rotary", "gqa-past"])
+def test_attention_variants(kind):
+    m, expected = _variant(kind)
+    assert sizes(assert_sound(m)) == expected
