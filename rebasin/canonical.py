@@ -83,7 +83,7 @@ def class_order(c: PermutationClass, arrays: dict) -> tuple[np.ndarray, bool]:
     Example:
         >>> from rebasin.spec import Member
         >>> c = PermutationClass("P", 3, (Member("w", 0), Member("v", 1)))
-        >>> w, v = np.array([[3.0, 1], [0, 1], [2, 2]]), np.array([[1.0, 2, 3]])
+        >>> w, v = np.array([[3.0, 1], [0, 1], [2, 2]]), np.array([[3.0, 1, 2]])
         >>> class_order(c, {"w": w, "v": v})[0].tolist()
         [1, 2, 0]
     """
@@ -135,9 +135,9 @@ def canonicalize_arrays(arrays: dict, spec: Spec) -> Canonical:
     Example:
         >>> from rebasin.spec import Member
         >>> spec = Spec((PermutationClass("P", 3, (Member("w", 0), Member("v", 1))),))
-        >>> w, v = np.array([[3.0, 1], [0, 1], [2, 2]]), np.array([[1.0, 2, 3]])
+        >>> w, v = np.array([[3.0, 1], [0, 1], [2, 2]]), np.array([[3.0, 1, 2]])
         >>> canonicalize_arrays({"w": w, "v": v}, spec).arrays["v"].tolist()
-        [[2.0, 3.0, 1.0]]
+        [[1.0, 2.0, 3.0]]
     """
     names = {m.tensor for c in spec.classes for m in c.members}
     missing = sorted(names - set(arrays))
@@ -212,11 +212,11 @@ def canonicalize(model, spec: Spec | None = None, example_inputs=None):
     the model: check the result with :func:`rebasin.verify.verify` / ``verify_torch``.
 
     Example:
-        >>> import torch, rebasin  # doctest: +SKIP
+        >>> import torch
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> sd, res = canonicalize(m, example_inputs=(torch.randn(3, 4),))  # doctest: +SKIP
-        >>> bool((sd["0.bias"] == m.state_dict()["0.bias"].sort().values).all())  # doctest: +SKIP
-        False
+        >>> sd, res = canonicalize(m, example_inputs=(torch.randn(3, 4),))
+        >>> [name for name, perm in res.steps], sd["0.weight"].shape
+        (['P0'], torch.Size([8, 4]))
     """
     from rebasin.graph.infer import _is_torch_module, infer_spec
 
