@@ -220,10 +220,37 @@ def onnx_graph_hash(model) -> str:
     outputs = [o.name for o in m.graph.output]
     ports = [(v.name, str(v.type).replace("\n", " ")) for v in list(m.graph.input) + list(m.graph.output)
              if v.name not in inits]
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
     nodes = [(n.domain, n.op_type, list(n.input), list(n.output),
-              [(a.name, _onnx_attr(a)) for a in sorted(n.attribute, key=lambda a: a.name)])
+              [(a.name, _onnx_attr(a)) for a in sorted(n.attribute, key=lambda a: a.name)
+               if not _is_default(n, a, opset)])
              for n in m.graph.node]
     return _digest("onnx", nodes, inputs, outputs, ports, tensors)
+
+
+def _is_default(node, a, opset: int) -> bool:
+    """An attribute spelled out with its schema's default value (exporters differ in writing them)."""
+    import onnx
+
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset)
+    except Exception:  # an unknown op or opset: keep every attribute
+        return False
+    spec = schema.attributes.get(a.name)
+    return spec is not None and spec.default_value.type == a.type and \
+        spec.default_value.SerializeToString() == _renamed(a, spec.default_value.name).SerializeToString()
+
+
+def _renamed(a, name: str):
+    import onnx
+
+    b = onnx.AttributeProto()
+    b.CopyFrom(a)
+    b.name = name
+    b.ClearField("doc_string")
+    return b
 
 
 def _onnx_attr(a):
@@ -265,22 +292,26 @@ def _canon(v):
 
 
 def _digest(frontend, nodes, inputs, outputs, ports, tensors) -> str:
-    """Hash of the structure with intermediate tensors named by (producer index, output index)."""
+    """Hash of the structure, independent of the order nodes are listed in and of the names of
+    intermediate tensors: each intermediate is named by a hash of what computes it (its producer's
+    op, attributes and input names, recursively), and the nodes enter as a sorted multiset."""
     keep = set(inputs) | set(outputs) | set(tensors)
     label: dict[str, str] = {}
-    for i, (_, _, _, outs, _) in enumerate(nodes):
+    sigs = []
+    for domain, op, ins, outs, attrs in nodes:
+        sig = hashlib.sha256(repr((domain, op, [label.get(x, x) for x in ins], attrs)).encode()).hexdigest()
         for j, y in enumerate(outs):
             if y and y not in keep:
-                label[y] = f"%{i}.{j}"
+                label[y] = f"%{sig[:32]}.{j}"
+        sigs.append(repr((sig, [label.get(y, y) for y in outs])))
     h = hashlib.sha256()
     h.update(repr((frontend, sorted(ports, key=str))).encode())
     for name in sorted(tensors):
         dtype, shape, data = tensors[name]
         h.update(repr((name, dtype, shape)).encode())
         h.update(hashlib.sha256(data).digest())
-    for domain, op, ins, outs, attrs in nodes:
-        h.update(repr((domain, op, [label.get(x, x) for x in ins], [label.get(y, y) for y in outs],
-                       attrs)).encode())
+    for sig in sorted(sigs):
+        h.update(sig.encode())
     return h.hexdigest()
 
 
