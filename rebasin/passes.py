@@ -71,7 +71,12 @@ def _set_tensors(model: ir.Model, arrays: dict) -> None:
             inits[name].const_value = ir.tensor(np.ascontiguousarray(a), name=name)
 
 
-class _SpecPass(InPlacePass):
+class _Named:
+    def __repr__(self) -> str:  # onnx-ir names a failed pass and the ones before it by their str
+        return type(self).__name__
+
+
+class _SpecPass(_Named, InPlacePass):
     """A transform that needs a spec of this very graph (given, or stored by InferSpecPass)."""
 
     def __init__(self, spec: Spec | None = None, verify: bool = True):
@@ -89,7 +94,8 @@ class _SpecPass(InPlacePass):
         try:
             spec.check_graph(_graph_hash(model), "this model")
         except RebasinError as e:
-            raise PreconditionError(f"{type(self).__name__}: {e}") from e
+            raise PreconditionError(f"{type(self).__name__}: {e}; run InferSpecPass after the passes "
+                                    "that change the graph") from e
 
     def ensures(self, model: ir.Model) -> None:
         stored = stored_spec(model)
@@ -97,7 +103,7 @@ class _SpecPass(InPlacePass):
             raise PostconditionError(f"{type(self).__name__} changed the graph under the stored spec")
 
 
-class InferSpecPass(InPlacePass):
+class InferSpecPass(_Named, InPlacePass):
     """Analysis: infer the permutation classes and store them (JSON) under ``rebasin.spec`` in the
     model's ``metadata_props``. ``modified`` is True when the stored text changed.
 
