@@ -70,11 +70,22 @@ def unit_positions(c: PermutationClass) -> dict[tuple[str, int], np.ndarray]:
     return {k: np.concatenate(v, axis=1) for k, v in groups.items()}
 
 
-def _slices(arrays: dict, key: tuple[str, int], pos: np.ndarray) -> np.ndarray:
-    """``[size, L * rest]``: unit i's values at its positions along the axis, all of the other axes."""
+def _slices(arrays: dict, key: tuple[str, int], pos: np.ndarray, units=None) -> np.ndarray:
+    """``[size, L * rest]``: unit i's values at its positions along the axis, all of the other axes
+    (only the units listed in ``units`` when given), in the tensor's own float type."""
     tensor, axis = key
     a = np.moveaxis(np.asarray(arrays[tensor]), axis, 0)
-    return a[pos].reshape(pos.shape[0], -1).astype(np.float64)
+    pos = pos if units is None else pos[units]
+    u = a[pos].reshape(pos.shape[0], -1)
+    return u if u.dtype.kind == "f" else u.astype(np.float64)
+
+
+def _summary(u: np.ndarray) -> list[np.ndarray]:
+    """Sum, sum of squares, min and max of each row, summed in float64 over the *sorted* row: the
+    same multiset gives the same bits whatever order its values came in."""
+    s = np.sort(u, axis=1)
+    s64 = s.astype(np.float64)
+    return [s64.sum(axis=1), (s64 * s64).sum(axis=1), s64[:, 0], s64[:, -1]]
 
 
 def class_order(c: PermutationClass, arrays: dict) -> tuple[np.ndarray, bool]:
@@ -87,14 +98,8 @@ def class_order(c: PermutationClass, arrays: dict) -> tuple[np.ndarray, bool]:
         >>> class_order(c, {"w": w, "v": v})[0].tolist()
         [1, 2, 0]
     """
-    summary, full, raw = [], [], []
-    for key, pos in unit_positions(c).items():
-        u = _slices(arrays, key, pos)
-        s = np.sort(u, axis=1)
-        summary += [s.sum(axis=1), (s * s).sum(axis=1), s[:, 0], s[:, -1]]
-        full.append(s)
-        raw.append(u)
-    k = np.stack(summary, axis=1)
+    groups = unit_positions(c)
+    k = np.stack([col for key, pos in groups.items() for col in _summary(_slices(arrays, key, pos))], axis=1)
     order = sorted(range(c.size), key=lambda i: tuple(k[i]))
     ambiguous = False
     out: list[int] = []
@@ -105,21 +110,23 @@ def class_order(c: PermutationClass, arrays: dict) -> tuple[np.ndarray, bool]:
             j += 1
         run = order[i:j]
         if len(run) > 1:
-            run = sorted(run, key=lambda u: (tuple(np.concatenate([f[u] for f in full])),
-                                             tuple(np.concatenate([r[u] for r in raw]))))
-            ambiguous |= _arrangement_tie(run, full, raw)
+            run, tie = _break_ties(run, groups, arrays)
+            ambiguous |= tie
         out += run
         i = j
     return np.asarray(out), ambiguous
 
 
-def _arrangement_tie(run, full, raw) -> bool:
-    """Do two units of the run hold equal multisets but different slices?"""
-    for a, b in zip(run, run[1:]):
-        if all(np.array_equal(f[a], f[b]) for f in full) and \
-                not all(np.array_equal(r[a], r[b]) for r in raw):
-            return True
-    return False
+def _break_ties(run: list, groups: dict, arrays: dict) -> tuple[list, bool]:
+    """Order units with equal summaries by their sorted values, then by their slices as they stand;
+    ``tie``: two of them hold equal multisets but different slices (order follows the input's)."""
+    raw = np.concatenate([_slices(arrays, key, pos, run) for key, pos in groups.items()], axis=1)
+    full = np.concatenate([np.sort(_slices(arrays, key, pos, run), axis=1) for key, pos in groups.items()],
+                          axis=1)
+    idx = sorted(range(len(run)), key=lambda r: (tuple(full[r]), tuple(raw[r])))
+    tie = any(np.array_equal(full[a], full[b]) and not np.array_equal(raw[a], raw[b])
+              for a, b in zip(idx, idx[1:]))
+    return [run[r] for r in idx], tie
 
 
 def _coarseness(c: PermutationClass) -> int:
@@ -146,23 +153,42 @@ def canonicalize_arrays(arrays: dict, spec: Spec) -> Canonical:
     cur = {k: np.asarray(arrays[k]) for k in names}
     order = sorted(spec.classes, key=lambda c: -_coarseness(c))  # stable: ties keep spec order
     result = Canonical(cur)
+    # a class's keys change only when another class moves positions on one of its axes (or, for a
+    # tie broken by the slices as they stand, anything in its tensors): only those are sorted again
+    axes = {c.name: set(unit_positions(c)) for c in order}
+    clock, seen, touched_axis, touched_tensor, tied = 0, {}, {}, {}, set()
     for sweep in range(1, MAX_SWEEPS + 1):
-        moved, ambiguous = False, []
+        moved = False
         for c in order:
+            if c.name in seen and not _stale(c.name, axes[c.name], seen[c.name], touched_axis,
+                                             touched_tensor, c.name in tied):
+                continue
             perm, tie = class_order(c, cur)
-            if tie:
-                ambiguous.append(c.name)
+            (tied.add if tie else tied.discard)(c.name)
+            clock += 1
             if not np.array_equal(perm, np.arange(c.size)):
                 one = Spec((c,))
                 cur.update(permute_arrays({m.tensor: cur[m.tensor] for m in c.members}, one, {c.name: perm}))
                 result.steps.append((c.name, perm))
+                for key in axes[c.name]:
+                    touched_axis[key] = (clock, c.name)
+                    touched_tensor[key[0]] = clock
                 moved = True
-        result.sweeps, result.ambiguous = sweep, ambiguous
+            seen[c.name] = clock
+        result.sweeps, result.ambiguous = sweep, sorted(tied)
         if not moved:
             result.arrays = cur
             return result
     raise RebasinError(f"canonical form did not settle after {MAX_SWEEPS} sweeps (classes "
                        f"{result.ambiguous[:5]} have units equal up to arrangement)")
+
+
+def _stale(name, axes, when, touched_axis, touched_tensor, tied) -> bool:
+    for key in axes:
+        t, by = touched_axis.get(key, (0, name))
+        if (t > when and by != name) or (tied and touched_tensor.get(key[0], 0) > when):
+            return True
+    return False
 
 
 def canonical_steps_apply(arrays: dict, spec: Spec, steps: list) -> dict:
