@@ -123,15 +123,17 @@ def from_mergekit(d: dict, shapes: dict) -> Spec:
     """A :class:`Spec` from a mergekit architecture JSON: ``pre_weights``, ``post_weights`` and
     ``layer_templates.weights`` (``${layer_index}`` expanded for 0, 1, ... while the model has the
     first template's tensor), spaces on axes by the torch layout (module docstring)."""
-    if not isinstance(d, dict):
-        raise SpecMismatchError("malformed mergekit architecture: a JSON object expected")
+    if not isinstance(d, dict) or not {"pre_weights", "post_weights", "layer_templates"} & set(d):
+        raise SpecMismatchError("malformed mergekit architecture: a JSON object with pre_weights, "
+                                "post_weights or layer_templates expected")
     entries = list(d.get("pre_weights", [])) + list(d.get("post_weights", []))
     templates = (d.get("layer_templates") or {}).get("weights", [])
     if templates:
         first = _entry_name(templates[0])
         i = 0
         while first.replace("${layer_index}", str(i)) in shapes:
-            entries += [{**t, "name": _entry_name(t).replace("${layer_index}", str(i))} for t in templates]
+            entries += [{k: v.replace("${layer_index}", str(i)) if isinstance(v, str) else v
+                         for k, v in t.items()} for t in templates]
             i += 1
     where: dict[str, list] = {}
     for e in entries:

@@ -15,8 +15,8 @@ from rebasin.spec import Member, PermutationClass, Spec
 from tests import corpus
 
 SMALL = ["mlp", "mha", "gpt2", "bert", "llama", "vit", "squeezenet1_1"]
-# canonicalize takes over 2 s on 2 cores (resnet18 1.4 s, resnet50 4 s, vgg11_bn 40 s); mobilenet_v2 is fast alone but
-# its five fingerprints cost 2.4 s: slow runs only
+# over 2 s per test on 2 cores (canonicalize: resnet18 1.4 s, resnet50 4 s, vgg11_bn 40 s; the five
+# fingerprints of mobilenet_v2 2.4 s): slow runs only
 HEAVY = ["resnet18", "mobilenet_v2"] + corpus.SLOW
 
 
