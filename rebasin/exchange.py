@@ -42,7 +42,7 @@ def unexpressible(spec: Spec, axes_allowed=None) -> dict[str, str]:
                 kind = f"block {m.block}" if m.block != 1 else f"offset {m.offset}"
                 out[c.name] = f"{m.tensor}[{m.axis}] moves items of a part of the axis ({kind})"
             elif shape[m.axis] != c.size:
-                out[c.name] = f"{m.tensor}[{m.axis}] has {shape[m.axis]} positions, the class {c.size}"
+                out[c.name] = f"{m.tensor}[{m.axis}]: the class moves {c.size} of its {shape[m.axis]} items"
             elif axes_allowed is not None and m.axis not in axes_allowed(len(shape)):
                 out[c.name] = f"{m.tensor}[{m.axis}]: the format names no space for axis {m.axis}"
             else:
