@@ -227,3 +227,13 @@ def test_cli_export_import_and_canonicalize(tmp_path, mha):
     assert code == 0 and "EQUAL" in out, err
     fps = {run("fingerprint", p)[1] for p in (path, permuted, tmp_path / "c.onnx")}
     assert len(fps) == 1 and len(fps.pop().strip()) == 64
+
+
+def test_check_spec_of_a_torch_module():
+    model, x = corpus.build("mha", seed=2)
+    spec = rebasin.infer_spec(model, x)
+    assert check_spec(model, spec, spec, example_inputs=x).sound
+    cls = next(c for c in spec.classes if any(m.tensor == "norm2.bias" for m in c.members))
+    report = check_spec(model, _replace(spec, cls.name, [m for m in cls.members if m.tensor != "norm2.bias"]),
+                        spec, example_inputs=x)
+    assert [(p.cls, p.member, p.confirmed) for p in report.problems] == [(cls.name, "norm2.bias[0]", True)]
