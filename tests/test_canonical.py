@@ -142,3 +142,28 @@ def test_nested_classes_settle_coarse_first():
             copy = apply_permutation(copy, Spec((c,)), {c.name: r.permutation(2)})
         got = canonicalize_arrays(copy, spec).arrays
         assert all(np.array_equal(got[k], ref.arrays[k]) for k in base), seed
+
+
+def test_cli_torch_state_dict_fingerprint_and_canonicalize(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    model, x = corpus.build("mlp")
+    spec = rebasin.infer_spec(model, x)
+    torch.save(model.state_dict(), tmp_path / "a.pt")
+    torch.save(apply_permutation(model.state_dict(), spec, spec.random_permutations(6)), tmp_path / "b.pt")
+    opts = ["--torch-model", "tests.corpus:MLP", "--input-shape", "2,16"]
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "rebasin.cli", *map(str, args), *opts], capture_output=True,
+                           text=True, cwd=root)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert cli("fingerprint", tmp_path / "a.pt") == cli("fingerprint", tmp_path / "b.pt")
+    assert "EQUAL" in cli("canonicalize", tmp_path / "b.pt", "-o", tmp_path / "c.pt")
+    canon = torch.load(tmp_path / "c.pt", weights_only=True)
+    ref, _ = canonical_state_dict(model.state_dict(), spec)
+    assert all(torch.equal(canon[k], ref[k]) for k in ref)
