@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rebasin.errors import RebasinError
-from rebasin.graph.rewrite import permute_arrays
+from rebasin.graph.rewrite import apply_permutation, permute_arrays
 from rebasin.spec import PermutationClass, Spec
 
 MAX_SWEEPS = 8
@@ -194,8 +194,6 @@ def _stale(name, axes, when, touched_axis, touched_tensor, tied) -> bool:
 def canonical_steps_apply(arrays: dict, spec: Spec, steps: list) -> dict:
     """Replay :attr:`Canonical.steps` on ``arrays`` (a state_dict of torch tensors or numpy arrays):
     one class permutation at a time, in order."""
-    from rebasin.graph.rewrite import apply_permutation
-
     by_name = {c.name: c for c in spec.classes}
     for name, perm in steps:
         arrays = apply_permutation(arrays, Spec((by_name[name],)), {name: perm})
