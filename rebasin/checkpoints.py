@@ -183,7 +183,7 @@ def canonical_checkpoint(source: HFFolderSource, spec: Spec | None = None, verif
     names = sorted({m.tensor for c in spec.classes for m in c.members})
     res = canonicalize_arrays({n: source.read(n).float().numpy() for n in names}, spec)
     by_name = {c.name: c for c in spec.classes}
-    new: ModelSource = source
+    new = PermutedSource(source, spec, {})  # a result that can be saved even when nothing moves
     for name, perm in res.steps:
         new = PermutedSource(new, Spec((by_name[name],)), {name: perm})
     check = None

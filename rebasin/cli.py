@@ -391,6 +391,12 @@ def _ambiguous_note(res) -> None:
 
 
 def cmd_canonicalize(args) -> int:
+    from rebasin.checkpoints import is_checkpoint
+
+    if is_checkpoint(args.model):
+        from rebasin.sources.hf import check_target
+
+        check_target(os.path.abspath(args.output), os.path.isdir(args.model))
     new, res, _, check = _canonical(args, not args.no_verify)
     _ambiguous_note(res)
     if check is not None:
