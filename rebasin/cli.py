@@ -144,6 +144,7 @@ def cmd_permute(args) -> int:
         check_finite({t.name: array_view(t) for t in model.graph.initializer}, args.model)
     if args.spec:
         spec = Spec.from_json(_read_text(args.spec, "spec"))
+        _check_graph(spec, src[0] if src else model, src[1] if src else None, args.tracer)
     else:
         spec = _infer(args, src, model if src is None else None)
     perms = _perms(args, spec)
@@ -156,6 +157,14 @@ def cmd_permute(args) -> int:
     _save_any(out, args.output)
     print(f"wrote {args.output} ({len(perms)} classes permuted)")
     return 0
+
+
+def _check_graph(spec, model, example_inputs, tracer) -> None:
+    """Refuse a spec recorded on another graph before any work (a spec without a hash passes)."""
+    if spec.graph_hash:
+        from rebasin.graph.infer import model_graph_hash
+
+        spec.check_graph(model_graph_hash(model, example_inputs, tracer))
 
 
 def _perms(args, spec) -> dict:
@@ -180,7 +189,11 @@ def _permute_folder(args) -> int:
 
     check_target(os.path.abspath(args.output), True)
     folder = open_checkpoint(args.model)
-    spec = Spec.from_json(_read_text(args.spec, "spec")) if args.spec else _infer(args, None)
+    if args.spec:
+        spec = Spec.from_json(_read_text(args.spec, "spec"))
+        _check_graph(spec, folder.module, folder.example_inputs, args.tracer)
+    else:
+        spec = _infer(args, None)
     perms = _perms(args, spec)
     if args.no_verify:
         from rebasin.graph.rewrite import check_permutations

@@ -95,6 +95,9 @@ def test_torch_specs_record_a_graph_hash():
     m2, _ = corpus.build("mha", seed=1)
     s1, s2 = rebasin.infer_spec(m1, x), rebasin.infer_spec(m2, x)
     assert s1.graph_hash and s1.graph_hash == s2.graph_hash  # weights differ, graph the same
+    from rebasin.graph.infer import model_graph_hash
+
+    assert model_graph_hash(m2, x) == s1.graph_hash  # what `permute MODULE --spec` compares
     m3, x3 = corpus.build("mlp")
     assert rebasin.infer_spec(m3, x3).graph_hash != s1.graph_hash
 

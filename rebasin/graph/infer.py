@@ -203,6 +203,16 @@ def graph_hash(g: Graph) -> str:
     return _digest(g.frontend, nodes, g.inputs, g.outputs, ports, tensors)
 
 
+def model_graph_hash(model, example_inputs=None, tracer: str = "auto") -> str:
+    """:func:`graph_hash` of an ONNX model (from the proto, no run) or of a ``torch.nn.Module``
+    (traced with ``example_inputs``): what a spec's ``graph_hash`` is compared with."""
+    if _is_torch_module(model):
+        from rebasin.graph.torch_frontend import build_graph as build_torch_graph
+
+        return graph_hash(build_torch_graph(model, example_inputs, tracer=tracer))
+    return onnx_graph_hash(model)
+
+
 def onnx_graph_hash(model) -> str:
     """:func:`graph_hash` of an ONNX model (path or ``ModelProto``), read from the proto alone."""
     import onnx
