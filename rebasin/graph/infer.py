@@ -295,7 +295,10 @@ def _canon(v):
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     if hasattr(v, "shape") and hasattr(v, "dtype"):
-        a = v.detach().cpu().numpy() if hasattr(v, "detach") and str(v.device) != "meta" else v
+        try:  # a fake or meta tensor has no values: its dtype and shape stand for it
+            a = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        except (RuntimeError, TypeError, NotImplementedError):
+            a = None
         small = isinstance(a, np.ndarray) and a.dtype.kind in "iub" and a.size <= 64
         return ("array", str(v.dtype), tuple(v.shape), a.tolist() if small else None)
     return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v))
