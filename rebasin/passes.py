@@ -1,13 +1,13 @@
 """rebasin as onnx-ir passes: put the symmetry analysis, a permutation or the canonical form between
 the other passes of an ``onnx_ir.passes.PassManager``.
 
-==========================  =========================================================================
-pass                        what it does
-==========================  =========================================================================
-:class:`InferSpecPass`      analysis: stores the spec (JSON) in ``model.metadata_props["rebasin.spec"]``
+=============================  ======================================================================
+pass                           what it does
+=============================  ======================================================================
+:class:`InferSpecPass`         analysis: stores the spec (JSON) in ``metadata_props["rebasin.spec"]``
 :class:`ApplyPermutationPass`  permutes initializers by a spec (given, or the stored one) and perms
-:class:`CanonicalizePass`   sorts every class into canonical order (:mod:`rebasin.canonical`)
-==========================  =========================================================================
+:class:`CanonicalizePass`      sorts every class into canonical order (:mod:`rebasin.canonical`)
+=============================  ======================================================================
 
 All three are in place (they return the model they were given, as onnx-ir's ``InPlacePass``
 requires). The two transforms check in ``requires`` that the spec was inferred from *this* graph
@@ -15,7 +15,8 @@ requires). The two transforms check in ``requires`` that the spec was inferred f
 unused-node removal) is refused with :class:`onnx_ir.passes.PreconditionError`, so run
 :class:`InferSpecPass` again after such passes. By default they verify the rewritten model with
 onnxruntime before changing anything (``verify=False`` skips it), and ``ensures`` checks that the
-stored spec still fits the graph.
+stored spec still fits the graph. A model loaded with its weights in external files has them read
+into memory by the first pass (the analysis runs on a ModelProto).
 
 Example:
     >>> import onnx_ir as ir  # doctest: +SKIP
