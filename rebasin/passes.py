@@ -12,7 +12,7 @@ pass                           what it does
 All three are in place (they return the model they were given, as onnx-ir's ``InPlacePass``
 requires). The two transforms check in ``requires`` that the spec was inferred from *this* graph
 (the hash the spec records): a spec stored before a pass that changed the graph (constant folding,
-unused-node removal) is refused with :class:`onnx_ir.passes.PreconditionError`, so run
+a fusion) is refused with :class:`onnx_ir.passes.PreconditionError`, so run
 :class:`InferSpecPass` again after such passes. By default they verify the rewritten model with
 onnxruntime before changing anything (``verify=False`` skips it), and ``ensures`` checks that the
 stored spec still fits the graph. A model loaded with its weights in external files has them read
