@@ -298,11 +298,18 @@ def fingerprint(model, spec: Spec | None = None, example_inputs=None) -> str:
         spec = spec or infer_spec(model, example_inputs)
         sd, _ = canonical_state_dict(model.state_dict(), spec)
         return digest(spec.graph_hash, sd.items())
-    from rebasin.graph.infer import onnx_graph_hash
-    from rebasin.graph.rewrite import onnx_tensors
     from rebasin.sources.onnx import load_model
 
     canon, _ = canonicalize(load_model(model), spec)
-    names = {t.name for t in canon.graph.initializer} | {n.output[0] for n in canon.graph.node
+    return onnx_digest(canon)
+
+
+def onnx_digest(model) -> str:
+    """:func:`digest` of an ONNX ModelProto as it stands (its graph hash, every initializer and
+    ``Constant`` value): the fingerprint once ``model`` is canonical."""
+    from rebasin.graph.infer import onnx_graph_hash
+    from rebasin.graph.rewrite import onnx_tensors
+
+    names = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node
                                                        if n.op_type == "Constant" and n.output}
-    return digest(onnx_graph_hash(canon), onnx_tensors(canon, names).items())
+    return digest(onnx_graph_hash(model), onnx_tensors(model, names).items())

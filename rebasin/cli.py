@@ -429,9 +429,9 @@ def cmd_fingerprint(args) -> int:
     elif isinstance(new, dict):
         text = digest(spec.graph_hash, new.items())
     else:
-        from rebasin.canonical import fingerprint
+        from rebasin.canonical import onnx_digest
 
-        text = fingerprint(new, spec)
+        text = onnx_digest(new)
     print(text)
     return 0
 
