@@ -4,6 +4,7 @@ Pipeline: frontend -> graph IR -> symmetry inference -> spec -> rewrite -> verif
 """
 
 from rebasin.align import align, interpolate, merge
+from rebasin.canonical import canonicalize, fingerprint
 from rebasin.errors import (
     ModelLoadError,
     RebasinError,
@@ -19,6 +20,7 @@ from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 from rebasin.verify import check_permutation, verify, verify_torch
 
 __all__ = ["infer_spec", "align", "merge", "interpolate", "apply_permutation", "check_permutation", "verify",
+           "canonicalize", "fingerprint",
            "verify_torch", "Spec", "PermutationClass", "Member", "BlockedAxis", "RebasinError",
            "ModelLoadError", "UnsupportedModelError", "SpecMismatchError", "SolverError", "VerificationError",
            "ResourceLimitError"]

@@ -42,7 +42,7 @@ class PermutedSource(_Result):
 
     def __init__(self, base: ModelSource, spec: Spec, perms: dict):
         self.base, self.spec, self.perms = base, spec, perms
-        self.template = base
+        self.template = getattr(base, "template", base)  # a chain of permutations keeps the folder's layout
         self.label = f"{base.label} (permuted)"
         self._members = {m.tensor for c in spec.classes if c.name in perms for m in c.members}
 
@@ -151,6 +151,33 @@ def check_permuted(source: HFFolderSource, spec: Spec, perms: dict, label: str =
         return new, verify_sources(source.module, source, new, batches, buffers=buffers)
 
     return checked(run, spec, perms, label)
+
+
+def canonical_checkpoint(source: HFFolderSource, spec: Spec | None = None, verify: bool = True,
+                         progress=None):
+    """``(lazy canonical source, Canonical, VerifyResult or None)`` of a checkpoint: the class keys
+    are computed from the member tensors (read once, as float32: memory is that of the weights the
+    classes touch), and the result applies the canonical steps one tensor at a time when read.
+
+    Example:
+        >>> new, res, check = canonical_checkpoint(open_checkpoint("tiny-llama/"))  # doctest: +SKIP
+        >>> new.save("tiny-llama-canonical/")  # doctest: +SKIP
+    """
+    from rebasin.canonical import canonicalize_arrays
+
+    spec = spec or _spec_of(source, progress)
+    names = sorted({m.tensor for c in spec.classes for m in c.members})
+    res = canonicalize_arrays({n: source.read(n).float().numpy() for n in names}, spec)
+    by_name = {c.name: c for c in spec.classes}
+    new = PermutedSource(source, spec, {})  # a result that can be saved even when nothing moves
+    for name, perm in res.steps:
+        new = PermutedSource(new, Spec((by_name[name],)), {name: perm})
+    check = None
+    if verify and res.steps:
+        check = verify_sources(source.module, source, new, token_batches(source), buffers=source.buffers())
+        if not check.equal:
+            raise VerificationError(f"the canonical {source.label} differs from the original ({check})")
+    return new, res, check
 
 
 # --------------------------------------------------------------------------- align / merge / interpolate

@@ -1,4 +1,5 @@
-"""Command line: ``rebasin infer-spec | permute | verify | align | merge | interpolate``.
+"""Command line: ``rebasin infer-spec | permute | verify | align | merge | interpolate | canonicalize |
+fingerprint | check-spec | export-spec | import-spec``.
 
 MODEL is an ONNX file or ``package.module:factory`` returning a ``torch.nn.Module``.
 
@@ -143,6 +144,7 @@ def cmd_permute(args) -> int:
         check_finite({t.name: array_view(t) for t in model.graph.initializer}, args.model)
     if args.spec:
         spec = Spec.from_json(_read_text(args.spec, "spec"))
+        _check_graph(spec, src[0] if src else model, src[1] if src else None, args.tracer)
     else:
         spec = _infer(args, src, model if src is None else None)
     perms = _perms(args, spec)
@@ -155,6 +157,14 @@ def cmd_permute(args) -> int:
     _save_any(out, args.output)
     print(f"wrote {args.output} ({len(perms)} classes permuted)")
     return 0
+
+
+def _check_graph(spec, model, example_inputs, tracer) -> None:
+    """Refuse a spec recorded on another graph before any work (a spec without a hash passes)."""
+    if spec.graph_hash:
+        from rebasin.graph.infer import model_graph_hash
+
+        spec.check_graph(model_graph_hash(model, example_inputs, tracer))
 
 
 def _perms(args, spec) -> dict:
@@ -179,7 +189,11 @@ def _permute_folder(args) -> int:
 
     check_target(os.path.abspath(args.output), True)
     folder = open_checkpoint(args.model)
-    spec = Spec.from_json(_read_text(args.spec, "spec")) if args.spec else _infer(args, None)
+    if args.spec:
+        spec = Spec.from_json(_read_text(args.spec, "spec"))
+        _check_graph(spec, folder.module, folder.example_inputs, args.tracer)
+    else:
+        spec = _infer(args, None)
     perms = _perms(args, spec)
     if args.no_verify:
         from rebasin.graph.rewrite import check_permutations
@@ -326,6 +340,188 @@ def cmd_interpolate(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- canonical form, fingerprint, specs
+def _one_model(args):
+    """``(kind, model, inputs)`` of MODEL: an ONNX file, a checkpoint (folder / .safetensors), or a
+    torch.save'd state_dict with --torch-model."""
+    from rebasin.checkpoints import is_checkpoint, open_checkpoint
+    from rebasin.graph import torch_frontend as tf
+
+    if is_checkpoint(args.model):
+        module = inputs = None
+        if args.torch_model:
+            from rebasin.sources.skeleton import empty_weights
+
+            with empty_weights():
+                module = tf.load_callable(args.torch_model, None)
+            inputs = tf.example_inputs(args.input_shape, args.input_dtype) if args.input_shape else None
+        return "folder", open_checkpoint(args.model, module, inputs), None
+    if args.torch_model:
+        return "torch", tf.load_callable(args.torch_model, args.model), \
+            tf.example_inputs(args.input_shape, args.input_dtype)
+    return "onnx", args.model, None
+
+
+def _canonical(args, verify: bool):
+    """``(canonical model, Canonical, spec, VerifyResult or None)`` of MODEL."""
+    from rebasin.canonical import canonical_state_dict, canonicalize
+    from rebasin.graph.infer import infer_spec
+    from rebasin.verify import check_finite, verify_torch
+
+    kind, model, inputs = _one_model(args)
+    if kind == "folder":
+        from rebasin.checkpoints import _spec_of, canonical_checkpoint
+
+        spec = _spec_of(model, _stderr)
+        new, res, check = canonical_checkpoint(model, spec, verify=verify)
+        return new, res, spec, check
+    if kind == "torch":
+        check_finite(model.state_dict(), args.model)
+        spec = infer_spec(model, inputs)
+        new, res = canonical_state_dict(model.state_dict(), spec)
+        check = verify_torch(model, new, inputs) if verify and res.steps else None
+    else:
+        from rebasin.sources.onnx import load_model
+        from rebasin.sources.onnx_checks import array_view
+        from rebasin.verify import verify as verify_onnx
+
+        model = load_model(model)
+        check_finite({t.name: array_view(t) for t in model.graph.initializer}, args.model)
+        spec = infer_spec(model)
+        new, res = canonicalize(model, spec)
+        check = verify_onnx(model, new) if verify and res.steps else None
+    if check is not None and not check.equal:
+        from rebasin.errors import VerificationError
+
+        raise VerificationError(f"the canonical {args.model} differs from the original ({check})")
+    return new, res, spec, check
+
+
+def _ambiguous_note(res) -> None:
+    if res.ambiguous:
+        print(f"note: classes {', '.join(res.ambiguous[:5])} have units equal up to arrangement: their order "
+              "follows the input's, so a permuted copy may canonicalize differently", file=sys.stderr)
+
+
+def cmd_canonicalize(args) -> int:
+    from rebasin.checkpoints import is_checkpoint
+
+    if is_checkpoint(args.model):
+        from rebasin.sources.hf import check_target
+
+        check_target(os.path.abspath(args.output), os.path.isdir(args.model))
+    new, res, _, check = _canonical(args, not args.no_verify)
+    _ambiguous_note(res)
+    if check is not None:
+        print(check)
+    _save_any(new, args.output)
+    print(f"wrote {args.output} ({res.moved} class permutations in {res.sweeps} sweeps)")
+    return 0
+
+
+def cmd_fingerprint(args) -> int:
+    from rebasin.canonical import digest
+
+    new, res, spec, _ = _canonical(args, False)
+    _ambiguous_note(res)
+    if hasattr(new, "save"):  # a checkpoint: its float weights, read one at a time
+        text = digest(spec.graph_hash, [(n, new.read(n)) for n in new.names()])
+    elif isinstance(new, dict):
+        text = digest(spec.graph_hash, new.items())
+    else:
+        from rebasin.canonical import onnx_digest
+
+        text = onnx_digest(new)
+    print(text)
+    return 0
+
+
+def _foreign_spec(args, path: str, fmt: str, inferred):
+    from rebasin.exchange import load_foreign
+
+    try:
+        data = json.loads(_read_text(path, "spec"))
+    except ValueError as e:
+        raise SpecMismatchError(f"{path} is not valid JSON: {e}") from e
+    return load_foreign(data, fmt, inferred.shapes)
+
+
+def _checked_spec(args, path: str, fmt: str):
+    from rebasin.checkspec import check_spec
+    from rebasin.errors import VerificationError
+
+    src = _torch_source(args)
+    if src is None and os.path.isdir(args.model):
+        raise RebasinError("check-spec of a folder: give the module as package.module:factory")
+    inferred = _infer(args, src)
+    spec = _foreign_spec(args, path, fmt, inferred)
+    report = check_spec(src[0] if src else args.model, spec, inferred, example_inputs=src[1] if src else None)
+    print(report)
+    if not report.sound:
+        raise VerificationError(str(report.problems[0]))
+    return spec, inferred
+
+
+def cmd_check_spec(args) -> int:
+    _checked_spec(args, args.spec, args.spec_format)
+    return 0
+
+
+def cmd_import_spec(args) -> int:
+    import dataclasses
+
+    spec, inferred = _checked_spec(args, args.file, args.format)
+    spec = dataclasses.replace(spec, graph_hash=inferred.graph_hash, source=f"{args.format} import")
+    _write_atomic(args.output, lambda tmp: open(tmp, "w").write(spec.to_json() + "\n"))
+    print(f"wrote {args.output}: {len(spec)} classes, checked against the model")
+    return 0
+
+
+def cmd_export_spec(args) -> int:
+    from rebasin.exchange import to_gitrebasin, to_mergekit
+
+    spec = _infer(args, _torch_source(args))
+    data, skipped = (to_gitrebasin if args.format == "gitrebasin" else to_mergekit)(spec)
+    _write_atomic(args.output, lambda tmp: open(tmp, "w").write(json.dumps(data, indent=1) + "\n"))
+    print(f"wrote {args.output}: {len(spec) - len(skipped)} of {len(spec)} classes")
+    for name, why in skipped.items():
+        print(f"  not expressible in {args.format}: {name}: {why}", file=sys.stderr)
+    return 0
+
+
+def _spec_parsers(sub) -> None:
+    s = sub.add_parser("canonicalize", help="sort every class into canonical order (verified before writing)")
+    s.add_argument("model", help="model.onnx, a checkpoint folder, or a state_dict .pt with --torch-model")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--no-verify", action="store_true")
+    _torch_model_args(s)
+    s.set_defaults(fn=cmd_canonicalize)
+    s = sub.add_parser("fingerprint", help="hex digest of the canonical form (equal for permuted copies)")
+    s.add_argument("model", help="model.onnx, a checkpoint folder, or a state_dict .pt with --torch-model")
+    _torch_model_args(s)
+    s.set_defaults(fn=cmd_fingerprint)
+    s = sub.add_parser("check-spec", help="check a hand-written or foreign spec: exit 0 sound, 1 unsound, "
+                                          "2 malformed")
+    s.add_argument("model", help="model.onnx or package.module:factory")
+    s.add_argument("spec")
+    s.add_argument("--spec-format", choices=["rebasin", "gitrebasin", "mergekit"], default="rebasin")
+    _analysis_args(s)
+    s.set_defaults(fn=cmd_check_spec)
+    s = sub.add_parser("export-spec", help="the spec as Git Re-Basin axes_to_perm or mergekit spaces")
+    s.add_argument("model", help="model.onnx or package.module:factory")
+    s.add_argument("--format", choices=["gitrebasin", "mergekit"], required=True)
+    s.add_argument("-o", "--output", required=True)
+    _analysis_args(s)
+    s.set_defaults(fn=cmd_export_spec)
+    s = sub.add_parser("import-spec", help="a Git Re-Basin / mergekit spec as a rebasin spec, checked first")
+    s.add_argument("model", help="model.onnx or package.module:factory")
+    s.add_argument("file")
+    s.add_argument("--format", choices=["gitrebasin", "mergekit"], required=True)
+    s.add_argument("-o", "--output", required=True)
+    _analysis_args(s)
+    s.set_defaults(fn=cmd_import_spec)
+
+
 def _torch_model_args(s) -> None:
     t = s.add_argument_group("torch models (the model files are torch.save'd state_dicts)")
     t.add_argument("--torch-model", metavar="PKG.MODULE:FACTORY",
@@ -417,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inputs", help=".npz with model inputs (generated when absent)")
     s.add_argument("--rtol", type=float, default=1e-4)
     s.set_defaults(fn=cmd_verify)
+    _spec_parsers(sub)
     return p
 
 

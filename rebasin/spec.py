@@ -102,6 +102,8 @@ class Spec:
     blocked: tuple[BlockedAxis, ...] = ()
     shapes: dict = field(default_factory=dict, compare=False, repr=False)
     source: str = field(default="", compare=False)  # frontend that produced it: onnx, torch.export ...
+    # hash of the graph structure it was inferred from (ops, edges, shapes; no weight values): "" = unknown
+    graph_hash: str = field(default="", compare=False)
 
     def __post_init__(self):
         names = [c.name for c in self.classes]
@@ -145,6 +147,8 @@ class Spec:
              "blocked": [b.to_dict() for b in self.blocked]}
         if self.source:
             d["source"] = self.source
+        if self.graph_hash:
+            d["graph_hash"] = self.graph_hash
         return d
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -152,6 +156,8 @@ class Spec:
 
     @classmethod
     def from_dict(cls, d: dict) -> Spec:
+        if not isinstance(d, dict):
+            raise SpecMismatchError(f"malformed spec: a JSON object expected, got {type(d).__name__}")
         try:
             classes = tuple(
                 PermutationClass(c["name"], int(c["size"]), tuple(Member(**m) for m in c["members"]),
@@ -160,7 +166,27 @@ class Spec:
             blocked = tuple(BlockedAxis(**b) for b in d.get("blocked", ()))
         except (KeyError, TypeError, ValueError) as e:
             raise SpecMismatchError(f"malformed spec: {e}") from e
-        return cls(classes, blocked, source=str(d.get("source", "")))
+        if not isinstance(d.get("graph_hash", ""), str):
+            raise SpecMismatchError("malformed spec: graph_hash must be a string")
+        return cls(classes, blocked, source=str(d.get("source", "")), graph_hash=d.get("graph_hash", ""))
+
+    def check_graph(self, graph_hash: str, what: str = "the model") -> None:
+        """Refuse a model whose graph is not the one this spec was inferred from.
+
+        A spec without a recorded hash (hand-written, or older than the field) is not checked.
+
+        Example:
+            >>> s = Spec((PermutationClass("P0", 2, (Member("w", 0),)),), graph_hash="ab12")
+            >>> s.check_graph("ab12")
+            >>> s.check_graph("ffff")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            rebasin.errors.SpecMismatchError: the spec was inferred from graph ab12, not from ... (ffff): ...
+        """
+        if self.graph_hash and graph_hash and graph_hash != self.graph_hash:
+            raise SpecMismatchError(
+                f"the spec was inferred from graph {self.graph_hash[:12]}, not from the graph of {what} "
+                f"({graph_hash[:12]}): re-run infer-spec on this model")
 
     @classmethod
     def from_json(cls, text: str) -> Spec:

@@ -16,14 +16,14 @@ import rebasin
 PACKAGE = Path(rebasin.__file__).parent
 
 LAYERS = [
-    ("rebasin.errors", "rebasin.spec", "rebasin.limits"),
+    ("rebasin.errors", "rebasin.spec", "rebasin.limits", "rebasin.exchange"),
     ("rebasin.sources",),
     ("rebasin.execute",),
     ("rebasin.graph",),
-    ("rebasin.solvers",),
-    ("rebasin.verify",),
+    ("rebasin.solvers", "rebasin.canonical"),
+    ("rebasin.verify", "rebasin.checkspec"),
     ("rebasin.checkpoints",),
-    ("rebasin.align",),
+    ("rebasin.align", "rebasin.passes"),
     ("rebasin.cli", "rebasin.__init__"),
 ]
 

@@ -9,6 +9,8 @@ members (offset/block/stride).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 
 import numpy as np
 
@@ -204,7 +206,159 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     spec = _extract(cx, weights)
     if g.aliases:
         spec = _with_aliases(spec, g.aliases, g.weights)
-    return dataclasses.replace(spec, source=g.frontend)
+    return dataclasses.replace(spec, source=g.frontend, graph_hash=graph_hash(g))
+
+
+# ----------------------------------------------------------------- the graph hash a spec records
+def graph_hash(g: Graph) -> str:
+    """A hex digest of a graph's structure: its ops (type, domain, attributes), the edges between
+    them, the names and shapes of its weights and inputs/outputs, and the values of its non-float
+    constants; never the values of its float weights. Intermediate tensors are named by their
+    producer (node index, output index), so two exports that name them differently hash the same.
+
+    An ONNX graph is hashed from its ``ModelProto`` alone (:func:`onnx_graph_hash`, no run needed),
+    so a spec can be checked against a model cheaply before it is applied.
+
+    Example:
+        >>> from rebasin.graph.ir import Node
+        >>> g = Graph(None, None, [("mm", Node("MatMul", ["x", "w"], ["y"]))], {"x": (2, 3), "w": (3, 4)},
+        ...           {}, {"w": np.zeros((3, 4))}, ["x"], ["y"], frontend="fx")
+        >>> len(graph_hash(g))
+        64
+    """
+    if g.frontend == "onnx" and hasattr(g.model, "graph"):
+        return onnx_graph_hash(g.model)
+    tensors = {k: ("float", tuple(np.shape(v)), b"") for k, v in g.weights.items()}
+    for k in g.constants:
+        tensors[k] = ("constant", tuple(g.shapes.get(k, ())), b"")
+    ports = [(n, g.shapes.get(n)) for n in g.inputs] + [(n, g.shapes.get(n)) for n in g.outputs]
+    nodes = [(n.domain, n.op_type, list(n.input), list(n.output), _canon(n.attrs)) for _, n in g.nodes]
+    return _digest(g.frontend, nodes, g.inputs, g.outputs, ports, tensors)
+
+
+def model_graph_hash(model, example_inputs=None, tracer: str = "auto") -> str:
+    """:func:`graph_hash` of an ONNX model (from the proto, no run) or of a ``torch.nn.Module``
+    (traced with ``example_inputs``): what a spec's ``graph_hash`` is compared with."""
+    if _is_torch_module(model):
+        from rebasin.graph.torch_frontend import build_graph as build_torch_graph
+
+        return graph_hash(build_torch_graph(model, example_inputs, tracer=tracer))
+    return onnx_graph_hash(model)
+
+
+def onnx_graph_hash(model) -> str:
+    """:func:`graph_hash` of an ONNX model (path or ``ModelProto``), read from the proto alone."""
+    import onnx
+
+    from rebasin.sources.onnx import FLOAT_TYPES, load_model
+    from rebasin.sources.onnx_checks import array_view
+
+    m = load_model(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    tensors = {}
+    for name, t in inits.items():
+        data = b"" if t.data_type in FLOAT_TYPES else np.ascontiguousarray(array_view(t)).tobytes()
+        tensors[name] = (onnx.TensorProto.DataType.Name(t.data_type), tuple(t.dims), data)
+    inputs = [i.name for i in m.graph.input if i.name not in inits]
+    outputs = [o.name for o in m.graph.output]
+    ports = [(v.name, str(v.type).replace("\n", " ")) for v in list(m.graph.input) + list(m.graph.output)
+             if v.name not in inits]
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    nodes = [(n.domain, n.op_type, list(n.input), list(n.output),
+              [(a.name, _onnx_attr(a)) for a in sorted(n.attribute, key=lambda a: a.name)
+               if not _is_default(n, a, opset)])
+             for n in m.graph.node]
+    return _digest("onnx", nodes, inputs, outputs, ports, tensors)
+
+
+def _is_default(node, a, opset: int) -> bool:
+    """An attribute spelled out with its schema's default value (exporters differ in writing them)."""
+    import onnx
+
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset)
+    except Exception:  # an unknown op or opset: keep every attribute
+        return False
+    spec = schema.attributes.get(a.name)
+    return spec is not None and spec.default_value.type == a.type and \
+        spec.default_value.SerializeToString() == _renamed(a, spec.default_value.name).SerializeToString()
+
+
+def _renamed(a, name: str):
+    import onnx
+
+    b = onnx.AttributeProto()
+    b.CopyFrom(a)
+    b.name = name
+    b.ClearField("doc_string")
+    return b
+
+
+def _onnx_attr(a):
+    """An attribute's structural value: float tensors by type and shape, sub-graphs by structure."""
+    import onnx
+    from onnx import helper
+
+    from rebasin.sources.onnx import FLOAT_TYPES
+
+    if a.type == onnx.AttributeProto.TENSOR:
+        t = a.t
+        if t.data_type in FLOAT_TYPES:
+            return ("tensor", t.data_type, tuple(t.dims))
+        return ("tensor", t.data_type, tuple(t.dims), onnx.numpy_helper.to_array(t).tobytes())
+    if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        return [[(n.op_type, list(n.input), list(n.output), [(x.name, _onnx_attr(x)) for x in n.attribute])
+                 for n in sg.node] + [o.name for o in sg.output] for sg in graphs]
+    if a.type in (onnx.AttributeProto.TENSORS, onnx.AttributeProto.SPARSE_TENSOR,
+                  onnx.AttributeProto.SPARSE_TENSORS):
+        return ("tensors", a.type)
+    return _canon(helper.get_attribute_value(a))
+
+
+def _canon(v):
+    """A stable, address-free representation of an attribute value (arrays by dtype and shape, with
+    the values of small integer ones)."""
+    if isinstance(v, dict):
+        return [(str(k), _canon(x)) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))]
+    if isinstance(v, (list, tuple)):
+        return [_canon(x) for x in v]
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if hasattr(v, "shape") and hasattr(v, "dtype"):
+        try:  # a fake or meta tensor has no values: its dtype and shape stand for it
+            a = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        except (RuntimeError, TypeError, NotImplementedError):
+            a = None
+        small = isinstance(a, np.ndarray) and a.dtype.kind in "iub" and a.size <= 64
+        return ("array", str(v.dtype), tuple(v.shape), a.tolist() if small else None)
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v))
+
+
+def _digest(frontend, nodes, inputs, outputs, ports, tensors) -> str:
+    """Hash of the structure, independent of the order nodes are listed in and of the names of
+    intermediate tensors: each intermediate is named by a hash of what computes it (its producer's
+    op, attributes and input names, recursively), and the nodes enter as a sorted multiset."""
+    keep = set(inputs) | set(outputs) | set(tensors)
+    label: dict[str, str] = {}
+    sigs = []
+    for domain, op, ins, outs, attrs in nodes:
+        sig = hashlib.sha256(repr((domain, op, [label.get(x, x) for x in ins], attrs)).encode()).hexdigest()
+        for j, y in enumerate(outs):
+            if y and y not in keep:
+                label[y] = f"%{sig[:32]}.{j}"
+        sigs.append(repr((sig, [label.get(y, y) for y in outs])))
+    h = hashlib.sha256()
+    h.update(repr((frontend, sorted(ports, key=str))).encode())
+    for name in sorted(tensors):
+        dtype, shape, data = tensors[name]
+        h.update(repr((name, dtype, shape)).encode())
+        h.update(hashlib.sha256(data).digest())
+    for sig in sorted(sigs):
+        h.update(sig.encode())
+    return h.hexdigest()
 
 
 def rule_key(node) -> str:

@@ -76,28 +76,60 @@ def apply_permutation(model, spec: Spec, perms: dict):
 
     ``model`` may be an ``onnx.ModelProto``/path (returns a new ModelProto) or a dict of arrays /
     torch tensors such as a ``state_dict`` (returns a new dict of the same kind).
+
+    A spec that records the hash of the graph it was inferred from is refused
+    (:class:`SpecMismatchError`) by an ONNX model with another graph; a ``state_dict`` has no graph,
+    so only its tensor shapes are checked.
     """
     if isinstance(model, dict):
         return _apply_state_dict(model, spec, perms)
     from rebasin.sources.onnx import load_model
-    from rebasin.sources.onnx_checks import array_view, without_initializers
 
     src = load_model(model)
+    if spec.graph_hash:
+        from rebasin.graph.infer import onnx_graph_hash
+
+        spec.check_graph(onnx_graph_hash(src))
     touched = {mb.tensor for c in spec.classes if c.name in perms for mb in c.members}
-    arrays = {t.name: array_view(t) for t in src.graph.initializer if t.name in touched}
-    for n in src.graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] in touched:
+    return with_tensors(src, permute_arrays(onnx_tensors(src, touched), spec, perms))
+
+
+def onnx_tensors(model, names) -> dict:
+    """The initializers and ``Constant`` values of ``model`` named in ``names``, as arrays (the
+    initializers as read-only views, no copy)."""
+    from rebasin.sources.onnx_checks import array_view
+
+    names = set(names)
+    arrays = {t.name: array_view(t) for t in model.graph.initializer if t.name in names}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] in names:
             for a in n.attribute:
                 if a.name == "value":
                     arrays[n.output[0]] = numpy_helper.to_array(a.t)
-    new = permute_arrays(arrays, spec, perms)
-    # a new model sharing nothing with ``src``, in which only the permuted tensors are new bytes
+    return arrays
+
+
+def with_tensors(src, new: dict):
+    """A new ModelProto sharing nothing with ``src`` in which the initializers and ``Constant``
+    values named in ``new`` hold the given arrays (only those are new bytes).
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> g = helper.make_graph([helper.make_node("Relu", ["w"], ["y"])], "g", [],
+        ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        ...     [numpy_helper.from_array(np.zeros(2, np.float32), "w")])
+        >>> m = with_tensors(helper.make_model(g), {"w": np.ones(2, np.float32)})
+        >>> numpy_helper.to_array(m.graph.initializer[0]).tolist()
+        [1.0, 1.0]
+    """
+    from rebasin.sources.onnx_checks import without_initializers
+
     m = without_initializers(src)
     for t in src.graph.initializer:
         m.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(new[t.name]), t.name)
-                                   if t.name in touched else t)
+                                   if t.name in new else t)
     for n in m.graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] in touched:
+        if n.op_type == "Constant" and n.output and n.output[0] in new:
             for a in n.attribute:
                 if a.name == "value":
                     a.t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[n.output[0]]), a.t.name))
