@@ -377,10 +377,11 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
 
     Non-weight constants (masks, fill values) qualify whatever their uses; values computed by a
     node (the shape-discovery run's small integer results) never do, as they may depend on the
-    input. A weight qualifies only when several ops read it (exporters merge equal initializers,
-    e.g. every all-zero bias of a freshly initialized model becomes one tensor): a weight read
-    once is better left a member of its class, so the spec stays valid for models whose values
-    differ.
+    input, nor do weights whose values are not known (a model on the meta device: its zero
+    stand-ins say nothing about the real weights). A weight qualifies only when several ops read
+    it (exporters merge equal initializers, e.g. every all-zero bias of a freshly initialized
+    model becomes one tensor): a weight read once is better left a member of its class, so the
+    spec stays valid for models whose values differ.
 
     Example:
         >>> # a [4, 3] all-zero bias read by two Adds is uniform along both axes: {"b": {0, 1}}
@@ -395,7 +396,9 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
             computed.update(node.output)
     out = {}
     for name, arr in [*g.values.items(), *g.weights.items()]:
-        if name in computed or name in g.weights and uses.get(name, 0) < 2 and name not in g.constants:
+        if name in computed or name in g.shape_only:  # unknown values are never uniform
+            continue
+        if name in g.weights and uses.get(name, 0) < 2 and name not in g.constants:
             continue
         try:
             a = np.asarray(arr)

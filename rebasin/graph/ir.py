@@ -45,6 +45,7 @@ class Graph:
     aliases: dict[str, list[str]] = field(default_factory=dict)  # weight -> other names (tied)
     frontend: str = "onnx"
     capturable: list = field(default_factory=list)  # intermediate tensors a run can return
+    shape_only: set = field(default_factory=set)  # weights whose values are unknown (zero stand-ins)
 
 
 def attr(node, name: str, default=None):

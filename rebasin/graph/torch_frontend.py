@@ -1251,7 +1251,7 @@ def lower(tr: Traced, model) -> Graph:
         names[ph] = first.setdefault(ident, key)
     taken = set(names.values())
     b = _Builder(names)
-    weights, values, constants = {}, {}, set()
+    weights, values, constants, shape_only = {}, {}, set(), set()
     for ph, key in {**tr.param_names, **tr.constant_names}.items():
         t = tr.tensors.get(ph)
         if not isinstance(t, torch.Tensor) or names[ph] != key:
@@ -1259,6 +1259,8 @@ def lower(tr: Traced, model) -> Graph:
         b.shapes[key] = tuple(t.shape)
         if t.is_floating_point() and ph in tr.param_names:
             weights[key] = _weight_array(t)
+            if is_shape_only(t):
+                shape_only.add(key)
         elif t.is_floating_point() or is_shape_only(t) or t.numel() > 64:
             constants.add(key)  # a shape-only index tensor has no values to read: pinned
         else:
@@ -1329,7 +1331,7 @@ def lower(tr: Traced, model) -> Graph:
         frontend += " (" + ", ".join(f"{k}={v!r}" for k, v in tr.call_kwargs.items()) + ")"
     return Graph(tr, to_networkx(b.nodes), b.nodes, b.shapes, {**values, **b.values}, weights, inputs,
                  outputs, constants=constants, aliases=aliases, frontend=frontend,
-                 capturable=capturable)
+                 capturable=capturable, shape_only=shape_only)
 
 
 def _written_in_place(graph, names: dict) -> set:
@@ -1373,7 +1375,7 @@ def _fill_per_reader(b, outputs: set, written: set) -> None:
 
 def _weight_array(t) -> np.ndarray:
     """The weight as an array; for a shape-only tensor, a read-only zero array of its shape that
-    holds no memory (the symmetry pass reads only the shapes of weights)."""
+    holds no memory (listed in ``Graph.shape_only``, so the symmetry pass reads only its shape)."""
     import torch
 
     if is_shape_only(t):
