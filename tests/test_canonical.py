@@ -32,7 +32,10 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", _params(SMALL + [n for n in corpus.BUILDERS if n not in SMALL]))
+ONNX_CORPUS = SMALL + [n for n in corpus.BUILDERS if n not in SMALL and n not in corpus.TORCH_ONLY]
+
+
+@pytest.mark.parametrize("name", _params(ONNX_CORPUS))
 def test_permuted_copies_have_one_canonical_form(name):
     path = corpus.export(name)
     spec = rebasin.infer_spec(path)
@@ -49,7 +52,7 @@ def test_permuted_copies_have_one_canonical_form(name):
         assert _same(_initializers(canon), _initializers(ref)), f"{name} seed {seed}: canonical forms differ"
 
 
-@pytest.mark.parametrize("name", _params(SMALL + [n for n in corpus.BUILDERS if n not in SMALL]))
+@pytest.mark.parametrize("name", _params(ONNX_CORPUS))
 def test_fingerprint_is_invariant_under_five_random_permutations(name):
     path = corpus.export(name)
     spec = rebasin.infer_spec(path)
@@ -76,6 +79,21 @@ def test_fingerprint_changes_with_any_weight_and_across_seeds(tmp_path):
     torch.onnx.export(model, x, str(other), dynamo=False, opset_version=17, do_constant_folding=False,
                       input_names=["input"], output_names=["output"])
     assert fingerprint(other) != ref
+
+
+@pytest.mark.parametrize("name", sorted(corpus.TORCH_ONLY))
+def test_torch_only_corpus_models_have_one_canonical_form(name):
+    """Models the corpus cannot export to ONNX: the same checks on their state_dicts."""
+    m, x = corpus.build(name, seed=0)
+    spec = rebasin.infer_spec(m, x)
+    sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    ref, _ = canonical_state_dict(sd, spec)
+    assert rebasin.verify_torch(m, ref, x).equal
+    for seed in (1, 2):
+        copy = apply_permutation(sd, spec, spec.random_permutations(seed))
+        assert any(not torch.equal(copy[k], sd[k]) for k in sd)
+        canon, _ = canonical_state_dict(copy, spec)
+        assert all(torch.equal(canon[k], ref[k]) for k in ref), f"{name} seed {seed}"
 
 
 def test_torch_state_dict_canonical_form_keeps_dtype_bit_exact():

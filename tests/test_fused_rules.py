@@ -8,6 +8,7 @@ against a hand count, and checks soundness: every class permuted at random, outp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -488,6 +489,7 @@ def test_cuda_only_ops_against_their_documented_semantics(op):
     m_fused.graph.value_info.append(helper.make_tensor_value_info("o", TensorProto.FLOAT, [2, 3, width]))
     spec = rebasin.infer_spec(m_fused)
     assert sizes(spec) == expected
+    spec = dataclasses.replace(spec, graph_hash="")  # applied to the stand-in graph on purpose
     for s in (0, 1, 2):
         res = rebasin.verify(m_ref, rebasin.apply_permutation(m_ref, spec, spec.random_permutations(s)),
                              seeds=(0, 1))

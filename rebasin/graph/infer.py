@@ -165,6 +165,7 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
         g = build_torch_graph(model, example_inputs, tracer=tracer)
     else:
         g = build_graph(model, feeds)
+    hashed = graph_hash(g)  # of the graph as the frontend gave it (what model_graph_hash sees)
     g = split_slots(g)
     cx = _Context(g, strict)
     for name, node in g.nodes:
@@ -206,7 +207,7 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     spec = _extract(cx, weights)
     if g.aliases:
         spec = _with_aliases(spec, g.aliases, g.weights)
-    return dataclasses.replace(spec, source=g.frontend, graph_hash=graph_hash(g))
+    return dataclasses.replace(spec, source=g.frontend, graph_hash=hashed)
 
 
 # ----------------------------------------------------------------- the graph hash a spec records
