@@ -554,3 +554,75 @@ def _variant(kind):
 def test_attention_variants(kind):
     m, expected = _variant(kind)
     assert sizes(assert_sound(m)) == expected
+
+
+# --------------------------------------------------------------------------- top-k routing
+
+
+def _routed(use_indices=None, k=2, e=4, d=6, hid=5):
+    """Tokens x (3, 4) -> h (3, d); router scores (3, e); TopK; each token's k experts' weights
+    picked by Gather from a stacked w1 (e, d, hid), run on h and mixed by the top-k values.
+    ``use_indices``: extra nodes reading the indices ``idx`` and writing ``extra`` (3, 3), added to y."""
+    nodes = [node("MatMul", ["x", "w_in"], ["h"]), node("MatMul", ["h", "wr"], ["s"]),
+             node("Softmax", ["s"], ["p"], axis=-1), node("TopK", ["p", "k"], ["val", "idx"], axis=-1),
+             node("Gather", ["w1", "idx"], ["w"], axis=0),  # (3, k, d, hid)
+             node("Unsqueeze", ["h", "ax12"], ["h4"]),  # (3, 1, 1, d)
+             node("MatMul", ["h4", "w"], ["z"]), node("Relu", ["z"], ["r"]),  # (3, k, 1, hid)
+             node("Squeeze", ["r", "ax2"], ["r3"]), node("Unsqueeze", ["val", "ax_1"], ["v3"]),
+             node("Mul", ["r3", "v3"], ["rv"]), node("ReduceSum", ["rv", "ax1"], ["o"], keepdims=0),
+             node("MatMul", ["o", "w_out"], ["y" if use_indices is None else "y0"])]
+    if use_indices is not None:
+        nodes += [*use_indices, node("Add", ["y0", "extra"], ["y"])]
+    inits = [W("w_in", 4, d), W("wr", d, e, scale=2.0), W("w1", e, d, hid), W("w_out", hid, 3),
+             I("k", [k]), I("ax12", [1, 2]), I("ax2", [2]), I("ax_1", [-1]), I("ax1", [1])]
+    return model(nodes, inits, [3, 4], [3, 3])
+
+
+def _members(spec):
+    return [{(mb.tensor, mb.axis) for mb in c.members} for c in spec.classes]
+
+
+def test_top_k_indices_that_only_choose_move_with_the_scores():
+    """Gather of the stacked experts by top-k indices: experts axis with the router columns."""
+    spec = assert_sound(_routed())
+    assert sizes(spec) == [4, 5, 6]
+    assert {("wr", 1), ("w1", 0)} in _members(spec)
+
+
+def test_top_k_one_hot_moves_with_the_scores():
+    """OneHot (depth = the scores' width) of reshaped top-k indices is a choice, through views."""
+    hot = [node("Reshape", ["idx", "flat"], ["idf"]), node("Cast", ["idf"], ["idc"], to=TensorProto.FLOAT),
+           node("OneHot", ["idc", "depth", "onoff"], ["oh"], axis=-1),  # (6, e)
+           node("MatMul", ["oh", "w_oh"], ["oh3"]), node("Reshape", ["oh3", "shape33"], ["extra"])]
+    m = _routed(hot)
+    m.graph.initializer.extend([I("flat", [-1]), I("depth", [4.0], "float32"), numpy_helper.from_array(
+        np.array([0, 1], "f"), "onoff"), W("w_oh", 4, 3), I("shape33", [3, 2, 3])])
+    m.graph.node[-1].input[1] = "extra_sum"
+    m.graph.node.insert(len(m.graph.node) - 1, node("ReduceSum", ["extra", "ax1"], ["extra_sum"], keepdims=0))
+    spec = assert_sound(m)
+    assert sizes(spec) == [4, 5, 6]
+    assert {("wr", 1), ("w1", 0), ("w_oh", 0)} in _members(spec)
+
+
+@pytest.mark.parametrize("how", ["arithmetic", "one_hot_wider", "output"])
+def test_top_k_indices_used_as_numbers_pin_the_scores(how):
+    """Indices used as numbers (cast and added), a OneHot wider than the scores, or indices that are
+    a model output: the positions are seen, so the experts axis stays put."""
+    if how == "arithmetic":
+        extra = [node("Cast", ["idx"], ["idf"], to=TensorProto.FLOAT),
+                 node("MatMul", ["idf", "w_ix"], ["extra"])]
+        inits = [W("w_ix", 2, 3)]
+    else:
+        extra = [node("OneHot", ["idx", "depth", "onoff"], ["oh"], axis=-1),
+                 node("ReduceSum", ["oh", "ax1"], ["ohs"], keepdims=0),
+                 node("MatMul", ["ohs", "w_oh"], ["extra"])]
+        inits = [I("depth", [5]), numpy_helper.from_array(np.array([0, 1], "f"), "onoff"), W("w_oh", 5, 3)]
+    m = _routed(extra if how != "output" else [node("Identity", ["y1"], ["extra"])])
+    m.graph.initializer.extend(inits if how != "output" else [])
+    if how == "output":  # idx is a second model output; y = y0 + y0
+        m.graph.node[-1].input[1] = "y0"
+        del m.graph.node[-2]
+        m.graph.output.append(helper.make_tensor_value_info("idx", TensorProto.INT64, [3, 2]))
+    spec = assert_sound(m)
+    assert sizes(spec) == [5, 6]
+    assert not any(("w1", 0) in c for c in _members(spec))

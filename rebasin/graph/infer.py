@@ -41,6 +41,12 @@ class _Context:
             return []
         return [self._by_name[n] for n in self.g.nx_graph.successors(name)]
 
+    def producer(self, name):
+        """The node that computes tensor ``name``, or None (inputs, initializers)."""
+        if name not in self.g.nx_graph:
+            return None
+        return next((self._by_name[n] for n in self.g.nx_graph.predecessors(name)), None)
+
     # --- what rules use
     def ax(self, name):
         """Axis variables of tensor ``name`` as the current node sees it.
