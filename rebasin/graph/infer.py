@@ -227,27 +227,30 @@ _UNIFORM_MAX = 1 << 24  # elements: larger weights are not scanned (they are nev
 def _uniform_axes(g: Graph) -> dict[str, set[int]]:
     """Constant tensors that are equal along some axis, and those axes.
 
-    Non-weight constants (masks, fill values) qualify whatever their uses; values computed by a
-    node (the shape-discovery run's small integer results) never do, as they may depend on the
-    input. A weight qualifies only when several ops read it (exporters merge equal initializers,
-    e.g. every all-zero bias of a freshly initialized model becomes one tensor): a weight read
-    once is better left a member of its class, so the spec stays valid for models whose values
-    differ.
+    Non-weight constants (masks, fill values) and float literals of ``Constant`` nodes (program
+    text, e.g. the unit scale an exporter gives a LayerNormalization without affine parameters;
+    no model source exposes them as parameters) qualify whatever their uses; values computed by
+    a node (the shape-discovery run's small integer results) never do, as they may depend on the
+    input. A weight (an initializer, a ``state_dict`` entry) qualifies only when several ops read
+    it (exporters merge equal initializers, e.g. every all-zero bias of a freshly initialized
+    model becomes one tensor): a weight read once is better left a member of its class, so the
+    spec stays valid for models whose values differ.
 
     Example:
         >>> # a [4, 3] all-zero bias read by two Adds is uniform along both axes: {"b": {0, 1}}
     """
     uses: dict[str, int] = {}
     computed = set()  # values the shape-discovery run computed: they may depend on the input
+    literals = set()  # outputs of Constant nodes
     for _, node in g.nodes:
         for x in node.input:
             if x:
                 uses[x] = uses.get(x, 0) + 1
-        if node.op_type != "Constant":
-            computed.update(node.output)
+        (computed if node.op_type != "Constant" else literals).update(node.output)
+    fixed = literals | set(g.constants)
     out = {}
     for name, arr in [*g.values.items(), *g.weights.items()]:
-        if name in computed or name in g.weights and uses.get(name, 0) < 2 and name not in g.constants:
+        if name in computed or name in g.weights and uses.get(name, 0) < 2 and name not in fixed:
             continue
         try:
             a = np.asarray(arr)
@@ -263,14 +266,16 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
 
 
 def _pin_shared_uniform(cx: _Context) -> None:
-    """A weight read by several ops and uniform along an axis gave its readers fresh variables
-    there; its own variable is left unpermuted (any permutation leaves its values unchanged)."""
+    """A weight read by several ops (or a float literal) uniform along an axis gave its readers
+    fresh variables there; its own variable is left unpermuted (any permutation leaves its values
+    unchanged)."""
     for name, axes in cx.uniform.items():
         if name not in cx.g.weights and name not in cx.packed:
             continue
+        how = "shared by several ops" if len(cx.consumers(name)) > 1 else "a graph literal"
         for k in axes:
-            cx.alg.pin(cx.axes[name][k], f"weight {name} is constant along axis {k} and shared by "
-                       "several ops: it ties none of them and stays in place")
+            cx.alg.pin(cx.axes[name][k], f"weight {name} is constant along axis {k} and {how}: it "
+                       "ties none of the ops reading it and stays in place")
 
 
 def _is_torch_module(model) -> bool:

@@ -555,7 +555,8 @@ def top_k(cx, node):
     used to choose (``OneHot`` of as many classes, ``Gather`` of an axis as long, through views)
     are relabelled by such a permutation and the choice moves with it.
 
-    Pins: the k axis of both outputs; the selected axis when the indices are used otherwise.
+    Pins: the k axis of both outputs; the selected axis when the indices are used otherwise or the
+    outputs are unsorted (their order may then follow positions).
     """
     x = node.input[0]
     rank = len(cx.shape(x))
@@ -563,6 +564,8 @@ def top_k(cx, node):
     cx.invariant(node.input[1:])
     xa = cx.ax(x)
     cx.mixes(xa[axis])
+    if not cx.attr("sorted", 1):
+        cx.pin(xa[axis], "unsorted top-k: the order along k may follow positions")
     for y in node.output:
         if not y:
             continue
