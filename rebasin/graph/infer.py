@@ -32,20 +32,24 @@ class _Context:
         self.sequences: dict[str, tuple] = {}  # sequence tensor -> (axis, keepdims, pieces)
         self.packed: set[str] = set()  # integer initializers holding weights (quantized blobs)
         self._by_name = dict(g.nodes)
+        self._producers = self._readers = None
         self.uniform = _uniform_axes(g)  # tensor -> axes along which its values are all equal
         self._views: dict[tuple[str, str], list[int]] = {}
 
     def consumers(self, name):
-        """The nodes that read tensor ``name``."""
-        if name not in self.g.nx_graph:
-            return []
-        return [self._by_name[n] for n in self.g.nx_graph.successors(name)]
+        """The nodes that read tensor ``name`` (each once)."""
+        if self._readers is None:  # op and tensor names may coincide (torch): not from nx_graph
+            self._readers = {}
+            for _, n in self.g.nodes:
+                for x in dict.fromkeys(x for x in n.input if x):
+                    self._readers.setdefault(x, []).append(n)
+        return list(self._readers.get(name, ()))
 
     def producer(self, name):
         """The node that computes tensor ``name``, or None (inputs, initializers)."""
-        if name not in self.g.nx_graph:
-            return None
-        return next((self._by_name[n] for n in self.g.nx_graph.predecessors(name)), None)
+        if self._producers is None:
+            self._producers = {y: n for _, n in self.g.nodes for y in n.output if y}
+        return self._producers.get(name)
 
     # --- what rules use
     def ax(self, name):
