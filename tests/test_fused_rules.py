@@ -279,6 +279,44 @@ def test_matmul_nbits_input_axis_moves_in_blocks_and_bytes(symmetric):
     assert w1 == ([(2, 2), (2, 2), (16, 16)] if symmetric else [(2, 2), (2, 2)])  # bytes: 2 codes
 
 
+def _inits(m):
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_align_quantized_models_on_dequantized_weights(symmetric):
+    """Weight matching reads MatMulNBits blobs (and packed zero points) as their dequantized values;
+    the aligned model moves the packed bytes. B = A with every class permuted at random: aligning
+    B to A gives A back, byte for byte, and the aligned B computes what B computes."""
+    from rebasin.sources.onnx import packed_weights
+
+    a = _quantize(_mlp3(), symmetric=symmetric)
+    assert set(packed_weights(a)) >= {"w1_Q4", "w2_Q4", "w3_Q4"}
+    spec = rebasin.infer_spec(a)
+    b = rebasin.apply_permutation(a, spec, spec.random_permutations(7))
+    assert any(not np.array_equal(x, _inits(b)[k]) for k, x in _inits(a).items())
+    res = rebasin.align(a, b, method="weight")
+    assert res.verification.equal
+    got = _inits(res.model)
+    assert all(np.array_equal(x, got[k]) for k, x in _inits(a).items())
+
+
+@pytest.mark.parametrize("what", ["merge", "interpolate", "ste"])
+def test_merging_quantized_models_is_refused(what):
+    """New values of packed low-bit weights would need requantizing: one clear error."""
+    a = _quantize(_mlp3())
+    spec = rebasin.infer_spec(a)
+    b = rebasin.apply_permutation(a, spec, spec.random_permutations(1))
+    with pytest.raises(rebasin.errors.UnsupportedModelError, match="packed low-bit weights .*requantized"):
+        if what == "merge":
+            rebasin.merge([a, b])
+        elif what == "interpolate":
+            rebasin.interpolate(a, b, 0.5)
+        else:
+            data = {"x": np.zeros((2, 3, 16), "f"), "labels": np.zeros((2, 3))}
+            rebasin.align(a, b, method="ste", data=data)
+
+
 # --------------------------------------------------------------------------- exporter habits
 
 
