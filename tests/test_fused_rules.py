@@ -642,6 +642,20 @@ def test_top_k_one_hot_moves_with_the_scores():
     assert {("wr", 1), ("w1", 0), ("w_oh", 0)} in _members(spec)
 
 
+@pytest.mark.parametrize("positions,found", [(range(4), True), (range(1, 5), False), ((0, 2, 1, 3), False)])
+def test_top_k_indices_equal_to_positions_are_a_one_hot(positions, found):
+    """The dynamo exporter writes one_hot as ``Equal(Unsqueeze(idx, -1), arange(C))``: with the
+    positions 0 .. C-1 it is a choice (experts axis free); other constants pin it."""
+    hot = [node("Unsqueeze", ["idx", "ax_1"], ["idu"]), node("Equal", ["idu", "pos"], ["eq"]),
+           node("Cast", ["eq"], ["oh"], to=TensorProto.FLOAT),  # (3, k, e)
+           node("ReduceSum", ["oh", "ax1"], ["ohs"], keepdims=0), node("MatMul", ["ohs", "w_oh"], ["extra"])]
+    m = _routed(hot)
+    m.graph.initializer.extend([I("pos", list(positions)), W("w_oh", 4, 3)])
+    spec = assert_sound(m)
+    assert sizes(spec) == ([4, 5, 6] if found else [5, 6])
+    assert ({("wr", 1), ("w1", 0), ("w_oh", 0)} in _members(spec)) == found
+
+
 @pytest.mark.parametrize("how", ["arithmetic", "one_hot_wider", "output"])
 def test_top_k_indices_used_as_numbers_pin_the_scores(how):
     """Indices used as numbers (cast and added), a OneHot wider than the scores, or indices that are
@@ -664,3 +678,26 @@ def test_top_k_indices_used_as_numbers_pin_the_scores(how):
     spec = assert_sound(m)
     assert sizes(spec) == [5, 6]
     assert not any(("w1", 0) in c for c in _members(spec))
+
+
+def test_dynamo_stacked_moe_finds_the_experts_class():
+    """The dynamo exporter writes ``one_hot`` of the top-k indices as ``Equal`` with an ``arange``:
+    the 4 stacked experts move with their router rows, as on the torch path (sound, same classes)."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    from tests.corpus import build
+
+    module, inputs = build("moe_stacked")
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, f"{d}/moe.onnx", dynamo=True, opset_version=18, optimize=True,
+                          verbose=False)
+        m = onnx.load(f"{d}/moe.onnx")
+    assert "Equal" in {n.op_type for n in m.graph.node} and "OneHot" not in {n.op_type for n in m.graph.node}
+    spec = assert_sound(m)
+    assert sizes(spec) == sorted(c.size for c in rebasin.infer_spec(module, inputs).classes) == [4, 8, 16]
+    experts = next(c for c in spec.classes if c.size == 4)
+    assert {"w1", "w2", "b1"} <= {mb.tensor for mb in experts.members}

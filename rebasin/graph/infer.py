@@ -204,7 +204,11 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     unknown = set(frozen) - set(g.weights)
     if unknown:
         raise SpecMismatchError(f"--frozen names no float initializer: {sorted(unknown)[:5]}")
-    for name in [n for n in g.values if n not in cx.packed] + list(frozen) + sorted(g.constants):
+    # constants: initializers and Constant outputs (values a node computed follow its rule: a
+    # small integer or boolean result of the shape-discovery run is not pinned for its size)
+    made = {y for _, n in g.nodes if n.op_type != "Constant" for y in n.output}
+    for name in [n for n in g.values if n not in cx.packed and n not in made] + list(frozen) + \
+            sorted(g.constants):
         for v in cx.axes.get(name, ()):
             cx.alg.pin(v, f"constant {name}")
     _pin_shared_uniform(cx)

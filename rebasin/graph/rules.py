@@ -86,7 +86,7 @@ def clip(cx, node):
     cx.invariant(node.input[1:])
 
 
-@rule("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Mod", "Equal", "Less", "Greater", "LessOrEqual",
+@rule("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Mod", "Less", "Greater", "LessOrEqual",
       "GreaterOrEqual", "And", "Or", "Xor", "BitShift", "Sum", "Mean", "Max", "Min", "Where")
 def elementwise_broadcast(cx, node):
     """Numpy broadcasting: an input axis of the output's size is the output's axis.
@@ -491,11 +491,46 @@ def _index_view(cx, node, x) -> bool:
     return node.op_type in _INDEX_VIEWS or node.op_type == "Cast" and attr(node, "to") in _EXACT_CASTS
 
 
+def _fixed(cx, name) -> bool:
+    """Whether ``name`` holds the same values for every input: an initializer, a ``Constant``, or a
+    ``Range`` of such."""
+    p = cx.producer(name)
+    if name in cx.g.inputs or cx.value(name) is None:
+        return False
+    if p is None or p.op_type == "Constant":
+        return True
+    return p.op_type == "Range" and all(_fixed(cx, x) for x in p.input)
+
+
+def _arange_axis(cx, node, via):
+    """For ``Equal(via, r)`` (either order) where ``r`` is a fixed ``0 .. C-1`` along one output axis
+    (size 1 elsewhere) and ``via`` has size 1 there: that axis (the output is ``one_hot(via, C)``
+    along it); else None."""
+    if len(node.input) != 2 or list(node.input).count(via) != 1:
+        return None
+    other = node.input[1] if node.input[0] == via else node.input[0]
+    if not _fixed(cx, other):
+        return None
+    r, oshape = np.asarray(cx.value(other)), cx.shape(node.output[0])
+    if r.dtype.kind not in "iu" or r.ndim > len(oshape):
+        return None
+    shift = len(oshape) - r.ndim
+    wide = [k + shift for k, n in enumerate(r.shape) if n > 1]
+    vshape = (1,) * (len(oshape) - len(cx.shape(via))) + tuple(cx.shape(via))
+    if len(wide) != 1 or vshape[wide[0]] != 1 or not np.array_equal(r.ravel(), np.arange(r.size)):
+        return None
+    return wide[0]
+
+
 def _chooses(cx, reader, via, width: int) -> bool:
     """Whether ``reader`` uses the index tensor ``via`` only to choose among ``width`` items:
-    ``OneHot`` of depth ``width``, or ``Gather`` of an axis ``width`` long."""
+    ``OneHot`` of depth ``width``, ``Equal`` with positions ``0 .. width-1`` along a new axis (a
+    one-hot written out), or ``Gather`` of an axis ``width`` long."""
     if reader.domain not in ("", "ai.onnx"):
         return False
+    if reader.op_type == "Equal":
+        axis = _arange_axis(cx, reader, via)
+        return axis is not None and cx.shape(reader.output[0])[axis] == width
     if reader.op_type == "OneHot":
         depth = cx.value(reader.input[1])
         if depth is None:  # a float depth is stored with the float initializers
@@ -548,12 +583,30 @@ def _choosing_topk_axis(cx, idx):
         idx = p.input[0]
 
 
+@rule("Equal")
+def equal(cx, node):
+    """Numpy broadcasting, as the other element-wise ops. Top-k indices that only choose (see
+    ``TopK``) compared with fixed positions ``0 .. C-1`` along a new axis are their one-hot: that
+    axis moves with the scores' selected axis (the positions tensor ties nothing).
+
+    Pins: as broadcasting; the positions' axis unless it is such a one-hot.
+    """
+    for via in node.input:
+        axis = _arange_axis(cx, node, via)
+        scores = _choosing_topk_axis(cx, via) if axis is not None else None
+        if scores is not None and cx.alg.size(scores) == cx.shape(node.output[0])[axis]:
+            broadcast(cx, [via], node.output[0])
+            cx.tie(cx.ax(node.output[0])[axis], scores)
+            return
+    broadcast(cx, list(node.input), node.output[0])
+
+
 @rule("TopK")
 def top_k(cx, node):
     """The k largest along ``axis`` (values and their positions) are invariant to a permutation of
     that axis and come in a fixed order along it; other axes carry to both outputs. Indices only
-    used to choose (``OneHot`` of as many classes, ``Gather`` of an axis as long, through views)
-    are relabelled by such a permutation and the choice moves with it.
+    used to choose (``OneHot`` of as many classes, ``Equal`` with as many positions, ``Gather`` of
+    an axis as long, through views) are relabelled by such a permutation and the choice moves with it.
 
     Pins: the k axis of both outputs; the selected axis when the indices are used otherwise or the
     outputs are unsorted (their order may then follow positions).
