@@ -656,14 +656,25 @@ def test_top_k_indices_equal_to_positions_are_a_one_hot(positions, found):
     assert ({("wr", 1), ("w1", 0), ("w_oh", 0)} in _members(spec)) == found
 
 
-@pytest.mark.parametrize("how", ["arithmetic", "one_hot_wider", "output"])
+def _branch(name):
+    """A sub-graph that reads the outer ``idx`` as numbers: Cast(idx) @ w_ix (3, 3)."""
+    out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [3, 3])
+    return helper.make_graph([node("Cast", ["idx"], [f"{name}_f"], to=TensorProto.FLOAT),
+                              node("MatMul", [f"{name}_f", "w_ix"], [f"{name}_out"])], name, [], [out])
+
+
+@pytest.mark.parametrize("how", ["arithmetic", "one_hot_wider", "output", "subgraph"])
 def test_top_k_indices_used_as_numbers_pin_the_scores(how):
-    """Indices used as numbers (cast and added), a OneHot wider than the scores, or indices that are
-    a model output: the positions are seen, so the experts axis stays put."""
+    """Indices used as numbers (cast and multiplied, also inside an If's branches), a OneHot wider
+    than the scores, or indices that are a model output: the positions are seen, so the experts
+    axis stays put."""
     if how == "arithmetic":
         extra = [node("Cast", ["idx"], ["idf"], to=TensorProto.FLOAT),
                  node("MatMul", ["idf", "w_ix"], ["extra"])]
         inits = [W("w_ix", 2, 3)]
+    elif how == "subgraph":
+        extra = [node("If", ["yes"], ["extra"], then_branch=_branch("then"), else_branch=_branch("else"))]
+        inits = [W("w_ix", 2, 3), numpy_helper.from_array(np.array(True), "yes")]
     else:
         extra = [node("OneHot", ["idx", "depth", "onoff"], ["oh"], axis=-1),
                  node("ReduceSum", ["oh", "ax1"], ["ohs"], keepdims=0),

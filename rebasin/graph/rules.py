@@ -552,9 +552,10 @@ def topk_select_only(cx, node) -> bool:
         return False
     width = cx.shape(node.input[0])[_norm(int(attr(node, "axis", -1)), len(cx.shape(node.input[0])))]
     todo, found = [node.output[1]], False
+    hidden = set().union(*cx.g.subgraph_reads.values())  # read inside sub-graphs: uses unseen
     while todo:
         via = todo.pop()
-        if via in cx.g.outputs:
+        if via in cx.g.outputs or via in hidden:
             return False
         for r in cx.consumers(via):
             if _index_view(cx, r, via):
