@@ -33,12 +33,28 @@ class _Model:
         self.source = src
         self.torch = src.kind == "torch"
         self.example_inputs = example_inputs
+        self.packed: dict = {}  # float views of packed low-bit weights (ONNX MatMulNBits)
         if self.torch:
             self.module, self.state = src.module, src.state
             self.params = {k: _np(src.read(k)) for k in src.names()}
         else:
+            from rebasin.sources.onnx import packed_weights
+
             self.onnx = src.proto
             self.params = {k: src.read(k) for k in src.names()}
+            self.packed = packed_weights(self.onnx)
+
+    def weights(self) -> dict:
+        """What a solver compares: the float weights and the dequantized packed ones."""
+        return {**self.params, **self.packed}
+
+    def refuse_packed(self, what: str) -> None:
+        """Raise where an operation would need new values of packed low-bit weights."""
+        if self.packed:
+            name = next(iter(self.packed))
+            raise UnsupportedModelError(
+                f"{what} of a model with packed low-bit weights ({name!r}, MatMulNBits) would need "
+                "them requantized: apply it to the float models, then quantize")
 
     def spec(self, **kw) -> Spec:
         from rebasin.graph.infer import infer_spec
@@ -240,12 +256,12 @@ def _torch_activations(model: _Model, wanted, inputs) -> dict:
 
 def check_compatible(a: _Model, b: _Model) -> None:
     """Same weight names and shapes, or an error naming the first difference; finite weights."""
-    check_same_tensors([(label, {n: x.shape for n, x in m.params.items()})
+    check_same_tensors([(label, {n: x.shape for n, x in m.weights().items()})
                         for label, m in (("model A", a), ("model B", b))])
     from rebasin.verify import check_finite
 
     for label, m in (("A", a), ("B", b)):
-        check_finite(m.params, f"model {label}")
+        check_finite(m.weights(), f"model {label}")
 
 
 # --------------------------------------------------------------------------- public API
@@ -348,10 +364,11 @@ def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec:
             raise SolverError("activation matching needs data (--data batch.npz)")
         kw["feats_a"], kw["feats_b"] = ma.activations(spec, inputs), mb.activations(spec, inputs)
     elif method == "ste" or (method == "sinkhorn" and kw.get("cost", "l2") != "l2"):
+        ma.refuse_packed(f"{method} with a loss")
         if inputs is None:
             raise SolverError(f"{method} needs data with labels (--data train.npz)")
         kw["loss_fn"] = ma.loss_fn(inputs, labels)
-    result = solve(spec, ma.params, mb.params, seed=seed, progress=progress, **kw)
+    result = solve(spec, ma.weights(), mb.weights(), seed=seed, progress=progress, **kw)
     if verify:
         aligned, res = mb.checked_permutation(spec, result.perms, "model B")
     else:
@@ -391,6 +408,7 @@ def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, pr
         raise SpecMismatchError("models differ: some are ONNX, some torch")
     for m in ms[1:]:
         check_compatible(ms[0], m)
+    ms[0].refuse_packed("merging")
     spec = ms[0].spec()
     res = merge_many(spec, [m.params for m in ms], seed=seed, max_iter=max_iter, progress=progress)
     if verify:
@@ -412,6 +430,7 @@ def interpolate(a, b, t: float, *, example_inputs=None, model=None):
         return checkpoints.interpolate_checkpoints(a, b, t, model=model).model
     ma, mb = _Model(a, example_inputs), _Model(b, example_inputs)
     check_compatible(ma, mb)
+    ma.refuse_packed("interpolation")
     return ma.with_params({k: (1 - t) * v + t * mb.params[k] for k, v in ma.params.items()})
 
 

@@ -280,6 +280,44 @@ def test_matmul_nbits_input_axis_moves_in_blocks_and_bytes(symmetric):
     assert w1 == ([(2, 2), (2, 2), (16, 16)] if symmetric else [(2, 2), (2, 2)])  # bytes: 2 codes
 
 
+def _inits(m):
+    return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_align_quantized_models_on_dequantized_weights(symmetric):
+    """Weight matching reads MatMulNBits blobs (and packed zero points) as their dequantized values;
+    the aligned model moves the packed bytes. B = A with every class permuted at random: aligning
+    B to A gives A back, byte for byte, and the aligned B computes what B computes."""
+    from rebasin.sources.onnx import packed_weights
+
+    a = _quantize(_mlp3(), symmetric=symmetric)
+    assert set(packed_weights(a)) >= {"w1_Q4", "w2_Q4", "w3_Q4"}
+    spec = rebasin.infer_spec(a)
+    b = rebasin.apply_permutation(a, spec, spec.random_permutations(7))
+    assert any(not np.array_equal(x, _inits(b)[k]) for k, x in _inits(a).items())
+    res = rebasin.align(a, b, method="weight")
+    assert res.verification.equal
+    got = _inits(res.model)
+    assert all(np.array_equal(x, got[k]) for k, x in _inits(a).items())
+
+
+@pytest.mark.parametrize("what", ["merge", "interpolate", "ste"])
+def test_merging_quantized_models_is_refused(what):
+    """New values of packed low-bit weights would need requantizing: one clear error."""
+    a = _quantize(_mlp3())
+    spec = rebasin.infer_spec(a)
+    b = rebasin.apply_permutation(a, spec, spec.random_permutations(1))
+    with pytest.raises(rebasin.errors.UnsupportedModelError, match="packed low-bit weights .*requantized"):
+        if what == "merge":
+            rebasin.merge([a, b])
+        elif what == "interpolate":
+            rebasin.interpolate(a, b, 0.5)
+        else:
+            data = {"x": np.zeros((2, 3, 16), "f"), "labels": np.zeros((2, 3))}
+            rebasin.align(a, b, method="ste", data=data)
+
+
 # --------------------------------------------------------------------------- exporter habits
 
 
@@ -556,3 +594,123 @@ def _variant(kind):
 def test_attention_variants(kind):
     m, expected = _variant(kind)
     assert sizes(assert_sound(m)) == expected
+
+
+# --------------------------------------------------------------------------- top-k routing
+
+
+def _routed(use_indices=None, k=2, e=4, d=6, hid=5):
+    """Tokens x (3, 4) -> h (3, d); router scores (3, e); TopK; each token's k experts' weights
+    picked by Gather from a stacked w1 (e, d, hid), run on h and mixed by the top-k values.
+    ``use_indices``: extra nodes reading the indices ``idx`` and writing ``extra`` (3, 3), added to y."""
+    nodes = [node("MatMul", ["x", "w_in"], ["h"]), node("MatMul", ["h", "wr"], ["s"]),
+             node("Softmax", ["s"], ["p"], axis=-1), node("TopK", ["p", "k"], ["val", "idx"], axis=-1),
+             node("Gather", ["w1", "idx"], ["w"], axis=0),  # (3, k, d, hid)
+             node("Unsqueeze", ["h", "ax12"], ["h4"]),  # (3, 1, 1, d)
+             node("MatMul", ["h4", "w"], ["z"]), node("Relu", ["z"], ["r"]),  # (3, k, 1, hid)
+             node("Squeeze", ["r", "ax2"], ["r3"]), node("Unsqueeze", ["val", "ax_1"], ["v3"]),
+             node("Mul", ["r3", "v3"], ["rv"]), node("ReduceSum", ["rv", "ax1"], ["o"], keepdims=0),
+             node("MatMul", ["o", "w_out"], ["y" if use_indices is None else "y0"])]
+    if use_indices is not None:
+        nodes += [*use_indices, node("Add", ["y0", "extra"], ["y"])]
+    inits = [W("w_in", 4, d), W("wr", d, e, scale=2.0), W("w1", e, d, hid), W("w_out", hid, 3),
+             I("k", [k]), I("ax12", [1, 2]), I("ax2", [2]), I("ax_1", [-1]), I("ax1", [1])]
+    return model(nodes, inits, [3, 4], [3, 3])
+
+
+def _members(spec):
+    return [{(mb.tensor, mb.axis) for mb in c.members} for c in spec.classes]
+
+
+def test_top_k_indices_that_only_choose_move_with_the_scores():
+    """Gather of the stacked experts by top-k indices: experts axis with the router columns."""
+    spec = assert_sound(_routed())
+    assert sizes(spec) == [4, 5, 6]
+    assert {("wr", 1), ("w1", 0)} in _members(spec)
+
+
+def test_top_k_one_hot_moves_with_the_scores():
+    """OneHot (depth = the scores' width) of reshaped top-k indices is a choice, through views."""
+    hot = [node("Reshape", ["idx", "flat"], ["idf"]), node("Cast", ["idf"], ["idc"], to=TensorProto.FLOAT),
+           node("OneHot", ["idc", "depth", "onoff"], ["oh"], axis=-1),  # (6, e)
+           node("MatMul", ["oh", "w_oh"], ["oh3"]), node("Reshape", ["oh3", "shape33"], ["extra"])]
+    m = _routed(hot)
+    m.graph.initializer.extend([I("flat", [-1]), I("depth", [4.0], "float32"), numpy_helper.from_array(
+        np.array([0, 1], "f"), "onoff"), W("w_oh", 4, 3), I("shape33", [3, 2, 3])])
+    m.graph.node[-1].input[1] = "extra_sum"
+    m.graph.node.insert(len(m.graph.node) - 1, node("ReduceSum", ["extra", "ax1"], ["extra_sum"], keepdims=0))
+    spec = assert_sound(m)
+    assert sizes(spec) == [4, 5, 6]
+    assert {("wr", 1), ("w1", 0), ("w_oh", 0)} in _members(spec)
+
+
+@pytest.mark.parametrize("positions,found", [(range(4), True), (range(1, 5), False), ((0, 2, 1, 3), False)])
+def test_top_k_indices_equal_to_positions_are_a_one_hot(positions, found):
+    """The dynamo exporter writes one_hot as ``Equal(Unsqueeze(idx, -1), arange(C))``: with the
+    positions 0 .. C-1 it is a choice (experts axis free); other constants pin it."""
+    hot = [node("Unsqueeze", ["idx", "ax_1"], ["idu"]), node("Equal", ["idu", "pos"], ["eq"]),
+           node("Cast", ["eq"], ["oh"], to=TensorProto.FLOAT),  # (3, k, e)
+           node("ReduceSum", ["oh", "ax1"], ["ohs"], keepdims=0), node("MatMul", ["ohs", "w_oh"], ["extra"])]
+    m = _routed(hot)
+    m.graph.initializer.extend([I("pos", list(positions)), W("w_oh", 4, 3)])
+    spec = assert_sound(m)
+    assert sizes(spec) == ([4, 5, 6] if found else [5, 6])
+    assert ({("wr", 1), ("w1", 0), ("w_oh", 0)} in _members(spec)) == found
+
+
+def _branch(name):
+    """A sub-graph that reads the outer ``idx`` as numbers: Cast(idx) @ w_ix (3, 3)."""
+    out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [3, 3])
+    return helper.make_graph([node("Cast", ["idx"], [f"{name}_f"], to=TensorProto.FLOAT),
+                              node("MatMul", [f"{name}_f", "w_ix"], [f"{name}_out"])], name, [], [out])
+
+
+@pytest.mark.parametrize("how", ["arithmetic", "one_hot_wider", "output", "subgraph"])
+def test_top_k_indices_used_as_numbers_pin_the_scores(how):
+    """Indices used as numbers (cast and multiplied, also inside an If's branches), a OneHot wider
+    than the scores, or indices that are a model output: the positions are seen, so the experts
+    axis stays put."""
+    if how == "arithmetic":
+        extra = [node("Cast", ["idx"], ["idf"], to=TensorProto.FLOAT),
+                 node("MatMul", ["idf", "w_ix"], ["extra"])]
+        inits = [W("w_ix", 2, 3)]
+    elif how == "subgraph":
+        extra = [node("If", ["yes"], ["extra"], then_branch=_branch("then"), else_branch=_branch("else"))]
+        inits = [W("w_ix", 2, 3), numpy_helper.from_array(np.array(True), "yes")]
+    else:
+        extra = [node("OneHot", ["idx", "depth", "onoff"], ["oh"], axis=-1),
+                 node("ReduceSum", ["oh", "ax1"], ["ohs"], keepdims=0),
+                 node("MatMul", ["ohs", "w_oh"], ["extra"])]
+        inits = [I("depth", [5]), numpy_helper.from_array(np.array([0, 1], "f"), "onoff"), W("w_oh", 5, 3)]
+    m = _routed(extra if how != "output" else [node("Identity", ["y1"], ["extra"])])
+    m.graph.initializer.extend(inits if how != "output" else [])
+    if how == "output":  # idx is a second model output; y = y0 + y0
+        m.graph.node[-1].input[1] = "y0"
+        del m.graph.node[-2]
+        m.graph.output.append(helper.make_tensor_value_info("idx", TensorProto.INT64, [3, 2]))
+    spec = assert_sound(m)
+    assert sizes(spec) == [5, 6]
+    assert not any(("w1", 0) in c for c in _members(spec))
+
+
+def test_dynamo_stacked_moe_finds_the_experts_class():
+    """The dynamo exporter writes ``one_hot`` of the top-k indices as ``Equal`` with an ``arange``:
+    the 4 stacked experts move with their router rows, as on the torch path (sound, same classes)."""
+    import tempfile
+    import warnings
+
+    import torch
+
+    from tests.corpus import build
+
+    module, inputs = build("moe_stacked")
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, inputs, f"{d}/moe.onnx", dynamo=True, opset_version=18, optimize=True,
+                          verbose=False)
+        m = onnx.load(f"{d}/moe.onnx")
+    assert "Equal" in {n.op_type for n in m.graph.node} and "OneHot" not in {n.op_type for n in m.graph.node}
+    spec = assert_sound(m)
+    assert sizes(spec) == sorted(c.size for c in rebasin.infer_spec(module, inputs).classes) == [4, 8, 16]
+    experts = next(c for c in spec.classes if c.size == 4)
+    assert {"w1", "w2", "b1"} <= {mb.tensor for mb in experts.members}

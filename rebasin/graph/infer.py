@@ -34,14 +34,24 @@ class _Context:
         self.sequences: dict[str, tuple] = {}  # sequence tensor -> (axis, keepdims, pieces)
         self.packed: set[str] = set()  # integer initializers holding weights (quantized blobs)
         self._by_name = dict(g.nodes)
+        self._producers = self._readers = None
         self.uniform = _uniform_axes(g)  # tensor -> axes along which its values are all equal
         self._views: dict[tuple[str, str], list[int]] = {}
 
     def consumers(self, name):
-        """The nodes that read tensor ``name``."""
-        if name not in self.g.nx_graph:
-            return []
-        return [self._by_name[n] for n in self.g.nx_graph.successors(name)]
+        """The nodes that read tensor ``name`` (each once)."""
+        if self._readers is None:  # op and tensor names may coincide (torch): not from nx_graph
+            self._readers = {}
+            for _, n in self.g.nodes:
+                for x in dict.fromkeys(x for x in n.input if x):
+                    self._readers.setdefault(x, []).append(n)
+        return list(self._readers.get(name, ()))
+
+    def producer(self, name):
+        """The node that computes tensor ``name``, or None (inputs, initializers)."""
+        if self._producers is None:
+            self._producers = {y: n for _, n in self.g.nodes for y in n.output if y}
+        return self._producers.get(name)
 
     # --- what rules use
     def ax(self, name):
@@ -197,7 +207,11 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     unknown = set(frozen) - set(g.weights)
     if unknown:
         raise SpecMismatchError(f"--frozen names no float initializer: {sorted(unknown)[:5]}")
-    for name in [n for n in g.values if n not in cx.packed] + list(frozen) + sorted(g.constants):
+    # constants: initializers and Constant outputs (values a node computed follow its rule: a
+    # small integer or boolean result of the shape-discovery run is not pinned for its size)
+    made = {y for _, n in g.nodes if n.op_type != "Constant" for y in n.output}
+    for name in [n for n in g.values if n not in cx.packed and n not in made] + list(frozen) + \
+            sorted(g.constants):
         for v in cx.axes.get(name, ()):
             cx.alg.pin(v, f"constant {name}")
     _pin_shared_uniform(cx)
@@ -376,30 +390,34 @@ _UNIFORM_MAX = 1 << 24  # elements: larger weights are not scanned (they are nev
 def _uniform_axes(g: Graph) -> dict[str, set[int]]:
     """Constant tensors that are equal along some axis, and those axes.
 
-    Non-weight constants (masks, fill values) qualify whatever their uses; values computed by a
-    node (the shape-discovery run's small integer results) never do, as they may depend on the
+    Non-weight constants (masks, fill values) and float literals of ``Constant`` nodes (program
+    text, e.g. the unit scale an exporter gives a LayerNormalization without affine parameters;
+    no model source exposes them as parameters) qualify whatever their uses; values computed by
+    a node (the shape-discovery run's small integer results) never do, as they may depend on the
     input, nor do weights whose values are not known (a model on the meta device: its zero
-    stand-ins say nothing about the real weights). A weight qualifies only when several ops read
-    it (exporters merge equal initializers, e.g. every all-zero bias of a freshly initialized
-    model becomes one tensor): a weight read once is better left a member of its class, so the
-    spec stays valid for models whose values differ.
+    stand-ins say nothing about the real weights). A weight (an initializer, a ``state_dict``
+    entry) qualifies only when several ops read it (exporters merge equal initializers, e.g.
+    every all-zero bias of a freshly initialized model becomes one tensor): a weight read once
+    is better left a member of its class, so the spec stays valid for models whose values
+    differ.
 
     Example:
         >>> # a [4, 3] all-zero bias read by two Adds is uniform along both axes: {"b": {0, 1}}
     """
     uses: dict[str, int] = {}
     computed = set()  # values the shape-discovery run computed: they may depend on the input
+    literals = set()  # outputs of Constant nodes
     for _, node in g.nodes:
         for x in node.input:
             if x:
                 uses[x] = uses.get(x, 0) + 1
-        if node.op_type != "Constant":
-            computed.update(node.output)
+        (computed if node.op_type != "Constant" else literals).update(node.output)
+    fixed = literals | set(g.constants)
     out = {}
     for name, arr in [*g.values.items(), *g.weights.items()]:
         if name in computed or name in g.shape_only:  # unknown values are never uniform
             continue
-        if name in g.weights and uses.get(name, 0) < 2 and name not in g.constants:
+        if name in g.weights and uses.get(name, 0) < 2 and name not in fixed:
             continue
         try:
             a = np.asarray(arr)
@@ -415,14 +433,16 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
 
 
 def _pin_shared_uniform(cx: _Context) -> None:
-    """A weight read by several ops and uniform along an axis gave its readers fresh variables
-    there; its own variable is left unpermuted (any permutation leaves its values unchanged)."""
+    """A weight read by several ops (or a float literal) uniform along an axis gave its readers
+    fresh variables there; its own variable is left unpermuted (any permutation leaves its values
+    unchanged)."""
     for name, axes in cx.uniform.items():
         if name not in cx.g.weights and name not in cx.packed:
             continue
+        how = "shared by several ops" if len(cx.consumers(name)) > 1 else "a graph literal"
         for k in axes:
-            cx.alg.pin(cx.axes[name][k], f"weight {name} is constant along axis {k} and shared by "
-                       "several ops: it ties none of them and stays in place")
+            cx.alg.pin(cx.axes[name][k], f"weight {name} is constant along axis {k} and {how}: it "
+                       "ties none of the ops reading it and stays in place")
 
 
 def _is_torch_module(model) -> bool:

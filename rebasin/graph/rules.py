@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from rebasin.graph.ir import attr
+
 RULES: dict = {}
 
 
@@ -84,7 +86,7 @@ def clip(cx, node):
     cx.invariant(node.input[1:])
 
 
-@rule("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Mod", "Equal", "Less", "Greater", "LessOrEqual",
+@rule("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Mod", "Less", "Greater", "LessOrEqual",
       "GreaterOrEqual", "And", "Or", "Xor", "BitShift", "Sum", "Mean", "Max", "Min", "Where")
 def elementwise_broadcast(cx, node):
     """Numpy broadcasting: an input axis of the output's size is the output's axis.
@@ -455,21 +457,203 @@ def slice_(cx, node):
 @rule("Gather")
 def gather(cx, node):
     """Axes before and after the indexed axis carry to the output; the index tensor's axes carry to the
-    output's.
+    output's. Indices of a TopK that only choose (see ``TopK``) pick items that move with the
+    scores: the indexed axis is the scores' selected axis.
 
-    Pins: the indexed axis of the data (positions).
+    Pins: the indexed axis of the data (positions), unless picked by such top-k indices.
     """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     rank = len(cx.shape(data))
     axis = _norm(int(cx.attr("axis", 0)), rank)
     da, ia, ya = cx.ax(data), cx.ax(idx), cx.ax(y)
-    cx.pin(da[axis], "indexed by Gather")
+    scores = _choosing_topk_axis(cx, idx)
+    if scores is not None and cx.alg.size(scores) == cx.shape(data)[axis]:
+        cx.tie(da[axis], scores)
+    else:
+        cx.pin(da[axis], "indexed by Gather")
     for k in range(axis):
         cx.tie(da[k], ya[k])
     for k, v in enumerate(ia):
         cx.tie(v, ya[axis + k])
     for k in range(axis + 1, rank):
         cx.tie(da[k], ya[k - 1 + len(ia)])
+
+
+# ops that pass index values through unchanged (the first input; the others are parameters)
+_INDEX_VIEWS = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"}
+_EXACT_CASTS = {1, 6, 7, 11}  # float, int32, int64, double: small non-negative integers unchanged
+
+
+def _index_view(cx, node, x) -> bool:
+    """Whether ``node`` passes the values of its input ``x`` through unchanged (a view, a cast)."""
+    if node.domain not in ("", "ai.onnx") or not node.input or node.input[0] != x or x in node.input[1:]:
+        return False
+    return node.op_type in _INDEX_VIEWS or node.op_type == "Cast" and attr(node, "to") in _EXACT_CASTS
+
+
+def _fixed(cx, name) -> bool:
+    """Whether ``name`` holds the same values for every input: an initializer, a ``Constant``, or a
+    ``Range`` of such."""
+    p = cx.producer(name)
+    if name in cx.g.inputs or cx.value(name) is None:
+        return False
+    if p is None or p.op_type == "Constant":
+        return True
+    return p.op_type == "Range" and all(_fixed(cx, x) for x in p.input)
+
+
+def _arange_axis(cx, node, via):
+    """For ``Equal(via, r)`` (either order) where ``r`` is a fixed ``0 .. C-1`` along one output axis
+    (size 1 elsewhere) and ``via`` has size 1 there: that axis (the output is ``one_hot(via, C)``
+    along it); else None."""
+    if len(node.input) != 2 or list(node.input).count(via) != 1:
+        return None
+    other = node.input[1] if node.input[0] == via else node.input[0]
+    if not _fixed(cx, other):
+        return None
+    r, oshape = np.asarray(cx.value(other)), cx.shape(node.output[0])
+    if r.dtype.kind not in "iu" or r.ndim > len(oshape):
+        return None
+    shift = len(oshape) - r.ndim
+    wide = [k + shift for k, n in enumerate(r.shape) if n > 1]
+    vshape = (1,) * (len(oshape) - len(cx.shape(via))) + tuple(cx.shape(via))
+    if len(wide) != 1 or vshape[wide[0]] != 1 or not np.array_equal(r.ravel(), np.arange(r.size)):
+        return None
+    return wide[0]
+
+
+def _chooses(cx, reader, via, width: int) -> bool:
+    """Whether ``reader`` uses the index tensor ``via`` only to choose among ``width`` items:
+    ``OneHot`` of depth ``width``, ``Equal`` with positions ``0 .. width-1`` along a new axis (a
+    one-hot written out), or ``Gather`` of an axis ``width`` long."""
+    if reader.domain not in ("", "ai.onnx"):
+        return False
+    if reader.op_type == "Equal":
+        axis = _arange_axis(cx, reader, via)
+        return axis is not None and cx.shape(reader.output[0])[axis] == width
+    if reader.op_type == "OneHot":
+        depth = cx.value(reader.input[1])
+        if depth is None:  # a float depth is stored with the float initializers
+            depth = cx.g.weights.get(reader.input[1])
+        return reader.input[0] == via and via not in reader.input[1:] and depth is not None and \
+            np.size(depth) == 1 and int(np.ravel(depth)[0]) == width
+    if reader.op_type == "Gather" and reader.input[0] != via and list(reader.input[1:]) == [via]:
+        shape = cx.shape(reader.input[0])
+        return shape[_norm(int(attr(reader, "axis", 0)), len(shape))] == width
+    return False
+
+
+def topk_select_only(cx, node) -> bool:
+    """Whether the indices of TopK ``node`` are only used to choose among the items of the selected
+    axis (``OneHot`` of as many classes, ``Gather`` of an axis as long, through views and exact
+    casts). A permutation of the scores' selected axis then relabels the indices, and the choice
+    moves with it: the chosen axis is the selected one, not pinned."""
+    if len(node.output) < 2 or not node.output[1]:
+        return False
+    width = cx.shape(node.input[0])[_norm(int(attr(node, "axis", -1)), len(cx.shape(node.input[0])))]
+    todo, found = [node.output[1]], False
+    hidden = set().union(*cx.g.subgraph_reads.values())  # read inside sub-graphs: uses unseen
+    while todo:
+        via = todo.pop()
+        if via in cx.g.outputs or via in hidden:
+            return False
+        for r in cx.consumers(via):
+            if _index_view(cx, r, via):
+                todo.append(r.output[0])
+            elif _chooses(cx, r, via, width):
+                found = True
+            else:
+                return False
+    return found
+
+
+def _choosing_topk_axis(cx, idx):
+    """The scores' selected-axis variable of the TopK whose indices ``idx`` are (through views and
+    exact casts), when they only choose (:func:`topk_select_only`); else None."""
+    while True:
+        p = cx.producer(idx)
+        if p is None or p.domain not in ("", "ai.onnx"):
+            return None
+        if p.op_type == "TopK":
+            if len(p.output) < 2 or p.output[1] != idx or not topk_select_only(cx, p):
+                return None
+            x = p.input[0]
+            return cx.axes[x][_norm(int(attr(p, "axis", -1)), len(cx.shape(x)))]
+        if not _index_view(cx, p, p.input[0] if p.input else ""):
+            return None
+        idx = p.input[0]
+
+
+@rule("Equal")
+def equal(cx, node):
+    """Numpy broadcasting, as the other element-wise ops. Top-k indices that only choose (see
+    ``TopK``) compared with fixed positions ``0 .. C-1`` along a new axis are their one-hot: that
+    axis moves with the scores' selected axis (the positions tensor ties nothing).
+
+    Pins: as broadcasting; the positions' axis unless it is such a one-hot.
+    """
+    for via in node.input:
+        axis = _arange_axis(cx, node, via)
+        scores = _choosing_topk_axis(cx, via) if axis is not None else None
+        if scores is not None and cx.alg.size(scores) == cx.shape(node.output[0])[axis]:
+            broadcast(cx, [via], node.output[0])
+            cx.tie(cx.ax(node.output[0])[axis], scores)
+            return
+    broadcast(cx, list(node.input), node.output[0])
+
+
+@rule("TopK")
+def top_k(cx, node):
+    """The k largest along ``axis`` (values and their positions) are invariant to a permutation of
+    that axis and come in a fixed order along it; other axes carry to both outputs. Indices only
+    used to choose (``OneHot`` of as many classes, ``Equal`` with as many positions, ``Gather`` of
+    an axis as long, through views) are relabelled by such a permutation and the choice moves with it.
+
+    Pins: the k axis of both outputs; the selected axis when the indices are used otherwise or the
+    outputs are unsorted (their order may then follow positions).
+    """
+    x = node.input[0]
+    rank = len(cx.shape(x))
+    axis = _norm(int(cx.attr("axis", -1)), rank)
+    cx.invariant(node.input[1:])
+    xa = cx.ax(x)
+    cx.mixes(xa[axis])
+    if not cx.attr("sorted", 1):
+        cx.pin(xa[axis], "unsorted top-k: the order along k may follow positions")
+    for y in node.output:
+        if not y:
+            continue
+        for k, (v, w) in enumerate(zip(xa, cx.ax(y))):
+            if k == axis:
+                cx.pin(w, "top-k values and indices come in a fixed order")
+            else:
+                cx.tie(v, w)
+    ind = node.output[1] if len(node.output) > 1 else ""
+    used = ind and (cx.consumers(ind) or ind in cx.g.outputs)
+    if used and not topk_select_only(cx, node):
+        cx.pin(xa[axis], "top-k indices are positions along it")
+
+
+@rule("OneHot")
+def one_hot(cx, node):
+    """``[..] -> [.., depth, ..]`` (new axis at ``axis``): position c says whether the index is c;
+    the indices' axes carry through. Of top-k indices that only choose (see ``TopK``), the new
+    axis moves with the scores' selected axis.
+
+    Pins: the new axis (positions), unless it is such a choice; depth and values (parameters).
+    """
+    idx, y = node.input[0], node.output[0]
+    cx.invariant(node.input[1:])
+    ya = cx.ax(y)
+    axis = _norm(int(cx.attr("axis", -1)), len(ya))
+    rest = ya[:axis] + ya[axis + 1:]
+    for v, w in zip(cx.ax(idx), rest):
+        cx.tie(v, w)
+    scores = _choosing_topk_axis(cx, idx)
+    if scores is not None and cx.alg.size(scores) == cx.shape(y)[axis]:
+        cx.tie(ya[axis], scores)
+    else:
+        cx.pin(ya[axis], "one-hot position")
 
 
 @rule("GatherElements")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import onnx
 
 from rebasin import limits
@@ -118,3 +119,54 @@ class OnnxSource(ModelSource):
         from onnx import numpy_helper
 
         return numpy_helper.to_array(self._inits[name])
+
+
+def _ms_nbits(node) -> bool:
+    return node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+
+
+def packed_weights(proto: onnx.ModelProto) -> dict:
+    """Float views of the integer initializers that hold learned weights: the blobs and packed zero
+    points of onnxruntime's ``MatMulNBits`` (4-bit and other low-bit weights).
+
+    Each view keeps the stored axes first (so a spec member's axis means the same thing) and adds
+    the codes packed in a byte as a last axis: the blob ``(N, blocks, bytes)`` becomes its
+    dequantized weights ``(N, blocks, bytes, codes)`` (``scale * (code - zero point)``), packed zero
+    points ``(N, bytes)`` their codes ``(N, bytes, codes)``. Weight matching compares these values;
+    the model itself keeps its packed tensors (a permutation moves whole bytes).
+
+    Example:
+        >>> packed_weights(onnx.ModelProto())  # a model without MatMulNBits
+        {}
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    out = {}
+    for n in proto.graph.node:
+        if not _ms_nbits(n) or len(n.input) < 3 or n.input[1] not in inits or n.input[2] not in inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        bits = int(attrs.get("bits", 4))
+        blob = numpy_helper.to_array(inits[n.input[1]])
+        scales = numpy_helper.to_array(inits[n.input[2]]).astype("f8")
+        zp = inits.get(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+        rows, blocks = blob.shape[0], blob.shape[1]
+        zero: object = float(1 << (bits - 1))
+        if zp is not None:
+            z = numpy_helper.to_array(zp)
+            if z.dtype.kind == "u":  # packed codes, low bits first, along each row's blocks
+                codes = _unpack(z.reshape(rows, -1), bits)
+                out[zp.name] = codes.astype("f4").reshape(z.shape + (8 // bits,))
+                zero = codes.reshape(rows, -1)[:, :blocks, None, None].astype("f8")
+            else:
+                zero = z.astype("f8").reshape(rows, blocks, 1, 1)
+        w = (_unpack(blob, bits).astype("f8") - zero) * scales.reshape(rows, blocks, 1, 1)
+        out[n.input[1]] = w.astype("f4")
+    return out
+
+
+def _unpack(a, bits: int):
+    """``a`` (uint8) -> its codes on a new last axis, low bits first."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return (a[..., None] >> shifts) & np.uint8((1 << bits) - 1)
