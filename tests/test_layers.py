@@ -24,6 +24,7 @@ LAYERS = [
     ("rebasin.verify",),
     ("rebasin.checkpoints",),
     ("rebasin.align",),
+    ("rebasin.landscape",),
     ("rebasin.cli", "rebasin.__init__"),
 ]
 
