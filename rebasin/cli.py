@@ -322,11 +322,11 @@ def cmd_interpolate(args) -> int:
         raise RebasinError(f"--t must lie in [0, 1], got {args.t}")
     if args.data is not None:
         return _interpolate_path(args)
-    if args.output is None:
-        raise RebasinError("give -o OUT (the model at --t) or --data D.npz (the loss along the path)")
     given = [f for f in ("steps", "json", "plot", "compare", "reset_bn", "repair") if getattr(args, f)]
     if given:
         raise RebasinError(f"--{given[0].replace('_', '-')} needs --data D.npz")
+    if args.output is None:
+        raise RebasinError("give -o OUT (the model at --t) or --data D.npz (the loss along the path)")
     (a, b), inputs, module = _models(args, [args.a, args.b])
     _save_any(interpolate(a, b, args.t, example_inputs=inputs, model=module), args.output)
     print(f"wrote {args.output} = {1 - args.t:g} * {args.a} + {args.t:g} * {args.b}")
