@@ -58,7 +58,7 @@ class LossPath:
         """``max_t [((1-t) acc(0) + t acc(1)) - acc(t)]``: the accuracy lost along the path."""
         if self.accuracy is None:
             return None
-        return -barrier(-self.accuracy, self.t)
+        return barrier(-self.accuracy, self.t)
 
     def to_dict(self) -> dict:
         return {"t": [float(x) for x in self.t], "loss": [float(x) for x in self.loss],
@@ -402,8 +402,11 @@ def _repaired_outputs(runner: _Runner, params: dict, ends: tuple, t: float) -> n
     return np.concatenate([(o[0] if isinstance(o, (tuple, list)) else o).float().numpy() for o in outs])
 
 
-def evaluate(model, data, *, example_inputs=None, batch_size: int = 1024) -> tuple[float, float | None]:
-    """(loss, accuracy or None) of one model on ``data`` (as for :func:`loss_path`).
+def evaluate(model, data, *, example_inputs=None, reset_bn: bool = False, state_model=None,
+             batch_size: int = 1024) -> tuple[float, float | None]:
+    """(loss, accuracy or None) of one model on ``data`` (as for :func:`loss_path`); ``reset_bn``
+    re-estimates its BatchNorm statistics on the data first (a copy: the model is not changed);
+    a ``state_dict`` needs ``state_model``, a module of its architecture.
 
     Example:
         >>> import torch
@@ -412,9 +415,11 @@ def evaluate(model, data, *, example_inputs=None, batch_size: int = 1024) -> tup
         >>> evaluate(m, {"x": np.ones((2, 2), np.float32), "labels": np.array([0, 1])})[1]
         0.5
     """
+    (model,) = _from_state_dicts([model], state_model)
     mm = _Model(model, example_inputs)
     inputs, labels = _split(mm, data)
-    return loss_and_accuracy(_Runner(mm, inputs, batch_size).outputs(mm.params), labels)
+    out = _Runner(mm, inputs, batch_size).outputs(mm.params, "reestimated" if reset_bn else "interpolated")
+    return loss_and_accuracy(out, labels)
 
 
 # --------------------------------------------------------------------------- per-class analysis
@@ -429,7 +434,7 @@ class ClassAnalysis:
     tensors: list
     distance_before: float  # L2 distance between A and B over the class's member tensors
     distance_after: float  # ... between A and aligned B
-    singular_before: float | None  # mean |<u_i^A, u_i^B>| over top-k singular vectors (left and right)
+    singular_before: float | None  # mean |<u_i^A, u_i^B>|, top-k singular vectors on the member axes
     singular_after: float | None
     per_tensor: list = field(default_factory=list)
 
@@ -473,7 +478,7 @@ class Analysis:
                         f"{c.removed:>8.1%} {sv(c.singular_before):>15} {sv(c.singular_after):>6}")
         rows.append(f"all weights: L2 distance {self.distance_before:.4g} -> {self.distance_after:.4g} "
                     f"({self.removed:.1%} removed); sv = mean |<u_i^A, u_i^B>| over the top {self.top_k} "
-                    "left and right singular vectors of the class's member weights")
+                    "singular vectors on the class's axis of each member weight (2-D and more)")
         return "\n".join(rows)
 
 
@@ -501,6 +506,11 @@ def singular_alignment(wa: np.ndarray, wb: np.ndarray, axis: int, k: int) -> tup
 def analyze(a, b, aligned, *, example_inputs=None, model=None, spec=None, top_k: int = 5) -> Analysis:
     """Per permutation class of A: the L2 distance between A and B before and after alignment, and the
     alignment of the top singular vectors of each member weight (Ito et al. 2024).
+
+    A member weight is seen as a matrix with the class's axis as rows; the class's permutation moves
+    its left singular vectors ``u_i`` (the right ones move with the other classes). A class's
+    ``singular_before`` / ``singular_after`` is the mean of ``|<u_i^A, u_i^B>|`` over the top ``top_k``
+    of its member weights; ``per_tensor`` also holds the right singular vectors.
 
     Args:
         a, b, aligned: models of one architecture (as for :func:`loss_path`); ``aligned`` is B after
@@ -549,8 +559,8 @@ def _analyze_class(c, pa, pb, pc, top_k) -> ClassAnalysis:
         la, ra = singular_alignment(pa[m.tensor], pc[m.tensor], m.axis, top_k)
         per.append({"tensor": m.tensor, "axis": m.axis, "left_before": lb, "right_before": rb,
                     "left_after": la, "right_after": ra})
-        before.append(np.mean(lb + rb))
-        after.append(np.mean(la + ra))
+        before.append(np.mean(lb))  # the class permutes the member axis: its left singular vectors
+        after.append(np.mean(la))
     return ClassAnalysis(c.name, c.size, tensors, dist(pb), dist(pc),
                          float(np.mean(before)) if before else None,
                          float(np.mean(after)) if after else None, per)
