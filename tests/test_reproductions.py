@@ -29,6 +29,9 @@ def test_mlp_methods_all_align_below_naive(scripts, tmp_path):
 def test_planted_permutation_is_recovered(scripts, tmp_path):
     rows = scripts("planted").main(["--fast", "--out", str(tmp_path)])
     for width, cond, method, shares in rows:
+        if method == "none (identity)":  # the planted permutation moves most units: the check can fail
+            assert sum(shares) / len(shares) < 0.5, (width, shares)
+            continue
         if cond == "exact":
             assert min(shares) == 1.0, (width, method, shares)
         assert sum(shares) / len(shares) > 0.5, (width, cond, method, shares)

@@ -108,7 +108,8 @@ def machine() -> str:
     import os
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 __all__ = ["rebasin", "landscape", "load", "mlp", "train", "trained_mlp", "data_dict", "path", "timed",

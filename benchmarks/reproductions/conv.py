@@ -9,7 +9,7 @@ The model: a 3x3 conv stem (``width`` channels) + BatchNorm, two residual blocks
 + identity), global average pooling, a linear head; input the 8x8 digits images (1 channel).
 
     .venv/bin/python benchmarks/reproductions/conv.py [--width 32] [--models 3] [--out docs]
-    .venv/bin/python benchmarks/reproductions/conv.py --fast      # CI: width 8, one block
+    .venv/bin/python benchmarks/reproductions/conv.py --fast      # CI: width 16, one block
 
 1. Barrier between seeds 0 and 1 along ``(1-t) A + t B`` (11 values of t): naive and weight
    matching, each with the interpolated statistics and with statistics re-estimated on the
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,10 +74,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--models", type=int, default=3, help="models to merge (3 or more)")
-    p.add_argument("--fast", action="store_true", help="width 8, one block, few epochs (CI)")
+    p.add_argument("--fast", action="store_true", help="width 16, one block, few epochs (CI)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "docs"))
     args = p.parse_args(argv)
-    width, blocks, epochs, ste_steps = (8, 1, 4, 10) if args.fast else (args.width, 2, 30, 100)
+    width, blocks, epochs, ste_steps = (16, 1, 10, 10) if args.fast else (args.width, 2, 30, 100)
     x, y, xs, ys = images()
     models = [trained(s, width, blocks, epochs, x, y) for s in range(max(3, args.models))]
     template = ResNet(width, blocks)
@@ -93,7 +92,8 @@ def main(argv=None) -> dict:
             paths[(label, reset)] = landscape.loss_path(a, bm, test, steps=11, model=template, reset_bn=reset)
     print(f"machine: {machine()}; digits 8x8, ResNet width {width}, {blocks} blocks, {len(spec.classes)} "
           f"permutation classes, seeds 0..{len(models) - 1}, {epochs} epochs")
-    print("| path | BatchNorm statistics | test-loss barrier | acc at t=0.5 | acc A / B |\n|---|---|---:|---:|---|")
+    print("| path | BatchNorm statistics | test-loss barrier | acc at t=0.5 | acc A / B |\n"
+          "|---|---|---:|---:|---|")
     for (label, reset), pth in paths.items():
         print(f"| {label} | {'re-estimated' if reset else 'interpolated'} | {pth.barrier:.3f} | "
               f"{pth.accuracy[5]:.3f} | {pth.accuracy[0]:.3f} / {pth.accuracy[-1]:.3f} |")
@@ -105,11 +105,13 @@ def main(argv=None) -> dict:
                     for m in models[1:]]
     merges = {"naive average": merged(models, [None] * len(models), spec),
               "MergeMany": merged(models, mm.perms, spec),
-              "pairwise weight matching": merged(models, pair, spec), "pairwise STE": merged(models, ste, spec)}
+              "pairwise weight matching": merged(models, pair, spec),
+              "pairwise STE": merged(models, ste, spec)}
     singles = [landscape.evaluate(m, test) for m in models]
     print(f"\nmerging {len(models)} models; each alone: test acc "
           f"{', '.join(f'{acc:.3f}' for _, acc in singles)}\n")
-    print("| merge | test loss (interpolated BN) | acc | test loss (re-estimated BN) | acc |\n|---|---:|---:|---:|---:|")
+    print("| merge | test loss (interpolated BN) | acc | test loss (re-estimated BN) | acc |\n"
+          "|---|---:|---:|---:|---:|")
     scores = {}
     for label, sd in merges.items():
         kept = landscape.evaluate(sd, test, state_model=template)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import load, machine, mlp, path, pyplot, rebasin, savefig, timed, trained_mlp
 
@@ -23,7 +22,8 @@ FULL = dict(width=512, epochs={"digits": 40, "mnist1d": 40}, steps=200, path_ste
 FAST = dict(width=64, epochs={"digits": 15, "mnist1d": 15}, steps=40, path_steps=9)
 METHODS = [("weight matching", "weight", {}), ("activation matching", "activation", {}),
            ("STE", "ste", {}), ("Sinkhorn (l2)", "sinkhorn", {"cost": "l2"}),
-           ("Sinkhorn (mid)", "sinkhorn", {"cost": "mid"}), ("Sinkhorn (random)", "sinkhorn", {"cost": "random"})]
+           ("Sinkhorn (mid)", "sinkhorn", {"cost": "mid"}),
+           ("Sinkhorn (random)", "sinkhorn", {"cost": "random"})]
 
 
 def run(dataset: str, cfg: dict) -> dict:

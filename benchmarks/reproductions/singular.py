@@ -34,7 +34,8 @@ def run(width: int, epochs: int, ste_steps: int):
     spec = rebasin.infer_spec(a, ex)
     data = {"x": x[:1000], "labels": y[:1000]}
     out = {}
-    for label, method, kw in (("WM", "weight", {}), ("AM", "activation", {}), ("STE", "ste", {"steps": ste_steps})):
+    methods = (("WM", "weight", {}), ("AM", "activation", {}), ("STE", "ste", {"steps": ste_steps}))
+    for label, method, kw in methods:
         res = rebasin.align(a, b, method, example_inputs=ex, data=data, spec=spec, **kw)
         an = landscape.analyze(a, b, res.model, example_inputs=ex, model=template, spec=spec, top_k=K)
         curves = {}

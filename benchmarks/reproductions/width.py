@@ -45,7 +45,8 @@ def main(argv=None) -> dict:
     widths, pairs, epochs = ([8, 128], [(0, 1)], 8) if args.fast else (args.widths, [(0, 1), (2, 3)], 30)
     rows = {w: run(w, pairs, epochs, data) for w in widths}
     print(f"machine: {machine()}; seed pairs {pairs}; {epochs} epochs of Adam on digits")
-    print("| width | naive barrier | weight-matching barrier | mean test acc of A, B |\n|---:|---:|---:|---:|")
+    print("| width | naive barrier | weight-matching barrier | mean test acc of A, B |\n"
+          "|---:|---:|---:|---:|")
     for w, (n, m, a) in rows.items():
         print(f"| {w} | {n:.3f} | {m:.3f} | {a:.3f} |")
     if not args.fast:
