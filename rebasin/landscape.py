@@ -220,7 +220,11 @@ def reestimate_bn_torch(module, batches) -> None:
 def reestimate_bn_onnx(proto, batches: list):
     """A copy of ``proto`` whose BatchNormalization means and variances are those of its inputs on
     ``batches`` (feed dicts), computed node by node in graph order so that each node sees the inputs
-    that the re-estimated nodes before it produce (population statistics, as in evaluation mode)."""
+    that the re-estimated nodes before it produce (population statistics, as in evaluation mode).
+
+    Notes:
+        One run of the model over the data per BatchNormalization node.
+    """
     import onnx
     from onnx import numpy_helper
 
