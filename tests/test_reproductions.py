@@ -40,6 +40,7 @@ def test_planted_permutation_is_recovered(scripts, tmp_path):
 def test_width_wide_models_align(scripts, tmp_path):
     res = scripts("width").main(["--fast", "--out", str(tmp_path)])
     assert res[128]["weight"] < 0.5 * res[128]["naive"]
+    assert res[128]["repair"] < 0.5 * res[128]["naive"]
 
 
 def test_singular_vectors_line_up(scripts, tmp_path):
