@@ -1,4 +1,6 @@
-"""Command line: ``rebasin infer-spec | permute | verify | align | merge | interpolate | canonicalize |
+"""rebasin: find and use the permutation symmetries of neural networks (the command line).
+
+Commands: ``infer-spec | permute | verify | align | merge | interpolate | analyze | canonicalize |
 fingerprint | check-spec | export-spec | import-spec``.
 
 MODEL is an ONNX file or ``package.module:factory`` returning a ``torch.nn.Module``.
@@ -332,9 +334,16 @@ def cmd_merge(args) -> int:
 def cmd_interpolate(args) -> int:
     from rebasin.align import interpolate
 
-    (a, b), inputs, module = _models(args, [args.a, args.b])
     if not 0.0 <= args.t <= 1.0:
         raise RebasinError(f"--t must lie in [0, 1], got {args.t}")
+    if args.data is not None:
+        return _interpolate_path(args)
+    given = [f for f in ("steps", "json", "plot", "compare", "reset_bn", "repair") if getattr(args, f)]
+    if given:
+        raise RebasinError(f"--{given[0].replace('_', '-')} needs --data D.npz")
+    if args.output is None:
+        raise RebasinError("give -o OUT (the model at --t) or --data D.npz (the loss along the path)")
+    (a, b), inputs, module = _models(args, [args.a, args.b])
     _save_any(interpolate(a, b, args.t, example_inputs=inputs, model=module), args.output)
     print(f"wrote {args.output} = {1 - args.t:g} * {args.a} + {args.t:g} * {args.b}")
     return 0
@@ -522,6 +531,69 @@ def _spec_parsers(sub) -> None:
     s.set_defaults(fn=cmd_import_spec)
 
 
+def _no_checkpoints(paths, what: str) -> None:
+    from rebasin.checkpoints import is_checkpoint
+
+    if any(is_checkpoint(p) for p in paths):
+        raise RebasinError(f"{what} needs ONNX files or torch state_dicts (--torch-model), not checkpoint "
+                           "folders")
+
+
+def _interpolate_path(args) -> int:
+    """``interpolate --data``: the loss along the path (and the naive one with --compare), then the
+    JSON, the plot and the model at --t, written only once everything is computed."""
+    from rebasin.align import interpolate
+    from rebasin.landscape import loss_path, plot_paths
+
+    paths = [args.a, args.b] + ([args.compare] if args.compare else [])
+    _no_checkpoints(paths, "the loss along the path")
+    steps = 25 if args.steps is None else args.steps
+    if steps < 2:
+        raise RebasinError(f"--steps must be at least 2, got {steps}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise RebasinError("--plot needs matplotlib (pip install matplotlib)") from None
+    models, inputs, module = _models(args, paths)
+    data = _load_feeds(args.data)
+    kw = dict(steps=steps, example_inputs=inputs, reset_bn=args.reset_bn, use_repair=args.repair)
+    curves = {f"{args.b}": loss_path(models[0], models[1], data, **kw)}
+    if args.compare:
+        curves = {f"aligned: {args.b}": curves[args.b],
+                  f"naive: {args.compare}": loss_path(models[0], models[2], data, **kw)}
+    for label, c in curves.items():
+        print(f"{args.a} -> {label}\n{c.table()}")
+    mid = interpolate(models[0], models[1], args.t, example_inputs=inputs) if args.output else None
+    if args.json:
+        doc = list(curves.values())[0].to_dict()
+        if args.compare:
+            doc["compare"] = list(curves.values())[1].to_dict()
+        _write_atomic(args.json, lambda tmp: open(tmp, "w").write(json.dumps(doc, indent=1) + "\n"))
+    if args.plot:
+        _write_atomic(args.plot, lambda tmp: plot_paths(curves, tmp, f"loss along (1-t) {args.a} + t B"))
+    if mid is not None:
+        _save_any(mid, args.output)
+    written = [p for p in (args.json, args.plot, args.output) if p]
+    if written:
+        print("wrote " + ", ".join(written))
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from rebasin.landscape import analyze
+
+    _no_checkpoints([args.a, args.b, args.aligned], "analyze")
+    (a, b, c), inputs, module = _models(args, [args.a, args.b, args.aligned])
+    res = analyze(a, b, c, example_inputs=inputs, top_k=args.top_k)
+    print(res.table())
+    if args.json:
+        text = json.dumps(res.to_dict(), indent=1) + "\n"
+        _write_atomic(args.json, lambda tmp: open(tmp, "w").write(text))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _torch_model_args(s) -> None:
     t = s.add_argument_group("torch models (the model files are torch.save'd state_dicts)")
     t.add_argument("--torch-model", metavar="PKG.MODULE:FACTORY",
@@ -600,13 +672,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", action="store_true", help="skip checking each aligned model")
     _torch_model_args(s)
     s.set_defaults(fn=cmd_merge)
-    s = sub.add_parser("interpolate", help="(1-t) A + t B on every weight (align B first)")
+    s = sub.add_parser("interpolate", help="(1-t) A + t B on every weight (align B first); with --data "
+                       "the loss and accuracy along the path and its barrier")
     s.add_argument("a")
     s.add_argument("b")
-    s.add_argument("--t", type=float, default=0.5)
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("--t", type=float, default=0.5, help="where the model written with -o lies")
+    s.add_argument("-o", "--output", help="write the model at --t (required without --data)")
+    s.add_argument("--data", help=".npz: the model's inputs by name and 'labels' (int: cross-entropy and "
+                                  "accuracy; float: mean squared error)")
+    s.add_argument("--steps", type=int, help="evenly spaced t in [0, 1] (default 25)")
+    s.add_argument("--json", metavar="FILE", help='write {"t", "loss", "accuracy", "barrier", ...}')
+    s.add_argument("--plot", metavar="FILE.png", help="plot loss and accuracy against t")
+    s.add_argument("--compare", metavar="B_NAIVE", help="also the path A -> B_NAIVE (e.g. B before "
+                                                        "alignment), on the same plot")
+    s.add_argument("--reset-bn", action="store_true", help="re-estimate BatchNorm statistics of each "
+                                                           "interpolated model on the data")
+    s.add_argument("--repair", action="store_true", help="REPAIR each interpolated model (torch models)")
     _torch_model_args(s)
     s.set_defaults(fn=cmd_interpolate)
+    s = sub.add_parser("analyze", help="per class: L2 distance before / after alignment, singular "
+                                       "vector alignment (Ito et al. 2024)")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--aligned", required=True, metavar="B_ALIGNED", help="B after alignment to A")
+    s.add_argument("--top-k", type=int, default=5, help="singular vectors compared per weight (default 5)")
+    s.add_argument("--json", metavar="FILE", help="write the analysis as JSON")
+    _torch_model_args(s)
+    s.set_defaults(fn=cmd_analyze)
     s = sub.add_parser("verify", help="check two models compute the same function")
     s.add_argument("a")
     s.add_argument("b")

@@ -24,6 +24,7 @@ LAYERS = [
     ("rebasin.verify", "rebasin.checkspec"),
     ("rebasin.checkpoints",),
     ("rebasin.align", "rebasin.passes"),
+    ("rebasin.landscape",),
     ("rebasin.cli", "rebasin.__init__"),
 ]
 
