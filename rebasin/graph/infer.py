@@ -18,7 +18,7 @@ from rebasin.errors import SpecMismatchError, UnsupportedModelError
 from rebasin.graph.axes import AxisAlgebra
 from rebasin.graph.ir import Graph, attr
 from rebasin.graph.onnx_frontend import build_graph
-from rebasin.graph.rules import RULES
+from rebasin.graph.rules import PACKED_INPUTS, RULES
 from rebasin.graph.slots import split_slots
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 
@@ -228,7 +228,8 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
 def graph_hash(g: Graph) -> str:
     """A hex digest of a graph's structure: its ops (type, domain, attributes), the edges between
     them, the names and shapes of its weights and inputs/outputs, and the values of its non-float
-    constants; never the values of its float weights. Intermediate tensors are named by their
+    constants; never the values of its weights (float, or integer-encoded ones such as 4-bit
+    blobs: :data:`~rebasin.graph.rules.PACKED_INPUTS`). Intermediate tensors are named by their
     producer (node index, output index), so two exports that name them differently hash the same.
 
     An ONNX graph is hashed from its ``ModelProto`` alone (:func:`onnx_graph_hash`, no run needed),
@@ -270,9 +271,12 @@ def onnx_graph_hash(model) -> str:
 
     m = load_model(model)
     inits = {t.name: t for t in m.graph.initializer}
+    packed = {n.input[i] for n in m.graph.node for i in PACKED_INPUTS.get(rule_key(n), ())
+              if i < len(n.input)}  # integer-encoded weights: values are not structure
     tensors = {}
     for name, t in inits.items():
-        data = b"" if t.data_type in FLOAT_TYPES else np.ascontiguousarray(array_view(t)).tobytes()
+        data = b"" if t.data_type in FLOAT_TYPES or name in packed else \
+            np.ascontiguousarray(array_view(t)).tobytes()
         tensors[name] = (onnx.TensorProto.DataType.Name(t.data_type), tuple(t.dims), data)
     inputs = [i.name for i in m.graph.input if i.name not in inits]
     outputs = [o.name for o in m.graph.output]

@@ -1383,6 +1383,11 @@ def rotary_embedding(cx, node):
     cx.invariant(node.input[1:])
 
 
+# Inputs that hold learned weights in an integer encoding (op key -> input positions): the spec
+# lists them as members, and the graph hash leaves their values out (they are weights, not structure).
+PACKED_INPUTS: dict[str, tuple[int, ...]] = {MS + "MatMulNBits": (1, 3)}
+
+
 @rule(MS + "MatMulNBits")
 def ms_matmul_nbits(cx, node):
     """y = A @ dequant(B)^T: output rows move with B's rows, their scales, zero points and bias; along
