@@ -558,12 +558,13 @@ def _interpolate_path(args) -> int:
     models, inputs, module = _models(args, paths)
     data = _load_feeds(args.data)
     kw = dict(steps=steps, example_inputs=inputs, reset_bn=args.reset_bn, use_repair=args.repair)
-    curves = {f"{args.b}": loss_path(models[0], models[1], data, **kw)}
+    name = os.path.basename  # labels of the table and the plot
+    curves = {name(args.b): loss_path(models[0], models[1], data, **kw)}
     if args.compare:
-        curves = {f"aligned: {args.b}": curves[args.b],
-                  f"naive: {args.compare}": loss_path(models[0], models[2], data, **kw)}
+        curves = {f"aligned: {name(args.b)}": curves[name(args.b)],
+                  f"naive: {name(args.compare)}": loss_path(models[0], models[2], data, **kw)}
     for label, c in curves.items():
-        print(f"{args.a} -> {label}\n{c.table()}")
+        print(f"{name(args.a)} -> {label}\n{c.table()}")
     mid = interpolate(models[0], models[1], args.t, example_inputs=inputs) if args.output else None
     if args.json:
         doc = list(curves.values())[0].to_dict()
@@ -571,7 +572,8 @@ def _interpolate_path(args) -> int:
             doc["compare"] = list(curves.values())[1].to_dict()
         _write_atomic(args.json, lambda tmp: open(tmp, "w").write(json.dumps(doc, indent=1) + "\n"))
     if args.plot:
-        _write_atomic(args.plot, lambda tmp: plot_paths(curves, tmp, f"loss along (1-t) {args.a} + t B"))
+        title = f"loss along (1-t) {name(args.a)} + t B"
+        _write_atomic(args.plot, lambda tmp: plot_paths(curves, tmp, title))
     if mid is not None:
         _save_any(mid, args.output)
     written = [p for p in (args.json, args.plot, args.output) if p]
