@@ -267,13 +267,6 @@ def check_compatible(a: _Model, b: _Model) -> None:
 # --------------------------------------------------------------------------- public API
 
 
-def _text_progress(progress):
-    """A solver-style ``progress(it, objective, message)`` as the text callback of checkpoints."""
-    if progress is None:
-        return None
-    return lambda message: progress(0, float("nan"), message)
-
-
 @dataclass
 class AlignResult:
     """The aligned B (state_dict or ModelProto), its permutations and the solver's record."""
@@ -348,7 +341,7 @@ def align(a, b, method: str = "weight", *, example_inputs=None, data=None, spec:
     if checkpoints.is_checkpoint(a) or checkpoints.is_checkpoint(b):
         r = checkpoints.align_checkpoints(a, b, method=method, spec=spec, seed=seed, verify=verify,
                                           model=model, example_inputs=example_inputs,
-                                          progress=_text_progress(progress), **options)
+                                          progress=progress, **options)
         return AlignResult(r.model, r.perms[0], r.solves[0], r.spec, r.verification[0])
     solve = solvers.get(method)
     a, b = _from_state_dicts([a, b], model)
@@ -397,7 +390,7 @@ def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, pr
 
     if any(checkpoints.is_checkpoint(m) for m in models):
         r = checkpoints.merge_checkpoints(list(models), seed=seed, verify=verify, model=model,
-                                          example_inputs=example_inputs, progress=_text_progress(progress),
+                                          example_inputs=example_inputs, progress=progress,
                                           max_iter=max_iter, **({"device": device} if device else {}))
         return MergedModel(r.model, r.perms, r.solves)
     if len(models) < 2:

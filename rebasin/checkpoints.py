@@ -11,7 +11,6 @@ or one layer's weights, or one output shard.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -196,8 +195,9 @@ class CheckpointResult:
 
 
 def _log(progress, message: str) -> None:
+    """A stage message through the solvers' progress callback (``objective=None``)."""
     if progress is not None:
-        progress(message)
+        progress(0, None, message)
 
 
 def _spec_of(source: HFFolderSource, progress) -> Spec:
@@ -235,12 +235,8 @@ def _solve(spec, a: ModelSource, b: ModelSource, method: str, seed: int, progres
     from rebasin import solvers
 
     _check_method(method, options)
-    step = None
-    if progress is not None:
-        def step(it, objective, message):
-            progress(f"[{it:>3}] objective {objective:.6g}  {message}")
     options = {"cache_bytes": solver_cache_bytes(b), **options}
-    return solvers.get(method)(spec, a.weights(), b.weights(), seed=seed, progress=step, **options)
+    return solvers.get(method)(spec, a.weights(), b.weights(), seed=seed, progress=progress, **options)
 
 
 def open_checkpoint(path, model=None, example_inputs=None) -> HFFolderSource:
@@ -345,10 +341,6 @@ def is_checkpoint(ref) -> bool:
     if not isinstance(ref, (str, os.PathLike)):
         return False
     return os.path.isdir(ref) or os.fspath(ref).endswith(".safetensors")
-
-
-def stderr_progress(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 __all__ = ["align_checkpoints", "merge_checkpoints", "interpolate_checkpoints", "PermutedSource",

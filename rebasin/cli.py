@@ -205,7 +205,7 @@ def _permute_folder(args) -> int:
     else:
         new, res = check_permuted(folder, spec, perms, label=args.model)
         print(res)
-    new.save(args.output, _stderr)
+    new.save(args.output, _progress)
     print(f"wrote {args.output} ({len(perms)} classes permuted)")
     return 0
 
@@ -225,11 +225,13 @@ def cmd_verify(args) -> int:
     return 0 if res.equal else 1
 
 
-def _progress(it: int, objective: float, message: str) -> None:
-    if objective != objective:  # NaN: a stage message, not a solver step
+def _progress(step: int, objective: float | None, message: str) -> None:
+    """The progress callback of every command (``rebasin.solvers.Progress``): solver steps with
+    their objective, stage messages (``objective=None``) as they are, on stderr."""
+    if objective is None:
         _stderr(message)
         return
-    print(f"  [{it:>4}] objective {objective:.6g}  {message}", file=sys.stderr, flush=True)
+    print(f"  [{step:>4}] objective {objective:.6g}  {message}", file=sys.stderr, flush=True)
 
 
 def _models(args, paths):
@@ -275,7 +277,7 @@ def _stderr(message: str) -> None:
 
 def _save_any(model, path):
     if hasattr(model, "save"):  # a checkpoint result, written shard by shard with its input's layout
-        model.save(path, _stderr)
+        model.save(path, _progress)
     elif isinstance(model, dict):
         import torch
 
@@ -381,7 +383,7 @@ def _canonical(args, verify: bool):
     if kind == "folder":
         from rebasin.checkpoints import _spec_of, canonical_checkpoint
 
-        spec = _spec_of(model, _stderr)
+        spec = _spec_of(model, _progress)
         new, res, check = canonical_checkpoint(model, spec, verify=verify)
         return new, res, spec, check
     if kind == "torch":

@@ -105,11 +105,19 @@ def test_align_api_lazy_result(folders, tmp_path):
     import rebasin
 
     a, b = folders["llama"][:2]
-    res = rebasin.align(str(a), str(b))
+    calls = []
+    res = rebasin.align(str(a), str(b), progress=lambda *p: calls.append(p))
     assert res.verification.equal and res.solve.method == "weight"
     assert len(res.spec) > 0 and set(res.perms) == {c.name for c in res.spec.classes}
-    res.model.save(str(tmp_path / "o"))
+    res.model.save(str(tmp_path / "o"), progress=lambda *p: calls.append(p))
     assert_same_layout(b, tmp_path / "o")
+    # one progress protocol, as for models in memory: solver sweeps with their objective, stage
+    # messages (spec, verification, each shard written) with objective None
+    assert all(len(p) == 3 and isinstance(p[0], int) and isinstance(p[2], str) for p in calls)
+    assert any(isinstance(p[1], float) and "sweep" in p[2] for p in calls)
+    stages = [p[2] for p in calls if p[1] is None]
+    assert any(m.startswith("spec of") for m in stages) and any(m.startswith("verifying") for m in stages)
+    assert any(m.startswith("wrote model-") for m in stages)
 
 
 def test_merge_and_interpolate_folders(folders, tmp_path):

@@ -16,8 +16,10 @@ import numpy as np
 
 from rebasin.errors import SolverError, SpecMismatchError
 
-Progress = Callable[[int, float, str], None]
-"""``progress(iteration, objective, message)``; solvers call it once per sweep / logged step."""
+Progress = Callable[[int, "float | None", str], None]
+"""``progress(step, objective, message)``: the one progress callback of the project. Solvers call
+it once per sweep / logged step with the objective; stages (tracing, verifying, writing a shard)
+call it with ``objective=None`` and a message."""
 
 REGISTRY: dict[str, Callable[..., SolveResult]] = {}
 

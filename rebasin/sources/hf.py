@@ -276,7 +276,7 @@ def check_target(out: str, folder: bool) -> None:
 
 
 def write_like(template: HFFolderSource, out: str, tensor: Callable[[str], object],
-               progress: Callable[[str], None] | None = None) -> None:
+               progress: Callable[[int, float | None, str], None] | None = None) -> None:
     """Write a checkpoint with ``template``'s layout whose tensor ``k`` is ``tensor(k)``.
 
     Shard by shard (one shard's tensors in memory at a time), every tensor in its stored dtype,
@@ -316,7 +316,7 @@ def write_like(template: HFFolderSource, out: str, tensor: Callable[[str], objec
             save_file(tensors, dest, metadata=ckpt.metadata[shard])
             del tensors
             if progress is not None:
-                progress(f"wrote {shard} ({i + 1}/{len(files)})")
+                progress(i + 1, None, f"wrote {shard} ({i + 1}/{len(files)})")
         if template.is_folder:
             skipped = _copy_other_files(ckpt, tmp)
             if skipped:
