@@ -128,7 +128,8 @@ def folders_demo():
         hf_folders.make_folder("llama", root / name, seed, shard="300KB", hidden=128, layers=2, heads=8,
                                kv_heads=2, inter=256, vocab=256)
     files = sorted(os.listdir(root / "B"))
-    print(f"saved two LlamaForCausalLM (hidden 128, 8 query / 2 key-value heads) with save_pretrained: {files}")
+    print("saved two LlamaForCausalLM (hidden 128, 8 query / 2 key-value heads) with save_pretrained:",
+          files)
     if sh("align", str(root / "A"), str(root / "B"), "-o", str(root / "B_aligned")) != 0:
         sys.exit("demo failed: align")
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
