@@ -316,7 +316,7 @@ def assign(cost: np.ndarray, overwrite: bool = False) -> np.ndarray:
     c -= c.mean(axis=0, keepdims=True)  # of the row-centred array: column mean minus overall mean
     np.negative(c, out=c)  # both solvers minimise
     try:
-        fast = _lapjv()  # faster than scipy at every size (8: 2 us against 13 us)
+        fast = _lapjv()  # 1.5-2.6x scipy on sizes 64-2048, as fast at 8 (benchmarks/assignment_speed.py)
         if fast is not None:
             try:
                 p = np.asarray(fast(c)[0], dtype=np.int64)
@@ -567,10 +567,11 @@ class WeightMatcher:
             part += _mm(xa, d).to(part.dtype)
             old[a] = now[a]
 
-    def cost_tensor(self, ci: int):
-        """:meth:`cost` as a device tensor (float32, float64 for float64 inputs)."""
+    def cost_tensor(self, ci: int, axes: Iterable[tuple[str, int]] | None = None):
+        """:meth:`cost` as a device tensor (float32, float64 for float64 inputs), summed over the
+        members on ``axes`` (all of the class's by default)."""
         total = None
-        for ax in self.layout.class_axes[ci]:
+        for ax in self.layout.class_axes[ci] if axes is None else axes:
             for j, m in enumerate(self._step_of(ci, ax).members):
                 part = self.partial_cost(ci, ax, j, m)
                 if total is None:
@@ -824,14 +825,8 @@ class WeightMatcher:
                 break
             undecided.discard(ci)
             decided.add(ci)
-            total = None
-            for ax in self.layout.class_axes[ci]:
-                if not ready(ci, ax[0]):
-                    continue
-                for j, m in enumerate(self._step_of(ci, ax).members):
-                    part = self.partial_cost(ci, ax, j, m).double()
-                    total = part.clone() if total is None else total.add_(part)
-            cost = total.cpu().numpy()
+            ready_axes = [ax for ax in self.layout.class_axes[ci] if ready(ci, ax[0])]
+            cost = self.cost_tensor(ci, ready_axes).double().cpu().numpy()
             new, rows = assign(cost, overwrite=True), np.arange(len(cost))
             if cost[rows, new].sum() - cost[rows, self.perms[ci]].sum() > _REL_TOL * self.scale[ci]:
                 self._set(ci, new)  # ties keep the start
