@@ -22,30 +22,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "reproductions"))
+
+import data  # noqa: E402
 
 import rebasin  # noqa: E402
+from rebasin.landscape import barrier  # noqa: E402
 
 METHODS = [("weight", {}), ("activation", {}), ("sinkhorn", {"cost": "l2", "steps": 200}),
            ("sinkhorn", {"cost": "mid", "steps": 200}), ("ste", {"steps": 200})]
 
 
 def load(name, seed=0):
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
-        idx = np.random.default_rng(seed).permutation(len(x))
-        x, y = x[idx], y[idx]
-        n = int(0.75 * len(x))
-        return x[:n], y[:n], x[n:], y[n:]
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    args.num_samples = 5000
-    d = make_dataset(args)
-    return (d["x"].astype(np.float32), d["y"].astype(np.int64), d["x_test"].astype(np.float32),
-            d["y_test"].astype(np.int64))
+    """The reproductions' data (``benchmarks/reproductions/data.py``), MNIST-1D with 5000 sequences."""
+    return data.load(name, seed, num_samples=5000 if name == "mnist1d" else None)
 
 
 def mlp(d_in, width=256):
@@ -78,10 +68,6 @@ def curve(a_sd, b_sd, template, x, y, ts):
         losses.append(F.cross_entropy(out, yt).item())
         accs.append((out.argmax(-1) == yt).float().mean().item())
     return np.array(losses), np.array(accs)
-
-
-def barrier(losses, ts):
-    return float(np.max(losses - ((1 - ts) * losses[0] + ts * losses[-1])))
 
 
 def main():

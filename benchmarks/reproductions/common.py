@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,28 +19,10 @@ torch.set_num_threads(1)  # the machine is shared: one thread each is faster tha
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from data import load  # noqa: E402, F401 - the scripts import it from here
+
 import rebasin  # noqa: E402
 from rebasin import landscape  # noqa: E402
-
-
-def load(name: str, seed: int = 0):
-    """(x_train, y_train, x_test, y_test) as float32 / int64 arrays."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
-        idx = np.random.default_rng(seed).permutation(len(x))
-        x, y = x[idx], y[idx]
-        n = int(0.75 * len(x))
-        return x[:n], y[:n], x[n:], y[n:]
-    if name == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        d = make_dataset(get_dataset_args())
-        return (d["x"].astype(np.float32), d["y"].astype(np.int64), d["x_test"].astype(np.float32),
-                d["y_test"].astype(np.int64))
-    raise SystemExit(f"unknown dataset {name}")
 
 
 def mlp(d_in: int, width: int = 512, depth: int = 3, classes: int = 10) -> nn.Sequential:
