@@ -474,24 +474,14 @@ def test_fresh_bert_of_the_dynamo_exporter_keeps_its_classes():
     """A freshly initialized BERT (zero biases, unit LayerNorm weights) exported by the dynamo
     exporter with its optimizer, which merges equal initializers into shared tensors: the ONNX
     spec has as many classes and as much symmetry as the torch module's."""
-    torch = pytest.importorskip("torch")
-    tf = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import tempfile
-    import warnings
 
-    from tests.corpus import _Logits
+    from tests.corpus import export_fresh_bert_dynamo
 
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=100, max_position_embeddings=16)
-    module = _Logits(tf.BertModel(cfg, add_pooling_layer=False)).eval()
-    ids = torch.randint(0, 100, (2, 8))
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = f"{d}/bert.onnx"
-        torch.onnx.export(module, (ids,), path, dynamo=True, opset_version=18, optimize=True, verbose=False,
-                          input_names=["input"], output_names=["output"])
-        m = onnx.load(path)
+    with tempfile.TemporaryDirectory() as d:
+        module, ids = export_fresh_bert_dynamo(f"{d}/bert.onnx")
+        m = onnx.load(f"{d}/bert.onnx")
     shared = [b for b in rebasin.infer_spec(m).blocked if "shared by several ops" in b.reason]
     assert shared, "the exporter merged no equal initializers: the test would not exercise them"
     spec = assert_sound(m)
