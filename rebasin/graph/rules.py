@@ -691,6 +691,36 @@ def transpose(cx, node):
         cx.tie(ya[i], xa[p])
 
 
+def reshape_groups(xs, ys):
+    """Yield the groups ``(input axes, output axes)`` of a row-major reshape from shape ``xs`` to
+    ``ys``: consecutive axes (size-1 axes left out) whose sizes have equal products. Raises
+    ``ValueError`` when it reaches a group whose products never meet (not a reshape).
+
+    Example:
+        >>> list(reshape_groups((2, 6), (2, 3, 2)))
+        [([0], [0]), ([1], [1, 2])]
+    """
+    xa = [(k, s) for k, s in enumerate(xs) if s != 1]
+    ya = [(k, s) for k, s in enumerate(ys) if s != 1]
+    i = j = 0
+    while i < len(xa) and j < len(ya):
+        gi, gj = [xa[i][0]], [ya[j][0]]
+        pi, pj = xa[i][1], ya[j][1]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(xa):
+                gi.append(xa[i][0])
+                pi *= xa[i][1]
+                i += 1
+            elif pj < pi and j < len(ya):
+                gj.append(ya[j][0])
+                pj *= ya[j][1]
+                j += 1
+            else:
+                raise ValueError(f"no reshape of {tuple(xs)} into {tuple(ys)}")
+        yield gi, gj
+
+
 @rule("Squeeze", "Unsqueeze", "Reshape", "Flatten")
 def reshape(cx, node):
     """Row-major reshape: groups of axes with equal products are one variable with factors.
@@ -700,26 +730,11 @@ def reshape(cx, node):
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     xs, ys = cx.shape(x), cx.shape(y)
-    xa = [(v, n) for v, n in zip(cx.ax(x), xs) if n != 1]
-    ya = [(v, n) for v, n in zip(cx.ax(y), ys) if n != 1]
     if 0 in xs or 0 in ys:
         return
-    i = j = 0
-    alg = cx.alg
-    while i < len(xa) and j < len(ya):
-        gi, gj = [xa[i]], [ya[j]]
-        pi, pj = xa[i][1], ya[j][1]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj:
-                gi.append(xa[i])
-                pi *= xa[i][1]
-                i += 1
-            else:
-                gj.append(ya[j])
-                pj *= ya[j][1]
-                j += 1
-        cx.tie(alg.prod([v for v, _ in gi]), alg.prod([v for v, _ in gj]))
+    xa, ya, alg = cx.ax(x), cx.ax(y), cx.alg
+    for gi, gj in reshape_groups(xs, ys):
+        cx.tie(alg.prod([xa[k] for k in gi]), alg.prod([ya[k] for k in gj]))
 
 
 @rule("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")

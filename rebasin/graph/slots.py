@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from rebasin.graph.ir import Graph, Node, attr, to_networkx
+from rebasin.graph.rules import reshape_groups
 
 _CHAIN = {"Unsqueeze", "Squeeze", "Identity", "Transpose"}
 
@@ -163,28 +164,12 @@ def _plan(g, t, users, producer, consumers, order, fixed):
 def _source_axis(xs, rs, ax):
     """The axis of ``xs`` that the reshape splits into a group of ``rs`` axes starting at ``ax``
     (the slot axis is the outermost factor), or None."""
-    xa = [(i, s) for i, s in enumerate(xs) if s != 1]
-    ra = [(i, s) for i, s in enumerate(rs) if s != 1]
-    i = j = 0
-    while i < len(xa) and j < len(ra):
-        gi, gj = [xa[i]], [ra[j]]
-        pi, pj = xa[i][1], ra[j][1]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj:
-                if i >= len(xa):
-                    return None
-                gi.append(xa[i])
-                pi *= xa[i][1]
-                i += 1
-            else:
-                if j >= len(ra):
-                    return None
-                gj.append(ra[j])
-                pj *= ra[j][1]
-                j += 1
-        if any(a == ax for a, _ in gj):
-            return gi[0][0] if len(gi) == 1 and gj[0][0] == ax else None
+    try:
+        for gi, gj in reshape_groups(xs, rs):
+            if ax in gj:
+                return gi[0] if len(gi) == 1 and gj[0] == ax else None
+    except ValueError:  # not a reshape
+        return None
     return None
 
 
