@@ -337,3 +337,76 @@ def test_bfloat16_state_dict_permutes_exactly():
     ref = rebasin.apply_permutation(model.state_dict(), spec, perms)
     assert all(out[k].dtype == torch.bfloat16 for k in out)
     assert all(torch.equal(out[k], ref[k].to(torch.bfloat16)) for k in out)
+
+
+# --------------------------------------------------------------------------- the dispatch-mode recorder
+
+
+def test_fx_trace_does_not_import_dynamo():
+    """The fx path records ops with its own dispatch mode: a fresh process that infers an MLP's
+    spec never imports ``torch._dynamo`` (make_fx's first call did, about 1 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torch.nn as nn, rebasin\n"
+            "m = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))\n"
+            "s = rebasin.infer_spec(m, (torch.randn(2, 3, 4),))\n"
+            "print(s.source, len(s.classes), 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch.fx", "1", "False"], out.stdout + out.stderr
+
+
+def test_recorder_graph_computes_the_call():
+    """In-place writes, captured constants and multi-output ops: the recorded graph, run on the
+    same values, gives what the call gave."""
+    from rebasin.graph.record import record
+
+    torch.manual_seed(0)
+    w, x = torch.randn(6, 4), torch.randn(3, 4)
+
+    def fn():
+        h = x @ w.T
+        h.relu_()
+        vals, idx = h.sort(-1)
+        return [vals * torch.tensor([1.0, -2.0, 3.0, 0.5, 1.5, 2.0]) + idx.float()]
+
+    gm, out = record(fn, [w, x], ["w", "x"])
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["w", "x"]
+    assert any(n.op == "get_attr" for n in gm.graph.nodes)
+    assert torch.allclose(gm(w, x)[0], out[0])
+    w2, x2 = torch.randn(6, 4), torch.randn(3, 4)  # the graph is a function of its placeholders
+    assert torch.allclose(gm(w2, x2)[0], (lambda h: h.sort(-1).values * torch.tensor(
+        [1.0, -2.0, 3.0, 0.5, 1.5, 2.0]) + h.sort(-1).indices.float())((x2 @ w2.T).relu()))
+
+
+class AttentionStats(nn.Module):
+    """Attention through ``F.scaled_dot_product_attention``, or (``stats``) through the fused CPU
+    kernel, whose log-sum-exp (a backward-pass statistic) it also reads."""
+
+    def __init__(self, stats):
+        super().__init__()
+        self.q, self.o, self.stats = nn.Linear(8, 8), nn.Linear(8, 3), stats
+
+    def forward(self, x):
+        q = self.q(x).view(2, 5, 2, 4).transpose(1, 2)
+        if not self.stats:
+            return self.o(F.scaled_dot_product_attention(q, q, q).transpose(1, 2).reshape(2, 5, 8))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q)
+        return self.o(out.transpose(1, 2).reshape(2, 5, 8)) + lse.sum()
+
+
+def test_fused_attention_kernel_lowered_unless_its_statistics_are_read():
+    """sdpa traced below autograd is its CPU kernel: lowered as attention (heads and head dims
+    found), but reading its log-sum-exp blocks it."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 5, 8),)
+    plain, stats = AttentionStats(False).eval(), AttentionStats(True).eval()
+    spec = rebasin.infer_spec(plain, x, tracer="fx")
+    # q = k = v: 2 heads, and the 4 dims within each head on their own (the export path agrees)
+    assert sorted(c.size for c in spec.classes) == [2, 4, 4], spec.table()
+    assert signature(spec, set(spec.shapes)) == signature(rebasin.infer_spec(plain, x, tracer="export"),
+                                                          set(spec.shapes))
+    assert_sound(plain, x, spec)
+    blocked = rebasin.infer_spec(stats, x, tracer="fx")
+    assert any("statistics" in b.reason for b in blocked.blocked), blocked.table()
+    assert_sound(stats, x, blocked)
