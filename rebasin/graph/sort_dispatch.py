@@ -74,6 +74,10 @@ class _Plan:
     indexes: set = field(default_factory=set)  # P and element-wise functions of it
     region: set = field(default_factory=set)  # region tensors (rows in label order)
 
+    def nodes(self) -> set:
+        return {self.sort, *self.grouped, *self.exits, *self.label_picks} | self.machinery | self.indexes \
+            | self.region
+
 
 class _Reject(Exception):
     """The dispatch does not match; the message says why (for debugging)."""
@@ -90,13 +94,18 @@ def normalize_sort_dispatch(graph):
         >>> normalize_sort_dispatch(g) == (g, set())
         True
     """
-    plans = []
+    plans, claimed = [], set()
     for n in graph.nodes:
-        if _op(n) == "sort":
-            try:
-                plans.append(_plan(n))
-            except _Reject:
-                continue
+        if _op(n) != "sort":
+            continue
+        try:
+            plan = _plan(n)
+        except _Reject:
+            continue
+        nodes = plan.nodes()
+        if not nodes & claimed:  # dispatches sharing nodes: the first one only
+            plans.append(plan)
+            claimed |= nodes
     if not plans:
         return graph, set()
     import torch.fx
@@ -104,12 +113,11 @@ def normalize_sort_dispatch(graph):
     new = torch.fx.Graph()
     env: dict = {}
     new.output(new.graph_copy(graph, env), type_expr=getattr(graph, "_output_type", None))
-    region = set()
+    reordered: set = set()
     for plan in plans:
-        _rewrite(new, plan, env)
-        region |= {n.name for n in plan.region}
+        reordered |= {n.name for n in plan.region} | _rewrite(new, plan, env)
     new.lint()
-    return new, region
+    return new, reordered
 
 
 # --------------------------------------------------------------------------- matching
@@ -150,9 +158,10 @@ def _shape_of(v) -> tuple | None:
 
 
 def _is_int(n) -> bool:
-    v = _val(n)
-    return v is not None and hasattr(v, "dtype") and not v.dtype.is_floating_point and not v.dtype.is_complex \
-        and str(v.dtype) != "torch.bool"
+    import torch
+
+    dtype = getattr(_val(n), "dtype", None)
+    return dtype is not None and not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def _nodes(x) -> list:
@@ -365,9 +374,7 @@ def _walk_region(plan, offsets, inverse, width) -> None:
     import heapq
 
     order = {n: i for i, n in enumerate(plan.sort.graph.nodes)}
-    for seed in list(plan.region):
-        if _tainted(_args(seed)["self"], plan):
-            raise _Reject(f"{seed.name} gathers a tensor made by the dispatch")
+    seeds = list(plan.region)
     heap = [(order[u], u.name) for x in plan.region for u in x.users]
     heapq.heapify(heap)
     by_name = {n.name: n for n in order}
@@ -396,6 +403,9 @@ def _walk_region(plan, offsets, inverse, width) -> None:
             plan.region.add(u)
             for v in u.users:
                 heapq.heappush(heap, (order[v], v.name))
+    for seed in seeds:  # gathers at P, picks at Ls: of tensors made without the dispatch
+        if _tainted(_args(seed)["self"], plan):
+            raise _Reject(f"{seed.name} gathers a tensor made by the dispatch")
     for o in offsets:
         if any(_op(u) not in _ASSERTS and u not in plan.grouped for u in o.users):
             raise _Reject("offsets used outside the grouped products")
@@ -420,8 +430,9 @@ def _grouped(n, x, plan, offsets, width) -> bool:
 
 def _exit(n, x, inverse, plan) -> bool:
     """``y_g[Inv]``: the region tensor gathered back into the original order."""
-    idx = list(_args(n)["indices"])
-    return _args(n)["self"] is x and len(idx) == 1 and idx[0] in inverse and (_shape(x) or (0,))[0] == plan.size
+    p = _args(n)
+    idx = list(p["indices"])
+    return p["self"] is x and len(idx) == 1 and idx[0] in inverse and (_shape(x) or (0,))[0] == plan.size
 
 
 def _tainted(n, plan) -> bool:
@@ -517,8 +528,9 @@ _ROW_WISE = {
 # --------------------------------------------------------------------------- rewriting
 
 
-def _rewrite(graph, plan, env) -> None:
-    """Apply ``plan`` to ``graph`` (a copy; ``env`` maps the original nodes to it)."""
+def _rewrite(graph, plan, env) -> set:
+    """Apply ``plan`` to ``graph`` (a copy; ``env`` maps the original nodes to it); returns the
+    names of the nodes it made."""
     import torch
 
     aten = torch.ops.aten
@@ -533,15 +545,17 @@ def _rewrite(graph, plan, env) -> None:
         node = env[e]
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
+    made = {ident.name}
     for g in plan.grouped:
-        _row_product(graph, env[g], labels)
+        made |= _row_product(graph, env[g], labels)
     order = {m: i for i, m in enumerate(graph.nodes)}
     for node in sorted((env[n] for n in plan.machinery | plan.indexes), key=lambda m: -order[m]):
         if not node.users:
             graph.erase_node(node)
+    return made
 
 
-def _row_product(graph, n, labels) -> None:
+def _row_product(graph, n, labels) -> set:
     """``grouped_mm(X, W, offs)`` -> ``bmm(X[:, None], W[L]).squeeze(1)``: row r times ``W[L[r]]``."""
     import torch
 
@@ -562,3 +576,4 @@ def _row_product(graph, n, labels) -> None:
         out = meta(graph.call_function(aten.squeeze.dim, (prod, 1)), (s, m))
     n.replace_all_uses_with(out)
     graph.erase_node(n)
+    return {picked.name, col.name, prod.name, out.name}
