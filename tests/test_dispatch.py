@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rebasin
+from rebasin.graph.sort_dispatch import normalize_sort_dispatch
 from tests.corpus import randomize_bn
 from tests.test_torch_frontend import assert_sound
 
@@ -27,7 +28,8 @@ def _grouped_mm(tracer):
 class SortDispatchMoE(nn.Module):
     """Top-k routing, tokens sorted by expert, ``grouped_mm`` on histc offsets, unsorted back.
 
-    ``variant`` breaks one step of the proof (see VARIANTS); "sound" and "argsort" follow it."""
+    ``variant`` breaks one step of the proof (BROKEN) or follows it another way ("argsort",
+    "bincount", "in_place" inverses and counts)."""
 
     def __init__(self, variant="sound", tracer="fx", d=8, hidden=8, experts=4, k=2):
         super().__init__()
@@ -46,7 +48,9 @@ class SortDispatchMoE(nn.Module):
         labels_g, perm = torch.sort(labels, descending=self.variant == "descending")
         x_g, w_g = h[perm // self.k], w.reshape(-1)[perm]
         top = self.e + 1 if self.variant == "histc_misplaced" else self.e - 1
-        offs = torch.cumsum(torch.histc(labels_g.float(), bins=self.e, min=0, max=top), 0, dtype=torch.int32)
+        counts = torch.bincount(labels_g, minlength=self.e) if self.variant == "bincount" else \
+            torch.histc(labels_g.float(), bins=self.e, min=0, max=top)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
         if self.variant == "row_cumsum":
             x_g = x_g.cumsum(0)
         gate, up = self.gmm(x_g, self.up, offs).chunk(2, -1)
@@ -60,6 +64,9 @@ class SortDispatchMoE(nn.Module):
             inv = perm.argsort()
         elif self.variant == "unsort_by_perm":
             inv = perm
+        elif self.variant == "in_place":  # as transformers writes it (symbolic_trace cannot trace it)
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.shape[0])
         else:
             inv = torch.empty_like(perm).index_put((perm,), torch.arange(perm.shape[0]))
         return self.head(h + y[inv].view(-1, self.k, y.shape[-1]).sum(1))
@@ -78,7 +85,8 @@ def _experts_class(spec):
     return [c for c in spec.classes if any(m.tensor == "router.weight" and m.axis == 0 for m in c.members)]
 
 
-@pytest.mark.parametrize("variant,tracer", [("sound", "fx"), ("sound", "export"), ("argsort", "fx")])
+@pytest.mark.parametrize("variant,tracer", [("sound", "fx"), ("sound", "export"), ("argsort", "fx"),
+                                            ("bincount", "fx")])
 def test_sort_dispatch_frees_the_experts(variant, tracer):
     model, x = _model(variant, tracer)
     spec = rebasin.infer_spec(model, x, tracer=tracer)
@@ -112,3 +120,29 @@ def test_broken_dispatch_keeps_the_experts_pinned(variant):
     assert not _experts_class(spec), spec.table()
     assert not any(m.tensor == "up" and m.axis == 0 for c in spec.classes for m in c.members)
     assert_sound(model, x, spec)
+
+
+@pytest.mark.parametrize("variant", ["sound", "argsort", "in_place"])
+def test_normalized_graph_computes_the_same(variant):
+    """The rewritten ATen graph (no sort, histc or grouped product left) gives the model's output."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model, (x,) = _model(variant, "fx")
+    params = dict(model.named_parameters())
+    traced = make_fx(lambda p, x: torch.func.functional_call(model, p, (x,)), pre_dispatch=True)(params, x)
+    graph, reordered = normalize_sort_dispatch(traced.graph)
+    ops = {str(n.target) for n in graph.nodes}
+    assert reordered and not any(op in ops for op in ("aten.sort.default", "aten.histc.default",
+                                                      "aten._grouped_mm.default")), ops
+    with torch.no_grad():
+        out = torch.fx.GraphModule(traced, graph)(*torch.utils._pytree.tree_leaves((params, x)))
+        (out,) = out if isinstance(out, (list, tuple)) else (out,)
+        assert torch.allclose(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_broken_dispatch_is_left_as_traced():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model, (x,) = _model("row_cumsum", "fx")
+    traced = make_fx(lambda x: model(x), pre_dispatch=True)(x)
+    assert normalize_sort_dispatch(traced.graph) == (traced.graph, set())
