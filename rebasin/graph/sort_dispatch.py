@@ -227,10 +227,10 @@ def _offsets(plan, sorted_, width) -> set:
             op = _op(u)
             if op in _ASSERTS:
                 plan.machinery.add(u)
-            elif op in _CASTS and _exact_cast(u, width):
+            elif op in _CASTS and _exact(u, width - 1):
                 plan.machinery.add(u)
                 todo.append(u)
-            elif op == "histc" and _histc_bins_labels(u, width):
+            elif op == "histc" and _histc_bins_labels(u, width) and _exact(u, plan.size):
                 plan.machinery.add(u)
                 counts.append(u)
             elif op == "bincount" and _args(u)["weights"] is None and int(_args(u)["minlength"]) == width:
@@ -245,11 +245,12 @@ def _offsets(plan, sorted_, width) -> set:
         x = counts.pop()
         for u in x.users:
             op = _op(u)
-            if op in _ASSERTS or op in _CASTS:
+            if op in _ASSERTS:
                 plan.machinery.add(u)
-                if op in _CASTS:
-                    counts.append(u)
-            elif op == "cumsum" and int(_args(u)["dim"]) in (0, -1) and not offsets:
+            elif op in _CASTS and _exact(u, plan.size):
+                plan.machinery.add(u)
+                counts.append(u)
+            elif op == "cumsum" and int(_args(u)["dim"]) in (0, -1) and not offsets and _exact(u, plan.size):
                 plan.machinery.add(u)
                 offsets.add(u)
             else:
@@ -257,14 +258,17 @@ def _offsets(plan, sorted_, width) -> set:
     return offsets
 
 
-def _exact_cast(n, width) -> bool:
-    """A cast that keeps every integer in ``[0, width)`` (floats are exact below 2**24)."""
+def _exact(n, bound) -> bool:
+    """``n``'s dtype holds every integer in ``[0, bound]`` exactly (a float holds integers up to
+    ``2 / eps``: 2**24 for float32, 256 for bfloat16)."""
     import torch
 
-    dtype = _val(n).dtype
+    dtype = getattr(_val(n), "dtype", None)
+    if dtype is None or dtype == torch.bool or dtype.is_complex:
+        return False
     if dtype.is_floating_point:
-        return width <= 2 / torch.finfo(dtype).eps  # integers up to 2 / eps are exact
-    return dtype != torch.bool and not dtype.is_complex and width - 1 <= torch.iinfo(dtype).max
+        return bound <= 2 / torch.finfo(dtype).eps
+    return bound <= torch.iinfo(dtype).max
 
 
 def _histc_bins_labels(n, width) -> bool:
@@ -473,7 +477,11 @@ def _others_broadcast(n, plan, allowed=()) -> bool:
 
 
 def _pointwise(n, x, plan) -> bool:
-    return _others_broadcast(n, plan)
+    """Element-wise with broadcasting: every region input spans the output (same rank, so its
+    axis 0 is the output's), every other input broadcasts along the rows."""
+    rank = len(_shape(n) or ())
+    return all(len(_shape(a)) == rank for a in _nodes((n.args, n.kwargs)) if a in plan.region) \
+        and _others_broadcast(n, plan)
 
 
 def _keeps_rows(n, x, plan) -> bool:
