@@ -37,6 +37,7 @@ class SortDispatchMoE(nn.Module):
         self.router = nn.Linear(d, experts, bias=False)
         self.up = nn.Parameter(torch.randn(experts, d, 2 * hidden) * 0.3)
         self.down = nn.Parameter(torch.randn(experts, hidden, d) * 0.3)
+        self.mix = nn.Linear(d, d) if variant == "region_linear" else None  # runs on the sorted rows
         self.k, self.e, self.variant, self.gmm = k, experts, variant, _grouped_mm(tracer)
 
     def forward(self, x):
@@ -59,6 +60,8 @@ class SortDispatchMoE(nn.Module):
             y = y.softmax(0)
         if self.variant == "row_roll":
             y = y.roll(1, 0)
+        if self.mix is not None:
+            y = self.mix(y)
         y = y * w_g[:, None]
         if self.variant == "argsort":
             inv = perm.argsort()
@@ -86,14 +89,17 @@ def _experts_class(spec):
 
 
 @pytest.mark.parametrize("variant,tracer", [("sound", "fx"), ("sound", "export"), ("argsort", "fx"),
-                                            ("bincount", "fx")])
+                                            ("bincount", "fx"), ("region_linear", "fx")])
 def test_sort_dispatch_frees_the_experts(variant, tracer):
+    """Classes: the 4 experts with their router rows, the experts' 8 hidden units, the stream of 8
+    (and the 8 units between ``down`` and ``mix`` where ``mix`` runs on the sorted rows)."""
     model, x = _model(variant, tracer)
     spec = rebasin.infer_spec(model, x, tracer=tracer)
     assert spec.source == f"torch.{tracer}"
     (c,) = _experts_class(spec)
     assert {(m.tensor, m.axis) for m in c.members} == {("router.weight", 0), ("up", 0), ("down", 0)}
-    assert sorted(c.size for c in spec.classes) == [4, 8, 8], spec.table()
+    extra = [8] if variant == "region_linear" else []
+    assert sorted(c.size for c in spec.classes) == [4, 8, 8] + extra, spec.table()
     assert_sound(model, x, spec)
 
 
@@ -122,14 +128,17 @@ def test_broken_dispatch_keeps_the_experts_pinned(variant):
     assert_sound(model, x, spec)
 
 
-@pytest.mark.parametrize("variant", ["sound", "argsort", "in_place"])
-def test_normalized_graph_computes_the_same(variant):
-    """The rewritten ATen graph (no sort, histc or grouped product left) gives the model's output."""
+@pytest.mark.parametrize("variant,pre_dispatch", [("sound", True), ("argsort", True), ("in_place", True),
+                                                  ("region_linear", False)])
+def test_normalized_graph_computes_the_same(variant, pre_dispatch):
+    """The rewritten ATen graph (no sort, histc or grouped product left) gives the model's output;
+    also on the graph dispatch records (``linear`` as ``t`` + ``addmm``)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     model, (x,) = _model(variant, "fx")
     params = dict(model.named_parameters())
-    traced = make_fx(lambda p, x: torch.func.functional_call(model, p, (x,)), pre_dispatch=True)(params, x)
+    traced = make_fx(lambda p, x: torch.func.functional_call(model, p, (x,)),
+                     pre_dispatch=pre_dispatch)(params, x)
     graph, reordered = normalize_sort_dispatch(traced.graph)
     ops = {str(n.target) for n in graph.nodes}
     assert reordered and not any(op in ops for op in ("aten.sort.default", "aten.histc.default",

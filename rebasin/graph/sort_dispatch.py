@@ -51,7 +51,7 @@ import operator
 from dataclasses import dataclass, field
 
 _VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_copy",
-          "expand_dims", "alias", "clone", "contiguous", "detach", "lift_fresh_copy"}
+          "alias", "clone", "contiguous", "detach", "lift_fresh", "lift_fresh_copy"}
 _CASTS = {"_to_copy", "to"}
 _ASSERTS = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "_functional_assert_async"}
 _GROUPED = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
@@ -521,6 +521,16 @@ def _linear(n, x, plan) -> bool:
         not _tainted(a, plan) and _shape(a) is not None and len(_shape(a)) <= 2 for a in rest)
 
 
+def _addmm(n, x, plan) -> bool:
+    """``bias + x @ W`` (a linear layer as dispatch records it): W fixed, the bias broadcast
+    along the rows."""
+    p = _args(n)
+    w, bias = p["mat2"], p["self"]
+    bs = _shape(bias)
+    return p["mat1"] is x and not _tainted(w, plan) and not _tainted(bias, plan) and bs is not None \
+        and (len(bs) < 2 or bs[0] == 1)
+
+
 _ROW_WISE = {
     **{v: _keeps_rows for v in _VIEWS | _CASTS},
     "split": _dim_not_rows("dim"), "split_with_sizes": _dim_not_rows("dim"), "chunk": _dim_not_rows("dim"),
@@ -530,6 +540,7 @@ _ROW_WISE = {
     "sum": _dim_not_rows("dim"), "mean": _dim_not_rows("dim"), "amax": _dim_not_rows("dim"),
     "amin": _dim_not_rows("dim"), "transpose": _transpose, "permute": _transpose,
     "layer_norm": _norm, "rms_norm": _norm, "linear": _linear, "mm": _linear, "matmul": _linear,
+    "addmm": _addmm,
 }
 
 
