@@ -57,6 +57,7 @@ _ASSERTS = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "_func
 _GROUPED = {"_grouped_mm", "grouped_mm", "grouped_mm_fallback"}
 _FRESH = {"empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros", "new_ones",
           "new_full", "new_empty_strided"}  # read only the shape, dtype and device of their input
+_FILLED = {"empty", "empty_strided", "zeros", "ones", "full"}
 _INDEX_OPS = {"floor_divide"}  # element-wise on an index tensor besides those tagged pointwise
 
 
@@ -353,7 +354,7 @@ def _inverts(n, perm, plan) -> bool:
     base, values = p["self"], p["values"]
     if len(idx) != 1 or idx[0] is not perm or p["accumulate"] or _shape(base) != (plan.size,):
         return False
-    if not _is_arange(values, plan.size) or _op(base) not in _FRESH | {"empty", "empty_strided", "zeros", "ones", "full"}:
+    if not _is_arange(values, plan.size) or _op(base) not in _FRESH | _FILLED:
         return False
     if _op(n) == "index_put_":  # the base is read after the write only
         order = {m: i for i, m in enumerate(n.graph.nodes)}
