@@ -102,8 +102,8 @@ def normalize_sort_dispatch(graph):
             continue
         try:
             plan = _plan(n)
-        except _Reject:
-            continue
+        except (_Reject, KeyError, IndexError, TypeError, ValueError, AttributeError):
+            continue  # not the idiom, or arguments of an unexpected form: left as traced
         nodes = plan.nodes()
         if not nodes & claimed:  # dispatches sharing nodes: the first one only
             plans.append(plan)
@@ -116,9 +116,13 @@ def normalize_sort_dispatch(graph):
     env: dict = {}
     new.output(new.graph_copy(graph, env), type_expr=getattr(graph, "_output_type", None))
     reordered: set = set()
-    for plan in plans:
-        reordered |= {n.name for n in plan.region} | _rewrite(new, plan, env)
-    new.lint()
+    try:
+        for plan in plans:
+            reordered |= {n.name for n in plan.region} | _rewrite(new, plan, env)
+        new.lint()
+    except (RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError):
+        # a rewrite that fails (fx's lint, an unexpected argument form) leaves the traced graph
+        return graph, set()
     return new, reordered
 
 
