@@ -37,8 +37,9 @@ Every condition is checked on the ATen op names and schemas; the region is close
 above, else the graph is left as it is (the experts axis stays pinned by the ``grouped_mm``
 lowering). Row-wise ops: ops tagged ``pointwise`` by ATen (inputs with a row axis all in the
 region), views keeping axis 0, splits / slices / concatenations / softmax / norms / reductions /
-transposes away from axis 0, and ``linear`` / ``mm`` / ``matmul`` of a region tensor by a fixed
-matrix. Nothing is keyed to module or tensor names.
+transposes away from axis 0, and ``linear`` / ``mm`` / ``matmul`` / ``addmm`` of a region tensor
+by a fixed matrix. Ops that are only equivariant along the rows (a softmax over them) are not
+proven here: they leave the graph as traced. Nothing is keyed to module or tensor names.
 
 The normalized graph is a copy, used only for analysis; the traced module is left as it is. The
 region's tensors hold rows in another order in the traced module than in the copy, so the caller
