@@ -55,10 +55,11 @@ HAND = {
     # fused PReLU channels (8) are free
     "unet": {2: 4, 4: 4, 8: 6},
     # per layer: 2 kv heads, 2 query heads per kv head (2 classes), value/output dims per kv head
-    # (2 classes of 8; rotary embeddings pin query/key dims), the experts' 16 hidden units (one
-    # class shared by the 4 stacked experts: a member cannot hold "axis 1 of slice [e]"); plus the
-    # 32-wide stream. The experts class itself is not found: test_mixtral_experts_class.
-    "mixtral": {32: 1, 2: 6, 8: 4, 16: 2},
+    # (2 classes of 8; rotary embeddings pin query/key dims), the 4 stacked experts with their
+    # router rows (grouped_mm after a sort: rebasin/graph/sort_dispatch.py), the experts' 16
+    # hidden units (one class shared by the 4 stacked experts: a member cannot hold "axis 1 of
+    # slice [e]"); plus the 32-wide stream
+    "mixtral": {32: 1, 2: 6, 8: 4, 4: 2, 16: 2},
 }
 
 
@@ -98,7 +99,7 @@ def test_mixtral_batched_experts_class():
         if hasattr(m, "config"):
             m.config._experts_implementation = "batched_mm"
     spec = rebasin.infer_spec(model, inputs)
-    assert _sizes(spec) == {**HAND["mixtral"], 4: 2}, spec.table()
+    assert _sizes(spec) == HAND["mixtral"], spec.table()
     key = "m.model.layers.1.mlp."
     c = next(c for c in spec.classes if (key + "gate.weight", 0) in {(m.tensor, m.axis) for m in c.members})
     assert {(m.tensor, m.axis) for m in c.members} == \
@@ -106,15 +107,20 @@ def test_mixtral_batched_experts_class():
     assert_sound(model, inputs, spec)
 
 
-@pytest.mark.xfail(strict=True, raises=StopIteration,
-                   reason="experts stacked on axis 0 with their router rows form a class (found when the "
-                          "top-k indices only choose: moe_stacked, batched_mm), but Mixtral's default "
-                          "grouped_mm routes through sort and histc offsets: proving it needs index values "
-                          "tied to the axis they index (the symmetry pass, not a lowering)")
 def test_mixtral_experts_class(specs):
+    """transformers' default ``grouped_mm`` experts sort the tokens by expert, multiply each group
+    by its expert (histc offsets) and unsort: the router rows move with the stacked experts, as
+    for ``batched_mm``, and a random permutation of every class keeps the logits."""
+    model, inputs = build("mixtral")
     spec = specs("mixtral")
-    next(c for c in spec.classes if any(m.tensor.endswith("mlp.gate.weight") and m.axis == 0
-                                        for m in c.members))
+    for layer in range(2):
+        key = f"m.model.layers.{layer}.mlp."
+        (c,) = [c for c in spec.classes if any(m.tensor == key + "gate.weight" and m.axis == 0
+                                               for m in c.members)]
+        assert c.size == 4
+        assert {(m.tensor, m.axis) for m in c.members} == \
+            {(key + "gate.weight", 0), (key + "experts.gate_up_proj", 0), (key + "experts.down_proj", 0)}
+    assert_sound(model, inputs, spec)
 
 
 class SparseMoE(nn.Module):

@@ -42,6 +42,7 @@ import numpy as np
 from rebasin.errors import ModelLoadError, SpecMismatchError, UnsupportedModelError
 from rebasin.execute import call_kwargs
 from rebasin.graph.ir import Graph, Node, to_networkx
+from rebasin.graph.sort_dispatch import normalize_sort_dispatch
 
 LOWERINGS: dict = {}
 
@@ -1279,8 +1280,13 @@ _IGNORED = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "sym_c
 
 
 def lower(tr: Traced, model) -> Graph:
-    """Lower a traced graph to the IR, naming parameters and buffers by their state_dict keys."""
+    """Lower a traced graph to the IR, naming parameters and buffers by their state_dict keys.
+
+    Sort-dispatched grouped products are analysed in their normalized form
+    (:mod:`rebasin.graph.sort_dispatch`); their reordered tensors are not offered for capture."""
     import torch
+
+    graph, reordered = normalize_sort_dispatch(tr.graph)
 
     names: dict[str, str] = {}
     first: dict[tuple, str] = {}  # storage -> the key that names it (tied weights share one name)
@@ -1308,8 +1314,8 @@ def lower(tr: Traced, model) -> Graph:
         else:
             values[key] = t.detach().cpu().numpy()
     outputs: list[str] = []
-    fx_names = {n.name for n in tr.graph.nodes}
-    for n in tr.graph.nodes:
+    fx_names = {n.name for n in graph.nodes}
+    for n in graph.nodes:
         if n.op == "placeholder":
             if n.name in names:
                 continue
@@ -1361,12 +1367,12 @@ def lower(tr: Traced, model) -> Graph:
         except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
             del e
             _unknown(b, n)
-    _fill_per_reader(b, set(outputs), _written_in_place(tr.graph, names))
+    _fill_per_reader(b, set(outputs), _written_in_place(graph, names))
     aliases = _aliases(model, set(weights))
     for key, others in tied.items():
         aliases[key] = list(dict.fromkeys(aliases.get(key, []) + others))
     inputs = [names[i] for i in tr.user_inputs if i in names]
-    capturable = [names[n.name] for n in tr.graph.nodes if n.op == "call_function"
+    capturable = [names[n.name] for n in graph.nodes if n.op == "call_function" and n.name not in reordered
                   and names.get(n.name) in b.shapes and names[n.name] not in outputs]
     frontend = f"torch.{tr.tracer}"
     if tr.call_kwargs:
