@@ -301,8 +301,8 @@ def _picks_rows(n, index, width) -> bool:
 
 def _indices(plan, perm) -> set:
     """Follow ``P`` through element-wise integer ops: each gather of rows at such an index starts
-    the region, ``index_put(fresh, [P], arange(S))`` / ``argsort(P)`` build the inverse. Returns the
-    inverse's nodes."""
+    the region, ``index_put(fresh, [P], arange(S))`` / ``argsort(P)`` (or ``sort(P)``'s indices)
+    build the inverse. Returns the inverse's nodes."""
     todo, inverse = [perm], set()
     while todo:
         x = todo.pop()
@@ -324,6 +324,10 @@ def _indices(plan, perm) -> set:
                     and not _args(u)["descending"]:
                 plan.machinery.add(u)
                 inverse.add(u)
+            elif x is perm and op == "sort" and int(_args(u)["dim"]) in (0, -1) \
+                    and not _args(u)["descending"] and _item(u, 0) is None and _item(u, 1) is not None:
+                plan.machinery |= {u, _item(u, 1)}  # argsort as traced below autograd: sort's indices
+                inverse.add(_item(u, 1))
             else:
                 raise _Reject(f"permutation used by {u.name}")
     return inverse
