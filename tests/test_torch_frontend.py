@@ -410,3 +410,42 @@ def test_fused_attention_kernel_lowered_unless_its_statistics_are_read():
     blocked = rebasin.infer_spec(stats, x, tracer="fx")
     assert any("statistics" in b.reason for b in blocked.blocked), blocked.table()
     assert_sound(stats, x, blocked)
+
+
+class ChannelsLastPool(nn.Module):
+    """A ConvNeXt-style block ending in adaptive pooling to 1 x 1: below autograd the pooling is
+    ``mean`` then ``as_strided_`` back to the channels-last strides (the same elements); with
+    ``transposed``, an ``as_strided`` that reads the storage in another order; ``aux`` is a head
+    the forward never runs."""
+
+    def __init__(self, transposed=False):
+        super().__init__()
+        self.conv, self.mlp, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.pool, self.aux, self.transposed = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 2), transposed
+
+    def forward(self, x):
+        h = self.mlp(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.transposed:
+            h = h.contiguous().as_strided((2, 8, 4, 4), (128, 1, 32, 8))
+        return self.head(self.pool(h).flatten(1))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_as_strided_is_identity_only_when_it_reads_the_same_elements(transposed):
+    """The restride after pooling ties the channels through (as the export path, which keeps
+    ``adaptive_avg_pool2d``, finds); a reordering view blocks them. A head the forward never runs
+    is listed by both tracers."""
+    torch.manual_seed(0)
+    model, x = ChannelsLastPool(transposed).eval(), (torch.randn(2, 3, 6, 6),)
+    spec = rebasin.infer_spec(model, x, tracer="fx")
+    tr = __import__("rebasin.graph.torch_frontend", fromlist=["trace"]).trace(model, x, "fx")
+    assert any("as_strided" in str(n.target) for n in tr.graph.nodes)
+    assert any(m.tensor == "aux.weight" for c in spec.classes for m in c.members)
+    stream = [c for c in spec.classes if any(m.tensor == "head.weight" and m.axis == 1 for m in c.members)]
+    if transposed:
+        assert not stream and any("as_strided" in b.reason for b in spec.blocked), spec.table()
+    else:
+        assert len(stream) == 1 and stream[0].size == 8, spec.table()
+        keep = set(spec.shapes)
+        assert signature(spec, keep) == signature(rebasin.infer_spec(model, x, tracer="export"), keep)
+    assert_sound(model, x, spec)

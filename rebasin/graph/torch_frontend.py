@@ -202,9 +202,11 @@ def _trace_fx(model, example_inputs, kwargs, fake_mode=None) -> Traced:
     from rebasin.graph.record import record
 
     gm = torch.fx.symbolic_trace(model, concrete_args=kwargs or None)  # raises on control flow
-    named = dict(gm.named_parameters(remove_duplicate=True))
-    named.update(dict(gm.named_buffers(remove_duplicate=True)))
-    persistent = set(gm.state_dict(keep_vars=True))
+    # every tensor of the module, as torch.export lists them: the traced copy holds the same objects
+    # but drops submodules the run does not reach (an auxiliary head in eval mode)
+    named = dict(model.named_parameters(remove_duplicate=True))
+    named.update(dict(model.named_buffers(remove_duplicate=True)))
+    persistent = set(model.state_dict(keep_vars=True))
     keys = list(named)
     placeholders = [f"arg0_{i + 1}" for i in range(len(keys))] + \
         [f"arg{i + 1}_1" for i in range(len(example_inputs))]
@@ -686,6 +688,22 @@ def _softmax(b, n, p, name):
           "squeeze_copy", "unsqueeze", "unsqueeze_copy", "view_as", "reshape_as", "_reshape_alias")
 def _reshape(b, n, p, name):
     b.emit("Reshape", [b.t(n.args[0])], [b.out()])
+
+
+@lowering("as_strided", "as_strided_", "as_strided_copy")
+def _as_strided(b, n, p, name):
+    """A view of the input's storage with any shape and strides: lowered only where it reads
+    every element where the input has it (same shape and offset, the same stride on every axis
+    longer than 1), as kernels write it to restore a memory format (``mean`` of adaptive pooling
+    to 1 x 1); then it is the identity. Any other view is not lowered."""
+    val = n.args[0].meta.get("val")
+    size, stride = [int(d) for d in p["size"]], [int(d) for d in p["stride"]]
+    offset = p.get("storage_offset")
+    moved = offset is not None and int(offset) != val.storage_offset() if val is not None else True
+    if val is None or list(val.shape) != size or moved \
+            or any(d > 1 and int(s) != t for d, s, t in zip(size, val.stride(), stride)):
+        return _unknown(b, n, "as_strided reads the storage in another order")
+    b.emit("Identity", [b.t(p["self"])], [b.out()])
 
 
 @lowering("permute", "transpose", "t", "swapaxes", "swapdims", "numpy_T", "permute_copy",
