@@ -15,14 +15,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-torch.set_num_threads(1)  # the machine is shared: one thread each is faster than contended threads
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
 
 from data import load  # noqa: E402, F401 - the scripts import it from here
 
 import rebasin  # noqa: E402
 from rebasin import landscape  # noqa: E402
+
+
+def single_thread() -> None:
+    """One torch thread: a script's runs share two cores, where contended threads are slower.
+    Called by each script when it runs as a program, not on import."""
+    torch.set_num_threads(1)
 
 
 def mlp(d_in: int, width: int = 512, depth: int = 3, classes: int = 10) -> nn.Sequential:

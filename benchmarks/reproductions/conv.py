@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from common import landscape, load, machine, pyplot, rebasin, savefig, train
+from common import landscape, load, machine, pyplot, rebasin, savefig, single_thread, train
 
 
 class Block(nn.Module):
@@ -139,4 +139,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    single_thread()
     main()

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import load, machine, mlp, path, pyplot, rebasin, savefig, timed, trained_mlp
+from common import load, machine, mlp, path, pyplot, rebasin, savefig, single_thread, timed, trained_mlp
 
 FULL = dict(width=512, epochs={"digits": 40, "mnist1d": 40}, steps=200, path_steps=25)
 FAST = dict(width=64, epochs={"digits": 15, "mnist1d": 15}, steps=40, path_steps=9)
@@ -87,4 +87,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    single_thread()
     main()

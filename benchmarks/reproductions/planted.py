@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import load, machine, pyplot, rebasin, savefig, trained_mlp
+from common import load, machine, pyplot, rebasin, savefig, single_thread, trained_mlp
 
 
 def solvers(fast: bool):
@@ -129,4 +129,5 @@ def main(argv=None) -> list:
 
 
 if __name__ == "__main__":
+    single_thread()
     main()

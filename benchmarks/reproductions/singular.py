@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import landscape, load, machine, mlp, path, pyplot, rebasin, savefig, trained_mlp
+from common import landscape, load, machine, mlp, path, pyplot, rebasin, savefig, single_thread, trained_mlp
 
 K = 5
 
@@ -99,4 +99,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    single_thread()
     main()

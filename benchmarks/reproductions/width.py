@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import load, machine, mlp, path, pyplot, rebasin, savefig, trained_mlp
+from common import load, machine, mlp, path, pyplot, rebasin, savefig, single_thread, trained_mlp
 
 
 def run(width: int, pairs, epochs: int, data):
@@ -69,4 +69,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    single_thread()
     main()
