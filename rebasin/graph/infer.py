@@ -506,6 +506,42 @@ def _decompose(alg, v, i, out: list) -> list:
     return out
 
 
+def _sum_parents(alg) -> dict[int, list[tuple[int, int]]]:
+    """For every root that is a piece of a sum: ``(sum root, offset of the piece)`` pairs."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for i, var in enumerate(alg.vars):
+        if var.parent != i or var.kind != "sum":
+            continue
+        offset = 0
+        for c in var.children:
+            out.setdefault(alg.find(c), []).append((i, offset))
+            offset += alg.size(c)
+    return out
+
+
+def _lift_path(path: tuple, wholes: dict) -> tuple:
+    """``path`` with, for each ``(piece, i)``, the ``(sum, offset + i)`` of every sum holding it."""
+    out, todo = dict.fromkeys(path), list(path)
+    while todo:
+        r, i = todo.pop()
+        for whole, offset in wholes.get(r, ()):
+            if (whole, offset + i) not in out:
+                out[(whole, offset + i)] = None
+                todo.append((whole, offset + i))
+    return tuple(out)
+
+
+def _lift_roots(roots: set, wholes: dict) -> set:
+    """``roots`` with every sum holding one of them (transitively)."""
+    out, todo = set(roots), list(roots)
+    while todo:
+        for whole, _ in wholes.get(todo.pop(), ()):
+            if whole not in out:
+                out.add(whole)
+                todo.append(whole)
+    return out
+
+
 def _extract(cx: _Context, weights: dict) -> Spec:
     """Expand every weight axis into class members.
 
@@ -559,7 +595,9 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             if reasons:
                 blocked.append(BlockedAxis(name, axis, reasons[0]))
 
-    # which outer factors each leaf may nest under
+    # which outer factors each leaf may nest under (an index of a piece is also one of its sum)
+    wholes = _sum_parents(alg)
+    occurrences = [(*o[:5], _lift_path(o[5], wholes)) for o in occurrences]
     nest: dict[int, set] = {}
     for r, _, _, _, _, path in occurrences:
         roots = {o for o, _ in path}
@@ -570,10 +608,11 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             present: set = set()
             for v in axes:
                 _tree_roots(alg, v, present)
+            present = _lift_roots(present, wholes)
             for r in candidates & present:
                 nest[r] &= present
         for v, y in cx.mixing:
-            mixed = _tree_roots(alg, v, set())
+            mixed = _lift_roots(_tree_roots(alg, v, set()), wholes)
             held: set = set()
             for w in cx.axes.get(y, ()):
                 _tree_roots(alg, w, held)
