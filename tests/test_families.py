@@ -181,6 +181,8 @@ class ConcatGroupNorm(nn.Module):
     # groups of 6: group 1 holds 2 channels of a and 4 of b, so it stays and every group's
     # channels split 2 + 4 (one permutation shared by the groups: the algebra's product)
     (8, 4, 2, {2: 1, 4: 1}),
+    # groups of 4, group 1 cut 2 + 2: b's two whole groups move; every group's channels 2 + 2
+    (6, 10, 4, {2: 3}),
 ])
 def test_group_norm_over_concatenation(c1, c2, groups, sizes):
     torch.manual_seed(0)

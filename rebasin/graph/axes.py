@@ -3,8 +3,9 @@
 Every tensor axis gets a variable. Rules *unify* variables that must carry the same permutation,
 *pin* variables that must not be permuted (with a reason naming the node), and declare structure:
 ``prod(a, b)`` (row-major factors, from reshape/flatten/heads) or ``sum(a, b)`` (concatenated
-pieces). Two structures merged on one class are refined to a common refinement when one exists;
-otherwise both are pinned, which is always sound.
+pieces). Two structures merged on one class are refined to a common refinement when one exists
+(a sum meeting a product: runs of whole items of the product's outer factor per piece, see
+``_groups_in_pieces``); otherwise both are pinned, which is always sound.
 
 Complexity: near-linear in the number of axis variables (path-halving union-find).
 """
@@ -102,8 +103,8 @@ class AxisAlgebra:
             return
         if {ka, kb} == {"sum", "prod"}:
             pieces, factors = (ca, cb) if ka == "sum" else (cb, ca)
-            if self._groups_in_pieces(va, pieces, factors, reason):
-                return
+            self._groups_in_pieces(va, pieces, factors, reason)
+            return
         common = _refine(ka, sa, kb, sb)
         if common is None:
             va.kind, va.children = ka, ca + cb  # keep both so pinning reaches all of them
@@ -123,7 +124,7 @@ class AxisAlgebra:
                     self.prod(take) if ka == "prod" else self.sum(take))
                 self.union(c, combo, reason)
 
-    def _groups_in_pieces(self, root: _Var, pieces, factors, reason: str) -> bool:
+    def _groups_in_pieces(self, root: _Var, pieces, factors, reason: str) -> None:
         """Concatenated ``pieces`` meeting a product ``[outer, *inner]`` (GroupNorm's groups over a
         skip concatenation): the common refinement of the two layouts.
 
@@ -131,8 +132,8 @@ class AxisAlgebra:
         ``g`` its groups, so groups move within their piece and share the inner permutation. A
         group cut by a piece boundary stays in place (a size-1 part of ``outer``) and ``inner`` is
         cut at the boundary's position within the group (``inner = sum(...)``), so no position
-        crosses a boundary. ``outer`` becomes the sum of the runs and the cut groups. Always
-        succeeds (returns True); the cut ``inner`` may in turn meet other layouts of ``inner``.
+        crosses a boundary. ``outer`` becomes the sum of the runs and the cut groups; the cut
+        ``inner`` may in turn meet (and be refined with or pinned by) other layouts of ``inner``.
         """
         inner = factors[1:]
         width = math.prod(self.size(f) for f in inner)
@@ -162,7 +163,6 @@ class AxisAlgebra:
                 pos = stop
             self.union(p, self.sum(parts), reason)
         self.union(factors[0], self.sum(groups), reason)
-        return True
 
     # ----------------------------------------------------------------- final answers
     def propagate_pins(self) -> None:

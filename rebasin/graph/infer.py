@@ -549,6 +549,8 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     per index of an outer factor ``h`` when that is sound: ``h`` is an outer factor of ``d`` on
     every weight axis holding ``d``, every tensor holding ``d`` also holds ``h``, and no op that
     keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions).
+    An index of a piece of a sum counts as the index of the sum (groups of a GroupNorm over a
+    concatenation, each piece's groups a piece of the groups axis).
     """
     alg = cx.alg
     occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
