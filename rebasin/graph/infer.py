@@ -548,7 +548,8 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     A leaf factor ``d`` inside a product (head dims inside heads) gets an independent permutation
     per index of an outer factor ``h`` when that is sound: ``h`` is an outer factor of ``d`` on
     every weight axis holding ``d``, every tensor holding ``d`` also holds ``h``, and no op that
-    keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions).
+    keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions),
+    unless ``d`` lies inside the combined axis (the op then commutes with any permutation of it).
     An index of a piece of a sum counts as the index of the sum (groups of a GroupNorm over a
     concatenation, each piece's groups a piece of the groups axis).
     """
@@ -614,10 +615,15 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             for r in candidates & present:
                 nest[r] &= present
         for v, y in cx.mixing:
-            mixed = _lift_roots(_tree_roots(alg, v, set()), wholes)
+            inside = _tree_roots(alg, v, set())
+            mixed = _lift_roots(inside, wholes)
             held: set = set()
             for w in cx.axes.get(y, ()):
-                _tree_roots(alg, w, held)
+                if alg.find(w) != alg.find(v):
+                    _tree_roots(alg, w, held)
+            # a leaf inside the mixed axis is combined over the whole axis at once (a contraction,
+            # a normalization, a softmax: any permutation of the axis commutes with the op), so
+            # an independent permutation per index of a factor of the axis is one of those
             for r in candidates & held:
                 nest[r] -= mixed
 
