@@ -176,8 +176,10 @@ class ConcatGroupNorm(nn.Module):
 
 
 @pytest.mark.parametrize("c1,c2,groups,sizes", [
-    # groups of 4: 2 in each branch, moving within it; each group's 4 channels on their own
-    (8, 8, 4, {2: 2, 4: 4}),
+    # groups of 4: 2 in each branch, moving within it; the groups' 4 channels share one
+    # permutation (the algebra's product gives every group of the concatenation one channel
+    # variable; the maximum has one per group: {2: 2, 4: 4})
+    (8, 8, 4, {2: 2, 4: 1}),
     # groups of 6: group 1 holds 2 channels of a and 4 of b, so it stays and every group's
     # channels split 2 + 4 (one permutation shared by the groups: the algebra's product)
     (8, 4, 2, {2: 1, 4: 1}),
@@ -193,6 +195,41 @@ def test_group_norm_over_concatenation(c1, c2, groups, sizes):
     assert_sound(model, x, spec)
     assert _sizes(spec) == sizes, spec.table()
     assert not {(b.tensor, b.axis) for b in spec.blocked} & {("a.weight", 0), ("b.weight", 0)}
+
+
+class NormedPiecesGroupNorm(nn.Module):
+    """Three branches, each under its own GroupNorm, concatenated under another GroupNorm and
+    added to a projection of the input (so the concatenation's channels meet a residual)."""
+
+    def __init__(self, widths, own, groups):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(3, w, 1) for w in widths)
+        self.own = nn.ModuleList(nn.GroupNorm(g, w) for g, w in zip(own, widths))
+        self.skip = nn.Conv2d(3, sum(widths), 1)
+        self.norm = nn.GroupNorm(groups, sum(widths))
+        self.out = nn.Conv2d(sum(widths), 2, 1)
+
+    def forward(self, x):
+        h = torch.cat([F.silu(n(b(x))) for b, n in zip(self.branches, self.own)], 1)
+        return self.out(F.silu(self.norm(h + self.skip(x))))
+
+
+@pytest.mark.parametrize("widths,own,groups", [
+    ((4, 8, 12), (2, 4, 3), 6),  # groups of 4: a piece boundary inside a group
+    ((6, 6, 12), (3, 2, 4), 4),  # groups of 6: whole groups, pieces' own groups of 2, 3, 3
+    ((6, 10, 8), (3, 5, 4), 3),  # groups of 8 cut at 6: the pieces' pairs share the cut layout
+    ((12, 12), (6, 2), 3),  # groups of 8 cut at 12, pieces with groups of 2 and of 6
+    ((8, 8, 8), (4, 2, 8), 3),  # groups of 8, one per piece
+])
+def test_group_norm_over_normed_pieces_is_sound(widths, own, groups):
+    """Random permutations of every class leave the outputs unchanged, whatever the layouts."""
+    from tests.corpus import randomize_bn
+
+    torch.manual_seed(0)
+    model, x = randomize_bn(NormedPiecesGroupNorm(widths, own, groups)), (torch.randn(2, 3, 4, 4),)
+    spec = rebasin.infer_spec(model, x)
+    assert spec.classes, spec.table()
+    assert_sound(model, x, spec)
 
 
 class NestedGroupNorms(nn.Module):

@@ -506,42 +506,6 @@ def _decompose(alg, v, i, out: list) -> list:
     return out
 
 
-def _sum_parents(alg) -> dict[int, list[tuple[int, int]]]:
-    """For every root that is a piece of a sum: ``(sum root, offset of the piece)`` pairs."""
-    out: dict[int, list[tuple[int, int]]] = {}
-    for i, var in enumerate(alg.vars):
-        if var.parent != i or var.kind != "sum":
-            continue
-        offset = 0
-        for c in var.children:
-            out.setdefault(alg.find(c), []).append((i, offset))
-            offset += alg.size(c)
-    return out
-
-
-def _lift_path(path: tuple, wholes: dict) -> tuple:
-    """``path`` with, for each ``(piece, i)``, the ``(sum, offset + i)`` of every sum holding it."""
-    out, todo = dict.fromkeys(path), list(path)
-    while todo:
-        r, i = todo.pop()
-        for whole, offset in wholes.get(r, ()):
-            if (whole, offset + i) not in out:
-                out[(whole, offset + i)] = None
-                todo.append((whole, offset + i))
-    return tuple(out)
-
-
-def _lift_roots(roots: set, wholes: dict) -> set:
-    """``roots`` with every sum holding one of them (transitively)."""
-    out, todo = set(roots), list(roots)
-    while todo:
-        for whole, _ in wholes.get(todo.pop(), ()):
-            if whole not in out:
-                out.add(whole)
-                todo.append(whole)
-    return out
-
-
 def _extract(cx: _Context, weights: dict) -> Spec:
     """Expand every weight axis into class members.
 
@@ -550,8 +514,6 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     every weight axis holding ``d``, every tensor holding ``d`` also holds ``h``, and no op that
     keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions),
     unless ``d`` lies inside the combined axis (the op then commutes with any permutation of it).
-    An index of a piece of a sum counts as the index of the sum (groups of a GroupNorm over a
-    concatenation, each piece's groups a piece of the groups axis).
     """
     alg = cx.alg
     occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
@@ -598,9 +560,7 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             if reasons:
                 blocked.append(BlockedAxis(name, axis, reasons[0]))
 
-    # which outer factors each leaf may nest under (an index of a piece is also one of its sum)
-    wholes = _sum_parents(alg)
-    occurrences = [(*o[:5], _lift_path(o[5], wholes)) for o in occurrences]
+    # which outer factors each leaf may nest under
     nest: dict[int, set] = {}
     for r, _, _, _, _, path in occurrences:
         roots = {o for o, _ in path}
@@ -611,12 +571,10 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             present: set = set()
             for v in axes:
                 _tree_roots(alg, v, present)
-            present = _lift_roots(present, wholes)
             for r in candidates & present:
                 nest[r] &= present
         for v, y in cx.mixing:
-            inside = _tree_roots(alg, v, set())
-            mixed = _lift_roots(inside, wholes)
+            mixed = _tree_roots(alg, v, set())
             held: set = set()
             for w in cx.axes.get(y, ()):
                 if alg.find(w) != alg.find(v):
