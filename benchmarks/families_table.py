@@ -17,16 +17,16 @@ import rebasin  # noqa: E402
 from tests import corpus  # noqa: E402
 from tests.test_torch_frontend import signature  # noqa: E402
 
-FAMILIES = ["moe", "mixtral", "gqa", "einsum_attention", "unet", "phi3", "t5"]
+FAMILIES = ["moe", "mixtral", "gqa", "einsum_attention", "unet", "phi3", "t5", "diffusers_unet_cond",
+            "diffusers_unet"]
 
 
 def onnx_spec(name):
-    """The ONNX path's spec of corpus model ``name`` (rotary inverse frequencies frozen), or None."""
+    """The ONNX path's spec of corpus model ``name`` (``corpus.FROZEN`` tensors frozen), or None."""
     if name in corpus.TORCH_ONLY:
         return None
     path = corpus.export(name)
-    names = {t.name for t in rebasin.sources.onnx.load_model(path).graph.initializer}
-    return rebasin.infer_spec(path, frozen=[k for k in corpus.FROZEN if k in names])
+    return rebasin.infer_spec(path, frozen=corpus.frozen_in(path))
 
 
 def main():

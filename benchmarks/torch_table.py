@@ -13,7 +13,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import onnx  # noqa: E402
 
 import rebasin  # noqa: E402
 from tests import corpus  # noqa: E402
@@ -47,8 +46,7 @@ def main():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             path = corpus.export(name)
-        held = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
-        onnx_spec = rebasin.infer_spec(path, frozen=[k for k in corpus.FROZEN if k in held])
+        onnx_spec = rebasin.infer_spec(path, frozen=corpus.frozen_in(path))
         keep = set(spec.shapes) & set(onnx_spec.shapes)
         same = signature(spec, keep) == signature(onnx_spec, keep)
         gap = name in corpus.AGREEMENT_GAPS

@@ -257,6 +257,40 @@ class UNetBlock(nn.Module):
         return self.out(self.act(self.fuse(torch.cat([u, h1], 1))))
 
 
+class _Sample(nn.Module):
+    """A diffusers UNet's denoised ``sample`` for a noisy sample, timesteps and (conditional) text states."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, sample, timestep, *context):
+        return self.m(sample, timestep, *context).sample
+
+
+def _diffusers(kind):
+    """Tiny diffusers UNets (random init, no weights): ``UNet2DConditionModel`` (Stable Diffusion's
+    layout: cross-attention transformer blocks with GEGLU, time embedding, skip concatenations)
+    and ``UNet2DModel`` (DDPM's: self-attention blocks, resnet shortcuts)."""
+    def make():
+        import diffusers
+
+        small = dict(sample_size=16, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+                     attention_head_dim=8)
+        timesteps = torch.tensor([3.0, 500.0])
+        if kind == "cond":
+            m = diffusers.UNet2DConditionModel(
+                **small, in_channels=4, out_channels=4, cross_attention_dim=16,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+            return _Sample(m), (torch.randn(2, 4, 16, 16), timesteps, torch.randn(2, 5, 16))
+        m = diffusers.UNet2DModel(**small, in_channels=3, out_channels=3,
+                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+        return _Sample(m), (torch.randn(2, 3, 16, 16), timesteps)
+    return make
+
+
 def _gqa():
     """Hand-written grouped-query attention (8 query heads, 2 key/value heads, repeat_interleave)."""
     from tests.archgen import Attention
@@ -293,16 +327,36 @@ BUILDERS = {
     "phi3": _hf_new("phi3"),
     "t5": _hf_new("t5"),
     "mixtral": _hf_new("mixtral"),
+    "diffusers_unet_cond": _diffusers("cond"),
+    "diffusers_unet": _diffusers("plain"),
 }
 # models no ONNX exporter reads (the reason): the torch frontend alone is checked
 TORCH_ONLY = {"mixtral": "transformers::grouped_mm_fallback has no ONNX export"}
 FAST = ["mlp", "resnet18", "mobilenet_v2", "squeezenet1_1", "vit", "gpt2", "bert", "llama", "mha", "moe",
-        "moe_stacked", "einsum_attention", "unet", "gqa", "phi3", "t5", "mixtral"]
+        "moe_stacked", "einsum_attention", "unet", "gqa", "phi3", "t5", "mixtral", "diffusers_unet_cond",
+        "diffusers_unet"]
 SLOW = [n for n in BUILDERS if n not in FAST]
 # where the frontends' classes differ by a known gap on the ONNX-rule side (the reason)
 AGREEMENT_GAPS: dict[str, str] = {}
-# non-persistent buffers that the ONNX export makes initializers: fixed on both paths
-FROZEN = ("m.model.rotary_emb.inv_freq",)
+# non-persistent buffers and values computed from constants that the ONNX export stores as float
+# tensors (initializers, Constant nodes): fixed on both paths. The diffusers timestep embedding's
+# frequencies exp(-log(10000) * arange(16) / 16) are traced into a Constant: the ONNX path could
+# permute them with linear_1's sin and cos columns, the torch path computes them from a Range.
+FROZEN = ("m.model.rotary_emb.inv_freq", "/m/time_proj/Constant_3_output_0")
+
+
+def frozen_in(path) -> list[str]:
+    """The names of ``FROZEN`` that are float tensors (initializers or Constant nodes) of the ONNX
+    model at ``path``: its ``infer_spec(path, frozen=...)`` for comparing with the torch path."""
+    import onnx
+
+    from rebasin.sources.onnx import FLOAT_TYPES
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    held = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES}
+    held |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output
+             and any(a.name == "value" and a.t.data_type in FLOAT_TYPES for a in n.attribute)}
+    return [k for k in FROZEN if k in held]
 
 
 def build(name: str, seed: int = 0):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import rebasin
 from rebasin.errors import UnsupportedModelError
-from tests.corpus import AGREEMENT_GAPS, BUILDERS, FAST, FROZEN, TORCH_ONLY, build, export
+from tests.corpus import AGREEMENT_GAPS, BUILDERS, FAST, TORCH_ONLY, build, export, frozen_in
 
 SLOW_TORCH = [n for n in BUILDERS if n not in FAST]
 
@@ -50,8 +50,7 @@ def _check_corpus(name):
         return
     # the same classes as the ONNX path (rotary inv_freq is a non-persistent buffer: frozen there too)
     path = export(name)
-    initializers = {t.name for t in rebasin.sources.onnx.load_model(path).graph.initializer}
-    onnx_spec = rebasin.infer_spec(path, frozen=[k for k in FROZEN if k in initializers])
+    onnx_spec = rebasin.infer_spec(path, frozen=frozen_in(path))
     keep = set(spec.shapes) & set(onnx_spec.shapes)
     assert len(keep) >= 0.9 * len([k for k in spec.shapes if k in keys])
     assert signature(spec, keep) == signature(onnx_spec, keep)

@@ -3,8 +3,9 @@
 Every tensor axis gets a variable. Rules *unify* variables that must carry the same permutation,
 *pin* variables that must not be permuted (with a reason naming the node), and declare structure:
 ``prod(a, b)`` (row-major factors, from reshape/flatten/heads) or ``sum(a, b)`` (concatenated
-pieces). Two structures merged on one class are refined to a common refinement when one exists;
-otherwise both are pinned, which is always sound.
+pieces). Two structures merged on one class are refined to a common refinement when one exists
+(a sum meeting a product: runs of whole items of the product's outer factor per piece, see
+``_groups_in_pieces``); otherwise both are pinned, which is always sound.
 
 Complexity: near-linear in the number of axis variables (path-halving union-find).
 """
@@ -100,6 +101,10 @@ class AxisAlgebra:
             for x, y in zip(ca, cb):
                 self.union(x, y, reason)
             return
+        if {ka, kb} == {"sum", "prod"}:
+            pieces, factors = (ca, cb) if ka == "sum" else (cb, ca)
+            self._groups_in_pieces(va, pieces, factors, reason)
+            return
         common = _refine(ka, sa, kb, sb)
         if common is None:
             va.kind, va.children = ka, ca + cb  # keep both so pinning reaches all of them
@@ -118,6 +123,46 @@ class AxisAlgebra:
                 combo = take[0] if len(take) == 1 else (
                     self.prod(take) if ka == "prod" else self.sum(take))
                 self.union(c, combo, reason)
+
+    def _groups_in_pieces(self, root: _Var, pieces, factors, reason: str) -> None:
+        """Concatenated ``pieces`` meeting a product ``[outer, *inner]`` (GroupNorm's groups over a
+        skip concatenation): the common refinement of the two layouts.
+
+        Each run of whole ``outer`` items (groups) inside a piece becomes ``prod(g, inner)`` with
+        ``g`` its groups, so groups move within their piece and share the inner permutation. A
+        group cut by a piece boundary stays in place (a size-1 part of ``outer``) and ``inner`` is
+        cut at the boundary's position within the group (``inner = sum(...)``), so no position
+        crosses a boundary. ``outer`` becomes the sum of the runs and the cut groups; the cut
+        ``inner`` may in turn meet (and be refined with or pinned by) other layouts of ``inner``.
+        """
+        inner = factors[1:]
+        width = math.prod(self.size(f) for f in inner)
+        shared = inner[0] if len(inner) == 1 else self.prod(list(inner))
+        starts = _prefix([self.size(p) for p in pieces], 0, lambda x, y: x + y)
+        bounds = sorted({c % width for c in starts} | {width})
+        subs = {0: shared}
+        if len(bounds) > 2:  # inner cut at the boundaries' positions within their groups
+            subs = {a: self.new(b - a) for a, b in zip(bounds, bounds[1:])}
+            self.union(shared, self.sum(list(subs.values())), reason)
+        root.kind, root.children = "prod", tuple(factors)
+        groups = []
+        for p, a, b in zip(pieces, starts, starts[1:]):
+            parts, pos = [], a
+            while pos < b:
+                q, r = divmod(pos, width)
+                if r == 0 and b - pos >= width:  # a run of whole groups
+                    g = self.new((b - pos) // width)
+                    groups.append(g)
+                    parts.append(self.prod([g, shared]))
+                    pos += self.size(g) * width
+                    continue
+                if r == 0:  # a cut group starts here
+                    groups.append(self.new(1))
+                stop = min(b, (q + 1) * width)
+                parts.append(self.sum([v for k, v in subs.items() if r <= k < stop - q * width]))
+                pos = stop
+            self.union(p, self.sum(parts), reason)
+        self.union(factors[0], self.sum(groups), reason)
 
     # ----------------------------------------------------------------- final answers
     def propagate_pins(self) -> None:

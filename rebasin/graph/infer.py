@@ -512,7 +512,8 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     A leaf factor ``d`` inside a product (head dims inside heads) gets an independent permutation
     per index of an outer factor ``h`` when that is sound: ``h`` is an outer factor of ``d`` on
     every weight axis holding ``d``, every tensor holding ``d`` also holds ``h``, and no op that
-    keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions).
+    keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions),
+    unless ``d`` lies inside the combined axis (the op then commutes with any permutation of it).
     """
     alg = cx.alg
     occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
@@ -576,7 +577,11 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             mixed = _tree_roots(alg, v, set())
             held: set = set()
             for w in cx.axes.get(y, ()):
-                _tree_roots(alg, w, held)
+                if alg.find(w) != alg.find(v):
+                    _tree_roots(alg, w, held)
+            # a leaf inside the mixed axis is combined over the whole axis at once (a contraction,
+            # a normalization, a softmax: any permutation of the axis commutes with the op), so
+            # an independent permutation per index of a factor of the axis is one of those
             for r in candidates & held:
                 nest[r] -= mixed
 
