@@ -1,6 +1,7 @@
 """The torch frontend's two tracers on architectures outside the test corpus: classes and
 sum log(size!) from the fx path (``torch.fx.symbolic_trace`` + the dispatch-mode recorder) and
-from ``torch.export``, whether they agree class for class, and each one's time.
+from ``torch.export``, whether they agree class for class, each one's time, and whether the spec is
+sound here (every class permuted at random, two seeds, the outputs compared).
 
     python benchmarks/tracer_agreement.py [model ...]
 
@@ -52,6 +53,12 @@ def log_sym(spec) -> float:
     return sum(math.lgamma(c.size + 1) for c in spec.classes)
 
 
+def sound_under(model, inputs, spec, seeds=(0, 1)) -> bool:
+    """Every class of ``spec`` permuted at random leaves the outputs equal (for each seed)."""
+    return all(rebasin.verify_torch(model, rebasin.apply_permutation(
+        model.state_dict(), spec, spec.random_permutations(s)), inputs).equal for s in seeds)
+
+
 def timed(model, inputs, tracer):
     t0 = time.perf_counter()
     try:
@@ -65,8 +72,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("models", nargs="*", default=MODELS)
     args = p.parse_args()
-    print("| model | fx classes | fx log-sym | fx s | export classes | export log-sym | export s | agree |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| model | fx classes | fx log-sym | fx s | export classes | export log-sym | export s | agree "
+          "| sound |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for name in args.models:
         model, inputs = build(name)
         with warnings.catch_warnings():
@@ -74,13 +82,15 @@ def main():
             fx, fx_s = timed(model, inputs, "fx")
             ex, ex_s = timed(model, inputs, "export")
         if fx is None or ex is None:
+            ok = "yes" if ex is not None and sound_under(model, inputs, ex) else "**NO**"
             print(f"| {name} | {fx_s if fx is None else len(fx.classes)} | | | "
-                  f"{ex_s if ex is None else len(ex.classes)} | | | |", flush=True)
+                  f"{ex_s if ex is None else len(ex.classes)} | | | | {ok} |", flush=True)
             continue
         keep = set(ex.shapes)
         agree = "yes" if signature(fx, keep) == signature(ex, keep) else "**NO**"
+        sound = "yes" if all(sound_under(model, inputs, spec) for spec in (fx, ex)) else "**NO**"
         print(f"| {name} | {len(fx.classes)} | {log_sym(fx):.1f} | {fx_s:.2f} | {len(ex.classes)} | "
-              f"{log_sym(ex):.1f} | {ex_s:.2f} | {agree} |", flush=True)
+              f"{log_sym(ex):.1f} | {ex_s:.2f} | {agree} | {sound} |", flush=True)
 
 
 if __name__ == "__main__":

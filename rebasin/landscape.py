@@ -22,6 +22,7 @@ import numpy as np
 
 from rebasin.align import _from_state_dicts, _Model, check_compatible
 from rebasin.errors import SolverError, SpecMismatchError
+from rebasin.sources.torch import load_state
 
 # --------------------------------------------------------------------------- the barrier
 
@@ -161,7 +162,7 @@ class _Runner:
     def _torch(self, params: dict, statistics: str) -> np.ndarray:
         import torch
 
-        self.module.load_state_dict(self.ma.with_params(params))
+        load_state(self.module, self.ma.with_params(params))
         if statistics == "reestimated":
             reestimate_bn_torch(self.module, self._torch_batches())
         outs = []
@@ -388,7 +389,7 @@ def loss_path(a, b, data, *, steps: int = 25, ts=None, example_inputs=None, mode
 def _repair_ends(runner: _Runner, ma: _Model, mb: _Model) -> tuple:
     ends = []
     for m in (ma, mb):
-        runner.module.load_state_dict(runner.ma.with_params(m.params))
+        load_state(runner.module, runner.ma.with_params(m.params))
         layers = _repair_layers(runner.module)
         if not layers:
             raise SolverError("REPAIR: the model has no hidden Linear or Conv layer with a bias")
@@ -399,7 +400,7 @@ def _repair_ends(runner: _Runner, ma: _Model, mb: _Model) -> tuple:
 def _repaired_outputs(runner: _Runner, params: dict, ends: tuple, t: float) -> np.ndarray:
     import torch
 
-    runner.module.load_state_dict(runner.ma.with_params(params))
+    load_state(runner.module, runner.ma.with_params(params))
     repair(runner.module, ends, t, runner._torch_batches())
     with torch.no_grad():
         outs = [runner.module(*xb) for xb in runner._torch_batches()]

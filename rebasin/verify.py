@@ -9,6 +9,7 @@ import numpy as np
 
 from rebasin.errors import ModelLoadError, VerificationError
 from rebasin.execute import make_inputs, providers, run_model
+from rebasin.sources.torch import load_state
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def verify_torch(model, state_dict, example_inputs, rtol: float = 1e-4) -> Verif
         example_inputs = (example_inputs,)
     other = copy.deepcopy(model)
     try:
-        other.load_state_dict(state_dict)
+        load_state(other, state_dict)
     except (RuntimeError, KeyError) as e:
         raise VerificationError(f"state_dict does not fit the model: {str(e).splitlines()[0]}") from e
     half = (torch.float16, torch.bfloat16)

@@ -219,3 +219,36 @@ def test_cli_align_merge(tmp_path):
     code, so, se = run("align", path, other, "-o", tmp_path / "x.onnx")
     assert code == 2 and "models differ" in se and "Traceback" not in se
     assert not (tmp_path / "x.onnx").exists()
+
+
+class Versioned(nn.Module):
+    """A module that checks the format version its state was saved with, as torchvision's MNASNet
+    does: a state dict without the version metadata is refused by ``load_state_dict``."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_state_dicts_keep_their_format_versions():
+    """Permuted and aligned state dicts carry the input's version metadata, so a module that
+    checks it loads them; rebasin's own loads give a plain dict the module's versions."""
+    torch.manual_seed(0)
+    a, b, x = Versioned().eval(), Versioned().eval(), (torch.randn(5, 4),)
+    spec = rebasin.infer_spec(a, x)
+    sd = rebasin.apply_permutation(b.state_dict(), spec, spec.random_permutations(0))
+    assert sd._metadata[""]["version"] == 2
+    Versioned().load_state_dict(sd)
+    assert rebasin.verify_torch(b, dict(sd), x).equal  # a plain dict: the module's versions
+    res = rebasin.align(a, b, "weight", example_inputs=x)
+    Versioned().load_state_dict(res.model)

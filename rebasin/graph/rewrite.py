@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 from onnx import numpy_helper
 
@@ -149,7 +151,9 @@ def _apply_state_dict(sd: dict, spec: Spec, perms: dict) -> dict:
 
     arrays = {k: numpy(v) for k, v in sd.items()}
     new = permute_arrays(arrays, spec, perms)
-    out = {}
+    out = collections.OrderedDict()
+    if getattr(sd, "_metadata", None) is not None:  # the format versions load_state_dict passes on
+        out._metadata = sd._metadata
     for k, v in sd.items():
         if torch is not None and isinstance(v, torch.Tensor):
             out[k] = torch.from_numpy(np.ascontiguousarray(new[k])).to(dtype=v.dtype, device=v.device)

@@ -43,6 +43,7 @@ from rebasin.errors import ModelLoadError, SpecMismatchError, UnsupportedModelEr
 from rebasin.execute import call_kwargs
 from rebasin.graph.ir import Graph, Node, to_networkx
 from rebasin.graph.sort_dispatch import normalize_sort_dispatch
+from rebasin.sources.torch import load_state
 
 LOWERINGS: dict = {}
 
@@ -1536,7 +1537,7 @@ def load_callable(ref: str, state_dict: str | None = None):
         if not isinstance(sd, dict):
             raise ModelLoadError(f"{state_dict} holds a {type(sd).__name__}, not a state_dict")
         try:
-            obj.load_state_dict(sd)
+            load_state(obj, sd)
         except Exception as e:  # torch lists every problem, one per line after a header
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             why = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)

@@ -8,6 +8,29 @@ from rebasin.errors import SpecMismatchError
 from rebasin.sources import ModelSource
 
 
+def load_state(module, state_dict) -> None:
+    """``module.load_state_dict(state_dict)``, giving a dict that carries no format versions (a plain
+    dict, a safetensors file) the module's own: modules that check the version their state was saved
+    with (torchvision's MNASNet) then take a dict built from their own ``state_dict``.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Linear(2, 1)
+        >>> load_state(m, {"weight": torch.ones(1, 2), "bias": torch.zeros(1)})
+        >>> m.weight.tolist()
+        [[1.0, 1.0]]
+    """
+    if getattr(state_dict, "_metadata", None) is None:
+        own = getattr(module.state_dict(), "_metadata", None)
+        state_dict = dict(state_dict)
+        if own is not None:
+            from collections import OrderedDict
+
+            state_dict = OrderedDict(state_dict)
+            state_dict._metadata = own
+    module.load_state_dict(state_dict)
+
+
 class ModuleSource(ModelSource):
     """An ``nn.Module`` (eval mode) with the inputs to trace it on; weights are its float
     ``state_dict`` entries."""
@@ -26,7 +49,7 @@ class ModuleSource(ModelSource):
         """A copy of ``module`` holding ``state_dict`` (names and shapes must match exactly)."""
         mod = copy.deepcopy(module)
         try:
-            mod.load_state_dict(state_dict)
+            load_state(mod, state_dict)
         except (RuntimeError, KeyError) as e:
             raise SpecMismatchError(f"models differ: {str(e).splitlines()[0]}") from e
         return cls(mod, example_inputs, label="state_dict")
