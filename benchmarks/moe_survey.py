@@ -29,14 +29,13 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key
              head_dim=8, pad_token_id=0, decoder_sparse_step=1, mlp_only_layers=[],
              first_k_dense_replace=0, n_group=2, topk_group=1, n_shared_experts=1,
              shared_expert_intermediate_size=16,
-             kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
-             layer_types=None, sliding_window=None)
+             kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
 FAMILIES = {  # model class, and keywords its config needs besides SMALL
     "qwen2_moe": ("Qwen2MoeForCausalLM", {}),
     "qwen3_moe": ("Qwen3MoeForCausalLM", {}),
     "olmoe": ("OlmoeForCausalLM", {}),
-    "gpt_oss": ("GptOssForCausalLM", {}),
-    "deepseek_v3": ("DeepseekV3ForCausalLM", {}),
+    "gpt_oss": ("GptOssForCausalLM", {"sliding_window": 4}),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", {"head_dim": 4}),  # rotary dims: qk_rope_head_dim
     "granitemoe": ("GraniteMoeForCausalLM", {}),
     "phimoe": ("PhimoeForCausalLM", {}),
     "glm4_moe": ("Glm4MoeForCausalLM", {}),
