@@ -398,6 +398,10 @@ ROUTING = {
     "topk_pick_rows": (lambda m, h: h + m.extra["e"](h.topk(2, -1).indices.flatten()).view(4, 2, 8).sum(1),
                        True),
     "argsort": (lambda m, h: h * h.argsort(-1).to(h.dtype), False),
+    # an unsorted top-k returns its k in an order that follows positions (on the CPU): pinned
+    "topk_unsorted_first": (lambda m, h: h * h.topk(3, -1, sorted=False).values[:, :1], False),
+    "topk_unsorted_mask": (lambda m, h: h + F.one_hot(h.topk(2, -1, sorted=False).indices, 8)[:, 0]
+                           .to(h.dtype), False),
     # scatters along the batch axis keep the features' class
     "index_add": (lambda m, h: h.index_add(0, torch.tensor([1, 0, 1, 2]), 2 * h), True),
     "index_put": (lambda m, h: h.index_put((torch.tensor([2, 0]),), h[:2] * 3), True),

@@ -996,7 +996,9 @@ def _spread(b, x, shape, axis, out) -> None:
 @lowering("topk", "sort", "argsort", "msort")
 def _topk(b, n, p, name):
     """Values (the k largest, or all sorted) are invariant to a permutation of the selected axis
-    and come in a fixed order along it; indices are positions along it, which pins it."""
+    and come in a fixed order along it; indices are positions along it, which pins it. An
+    unsorted top-k returns its k in an order that may follow positions (it does on the CPU): it
+    is the ONNX ``TopK`` with ``sorted=0``, whose rule pins the selected axis."""
     x, xs = b.t(p["self"]), b.shape(p["self"])
     dim = _norm(int(p.get("dim", -1) if p.get("dim") is not None else -1), len(xs)) if name != "msort" else 0
     ys = b.shapes[b.out(0) if name in ("topk", "sort") else b.out()]
@@ -1005,6 +1007,10 @@ def _topk(b, n, p, name):
         outs = {i: b.out(i) for i in _used_items(n) & {0, 1}}
     else:  # one output: the indices (argsort) or the values (msort)
         outs = {1 if name == "argsort" else 0: b.out()}
+    if name == "topk" and not p.get("sorted", True):  # k largest in an order that may follow positions
+        b.emit("TopK", [x, b.const([int(p["k"])])], [b.out(0), b.out(1)], axis=dim, sorted=0,
+               largest=int(bool(p.get("largest", True))))
+        return
     if name == "topk" and 1 in outs and _topk_indices_select_only(n):
         del outs[1]  # only used to choose: readers use the top-k mask of the scores instead
     for i in sorted(outs):
@@ -1076,8 +1082,8 @@ def _topk_indices_select_only(topk) -> bool:
     val = topk.args[0].meta.get("val")
     p = _schema_args(topk.target, topk.args, topk.kwargs)
     rank = len(getattr(val, "shape", ()))
-    if not rank or _norm(int(p.get("dim", -1)), rank) != rank - 1:
-        return False
+    if not rank or _norm(int(p.get("dim", -1)), rank) != rank - 1 or not p.get("sorted", True):
+        return False  # unsorted: the j-th pick is not the j-th largest
     width, found = _experts(topk), False
     todo = [g for g in topk.users if g.target is operator.getitem and g.args[1] == 1]
     while todo:
