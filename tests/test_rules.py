@@ -207,3 +207,18 @@ def test_pad_makes_pieces(pads, sizes):
                       numpy_helper.from_array(np.array(pads, dtype=np.int64), "pads")], [2, 4], [2, 3])
     spec = assert_sound(m)
     assert sorted(c.size for c in spec.classes) == sizes
+
+
+@pytest.mark.parametrize("scale,kept", [(1.0, True), (1.2, False)])
+def test_resize_keeps_an_axis_only_at_scale_one(scale, kept):
+    """Nearest resize of the hidden axis (4 units) by 1.2 keeps its length (floor 4.8 = 4), but by
+    ONNX's definition (x_original = (x + 0.5) / scale - 0.5) it reads unit 2 for unit 3: that axis
+    must not move (onnxruntime happens to return the identity here; the spec must hold for any
+    runtime). At scale 1 it is the identity."""
+    scales = numpy_helper.from_array(np.array([1.0, scale], np.float32), "scales")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Resize", ["r", "", "scales"], ["s"], mode="nearest"),
+             helper.make_node("MatMul", ["s", "w2"], ["y"])]
+    m = model(nodes, [W("w1", 6, 4), W("w2", 4, 3), scales], [2, 6], [2, 3])
+    spec = assert_sound(m)
+    assert any(mb.tensor == "w1" and mb.axis == 1 for c in spec.classes for mb in c.members) == kept

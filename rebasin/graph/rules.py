@@ -756,7 +756,7 @@ def pool(cx, node):
 
 @rule("Resize", "Upsample")
 def resize(cx, node):
-    """Axes of unchanged size carry to the output.
+    """Axes of unchanged size (and, where the scales are given, a scale of 1) carry to the output.
 
     Pins: resized axes; every axis in tf_crop_and_resize mode.
     """
@@ -764,8 +764,14 @@ def resize(cx, node):
     x, y = node.input[0], node.output[0]
     crop = cx.attr("coordinate_transformation_mode", b"") in (b"tf_crop_and_resize",
                                                                 "tf_crop_and_resize")
-    for v, w, n, m in zip(cx.ax(x), cx.ax(y), cx.shape(x), cx.shape(y)):
-        if n == m and not crop:
+    # a scale other than 1 may keep an axis' length (4 x 1.2 -> 4) yet sample between positions
+    scale_input = node.input[2] if node.op_type == "Resize" and len(node.input) > 2 else \
+        (node.input[1] if node.op_type == "Upsample" and len(node.input) > 1 else "")
+    scales = (cx.value(scale_input) if cx.value(scale_input) is not None else cx.g.weights.get(scale_input)) \
+        if scale_input else None  # a float initializer is a (pinned) weight
+    scales = None if scales is None or scales.size != len(cx.shape(x)) else scales.ravel()
+    for k, (v, w, n, m) in enumerate(zip(cx.ax(x), cx.ax(y), cx.shape(x), cx.shape(y))):
+        if n == m and not crop and (scales is None or float(scales[k]) == 1.0):
             cx.tie(v, w)
         else:
             cx.pin(v, "resized axis")
