@@ -100,3 +100,20 @@ def test_lowering_flag_sound(case, tracer):
     assert_sound(model, x, spec)
     members = [m for c in spec.classes for m in c.members if m.tensor == "a.weight" and m.axis == 0]
     assert bool(members) == kept, spec.table()
+
+
+@pytest.mark.parametrize("scale,kept", [(1.1, False), (1.0, True)])
+def test_onnx_resize_scale_other_than_one_pins_a_same_size_axis(scale, kept):
+    """ONNX ``Resize`` (nearest, asymmetric, floor) of 6 items at scale 1.1: by the ONNX spec it
+    samples ``floor(i / 1.1)``, not the identity (torch does too; onnxruntime recomputes the scale
+    from the sizes and returns the input), so the axis is pinned, sound under both readings; at
+    scale 1 it is the identity and the axis moves."""
+    from tests.test_fused_rules import I, W, mlp_around, node
+    from tests.test_fused_rules import assert_sound as assert_onnx_sound
+
+    nodes = [node("Resize", ["h", "", "sc"], ["o"], mode="nearest",
+                  coordinate_transformation_mode="asymmetric", nearest_mode="floor")]
+    m = mlp_around(nodes, [I("sc", [1.0, 1.0, scale], dtype="float32")], d=6)
+    m.graph.initializer[1].CopyFrom(W("w_out", 6, 3))
+    spec = assert_onnx_sound(m)
+    assert any(mm.tensor == "w_in" and mm.axis == 1 for c in spec.classes for mm in c.members) == kept

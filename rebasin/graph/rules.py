@@ -777,10 +777,10 @@ def resize(cx, node):
 def _resize_scales(cx, node):
     """The constant per-axis scales of a Resize / Upsample (the float input of one entry per axis:
     ``scales`` of opset 11+, or the second input of opset 10 and Upsample; ``roi`` has two per
-    axis), or None."""
+    axis; an initializer of the ONNX path is a pinned weight), or None."""
     rank = len(cx.shape(node.input[0]))
     for name in node.input[1:3]:
-        v = cx.value(name) if name else None
+        v = (cx.value(name) if cx.value(name) is not None else cx.g.weights.get(name)) if name else None
         if v is not None and np.asarray(v).dtype.kind == "f" and np.asarray(v).size == rank:
             return [float(s) for s in np.ravel(v)]
     return None
