@@ -42,6 +42,7 @@ AUDIT = {
                                                         mode="bicubic").reshape(4, 8), True),
     "resize_linear_corners": (lambda m, h: _interp(h, size=8, mode="linear", align_corners=True), True),
     "resize_channels": (lambda m, h: F.interpolate(h.unsqueeze(-1), scale_factor=2).sum(-1), True),
+    "resize_recomputed_scale": (lambda m, h: _interp(h, scale_factor=1.1, recompute_scale_factor=True), True),
     # global max pooling is order free, its indices are not (were unsound)
     "adaptive_max_indices": (lambda m, h: h * F.adaptive_max_pool1d(h.unsqueeze(1), 1, return_indices=True)[1]
                              [:, 0].to(h.dtype), False),
@@ -52,6 +53,7 @@ AUDIT = {
                       .repeat(1, 2)[:, :8], False),
     # an unbatched conv input [C, L] has its channels on axis 0 (export path was unsound)
     "conv_unbatched": (lambda m, h: m.extra["c1"](h.t()).t(), True),
+    "conv_padding_mode_reflect": (lambda m, h: m.extra["cr"](h.unsqueeze(-1).repeat(1, 1, 4)).sum(-1), True),
     "conv_groups": (lambda m, h: m.extra["cg"](h.unsqueeze(-1)).squeeze(-1), True),
     "conv_transpose_groups": (lambda m, h: m.extra["ct"](h.unsqueeze(-1)).sum(-1), True),
     # inner contracts the last axes of both: a @ b.T (export path lowered a @ b: unsound)
@@ -81,7 +83,8 @@ AUDIT = {
 
 def _extra():
     return {"c1": nn.Conv1d(8, 8, 1), "cg": nn.Conv1d(8, 8, 1, groups=2),
-            "ct": nn.ConvTranspose1d(8, 8, 2, groups=4, output_padding=1, stride=2), "sq": nn.Linear(8, 8)}
+            "ct": nn.ConvTranspose1d(8, 8, 2, groups=4, output_padding=1, stride=2), "sq": nn.Linear(8, 8),
+            "cr": nn.Conv1d(8, 8, 3, padding=1, padding_mode="reflect")}
 
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
