@@ -756,26 +756,34 @@ def pool(cx, node):
 
 @rule("Resize", "Upsample")
 def resize(cx, node):
-    """Axes of unchanged size (and, where the scales are given, a scale of 1) carry to the output.
+    """Axes of unchanged size and scale 1 carry to the output (a known scale other than 1 samples
+    other positions even where the size stays: 8 items at scale 1.1 are 8 items, not the same).
 
-    Pins: resized axes; every axis in tf_crop_and_resize mode.
+    Pins: resized axes; axes of scale other than 1; every axis in tf_crop_and_resize mode.
     """
     cx.invariant(node.input[1:])
     x, y = node.input[0], node.output[0]
     crop = cx.attr("coordinate_transformation_mode", b"") in (b"tf_crop_and_resize",
                                                                 "tf_crop_and_resize")
-    # a scale other than 1 may keep an axis' length (4 x 1.2 -> 4) yet sample between positions
-    scale_input = node.input[2] if node.op_type == "Resize" and len(node.input) > 2 else \
-        (node.input[1] if node.op_type == "Upsample" and len(node.input) > 1 else "")
-    scales = (cx.value(scale_input) if cx.value(scale_input) is not None else cx.g.weights.get(scale_input)) \
-        if scale_input else None  # a float initializer is a (pinned) weight
-    scales = None if scales is None or scales.size != len(cx.shape(x)) else scales.ravel()
+    scales = _resize_scales(cx, node)
     for k, (v, w, n, m) in enumerate(zip(cx.ax(x), cx.ax(y), cx.shape(x), cx.shape(y))):
-        if n == m and not crop and (scales is None or float(scales[k]) == 1.0):
+        if n == m and not crop and (scales is None or scales[k] == 1):
             cx.tie(v, w)
         else:
             cx.pin(v, "resized axis")
             cx.pin(w, "resized axis")
+
+
+def _resize_scales(cx, node):
+    """The constant per-axis scales of a Resize / Upsample (the float input of one entry per axis:
+    ``scales`` of opset 11+, or the second input of opset 10 and Upsample; ``roi`` has two per
+    axis; an initializer of the ONNX path is a pinned weight), or None."""
+    rank = len(cx.shape(node.input[0]))
+    for name in node.input[1:3]:
+        v = (cx.value(name) if cx.value(name) is not None else cx.g.weights.get(name)) if name else None
+        if v is not None and np.asarray(v).dtype.kind == "f" and np.asarray(v).size == rank:
+            return [float(s) for s in np.ravel(v)]
+    return None
 
 
 @rule("Tile")

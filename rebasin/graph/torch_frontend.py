@@ -410,8 +410,8 @@ class _Builder:
         self.shapes[name] = tuple(shape)
         return name
 
-    def const(self, value) -> str:
-        arr = np.asarray(value, dtype=np.int64)
+    def const(self, value, dtype=np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
         self._n += 1
         name = f"{self.names[self.fx.name]}::c{self._n}"
         self.values[name] = arr
@@ -525,9 +525,22 @@ def _linear(b, n, p, name):
     b.emit("Add", [y0, bias], [b.out()])
 
 
-@lowering("mm", "bmm", "matmul", "mv", "dot", "vdot", "inner")
+@lowering("mm", "bmm", "matmul", "mv", "dot", "vdot")
 def _matmul(b, n, p, name):
     b.emit("MatMul", [b.t(n.args[0]), b.t(n.args[1])], [b.out()])
+
+
+@lowering("inner")
+def _inner(b, n, p, name):
+    """``inner(a, b)`` contracts the last axis of both (``a @ b.T`` for matrices, not ``a @ b``):
+    the ``Einsum`` ``"..z,..z->.. .."``; a 0-d operand multiplies."""
+    (x, xs), (y, ys) = ((b.t(a), b.shape(a)) for a in (p["self"], p["other"]))
+    if not xs or not ys:
+        b.emit("Mul", [x, y], [b.out()])
+        return
+    letters = "abcdefghijklmnopqrstuvwxy"
+    lx, ly = letters[:len(xs) - 1], letters[len(xs) - 1:len(xs) + len(ys) - 2]
+    b.emit("Einsum", [x, y], [b.out()], equation=f"{lx}z,{ly}z->{lx}{ly}".encode())
 
 
 @lowering("einsum")
@@ -554,9 +567,21 @@ def _addmm(b, n, p, name):
 @lowering("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
           "conv_transpose2d", "conv_transpose3d")
 def _conv(b, n, p, name):
+    """Convolution, batched ``[N, C, *S]`` as ONNX has it. An unbatched input ``[C, *S]`` (one rank
+    less than the weight; ``conv1d`` .. ``conv3d`` take it) gets a batch axis of 1 before and loses
+    it after, so its channels are axis 0, not axis 1."""
     transposed = bool(p.get("transposed")) or name.startswith("conv_transpose")
-    b.emit("ConvTranspose" if transposed else "Conv",
-           [b.t(p["input"]), b.t(p["weight"]), b.t(p.get("bias"))], [b.out()], group=int(p["groups"]))
+    x, xs, ys = b.t(p["input"]), b.shape(p["input"]), b.shapes[b.out()]
+    unbatched = len(xs) == len(b.shape(p["weight"])) - 1
+    if unbatched:
+        x1 = b.tmp((1, *xs))
+        b.emit("Reshape", [x], [x1])
+        x = x1
+    y = b.tmp((1, *ys)) if unbatched else b.out()
+    b.emit("ConvTranspose" if transposed else "Conv", [x, b.t(p["weight"]), b.t(p.get("bias"))], [y],
+           group=int(p["groups"]))
+    if unbatched:
+        b.emit("Reshape", [y], [b.out()])
 
 
 @lowering("scaled_dot_product_attention", "_scaled_dot_product_attention_math",
@@ -943,7 +968,8 @@ def _pool(b, n, p, name):
     outs = [b.out(0), b.out(1) if 1 in _used_items(n) else ""] if multi else [b.out()]
     ys = b.shapes[outs[0]]
     op = "MaxPool" if "max" in name else "LpPool" if "lp" in name else "AveragePool"
-    if "adaptive" in name and all(d == 1 for d in ys[2:]):
+    indices_read = multi and bool(outs[1])  # positions of the maxima: they follow the spatial order
+    if "adaptive" in name and all(d == 1 for d in ys[2:]) and not indices_read:
         op = "GlobalMaxPool" if "max" in name else "GlobalAveragePool"
     b.emit(op, [b.t(n.args[0])], outs)
 
@@ -958,7 +984,22 @@ def _pad(b, n, p, name):
     begins, ends = [0] * rank, [0] * rank
     for i in range(len(torch_pads) // 2):  # torch: (last begin, last end, second last begin, ...)
         begins[rank - 1 - i], ends[rank - 1 - i] = torch_pads[2 * i], torch_pads[2 * i + 1]
-    b.emit("Pad", [b.t(n.args[0]), b.const(begins + ends)], [b.out()])
+    b.emit("Pad", [b.t(n.args[0]), b.const(begins + ends)], [b.out()], mode=_pad_mode(name, p))
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+def _pad_mode(name, p) -> str:
+    """The ONNX ``Pad`` mode of a torch pad: padded values copy the input's edge items (``reflect``,
+    ``edge``, ``wrap``) or are one constant; only a constant pad keeps the padded axis free."""
+    if name == "pad":
+        return _PAD_MODES.get(str(p.get("mode", "constant")), "unknown")
+    for prefix, mode in (("reflection", "reflect"), ("replication", "edge"), ("circular", "wrap"),
+                         ("_pad_circular", "wrap")):
+        if name.startswith(prefix):
+            return mode
+    return "constant"
 
 
 @lowering("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
@@ -966,7 +1007,21 @@ def _pad(b, n, p, name):
           "_upsample_nearest_exact2d", "_upsample_nearest_exact1d", "_upsample_nearest_exact3d",
           "_upsample_bicubic2d_aa")
 def _resize(b, n, p, name):
-    b.emit("Resize", [b.t(n.args[0])], [b.out()])
+    """The ONNX ``Resize`` with its ``scales`` input: a scale given to torch is what it samples
+    with (source = destination / scale), even where the size stays the same (``scale_factor=1.1``
+    on 8 items gives 8 items, not the identity); sizes alone (or ``align_corners``) sample with
+    output / input, the identity on an axis whose size stays."""
+    xs, ys = b.shape(n.args[0]), b.shapes[b.out()]
+    spatial = len(xs) - 2
+    given = p.get("scale_factors")
+    if given is None:
+        keys = [k for k in ("scales_d", "scales_h", "scales_w", "scales") if k in p][-spatial:]
+        given = [p.get(k) for k in keys]
+    given = list(given) + [None] * (spatial - len(given))
+    if p.get("align_corners"):
+        given = [None] * spatial
+    scales = [1.0, 1.0] + [float(s) if s is not None else m / k for s, k, m in zip(given, xs[2:], ys[2:])]
+    b.emit("Resize", [b.t(n.args[0]), "", b.const(scales, np.float32)], [b.out()])
 
 
 # --- routing: selections by value, scatters, grouped matrix products (mixtures of experts)
