@@ -10,7 +10,6 @@ are equal), input ids of shape 2 x 8. ``experts`` counts the classes holding a r
 """
 
 import argparse
-import math
 import sys
 import time
 import warnings
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import rebasin  # noqa: E402
+from benchmarks.tracer_agreement import sound_under  # noqa: E402
 from tests.corpus import _Logits, randomize_bn  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -83,16 +83,14 @@ def main():
                 print(f"| {fam} | refused: {str(e)[:90]} | | | | |", flush=True)
                 continue
             took = time.perf_counter() - t0
-            sound = all(rebasin.verify_torch(model, rebasin.apply_permutation(
-                model.state_dict(), spec, spec.random_permutations(s)), inputs).equal for s in range(3))
+            sound = sound_under(model, inputs, spec, seeds=range(3))
         with torch.no_grad():
             varies = not torch.allclose(model(*inputs), model(torch.randint(0, 100, (2, 8))))
         keys = routers(model)
         experts = sum(1 for c in spec.classes if any(m.tensor in keys and m.axis == 0 for m in c.members))
-        log_sym = sum(math.lgamma(c.size + 1) for c in spec.classes)
         verdict = "yes" if sound and varies else ("**NO**" if not sound else "vacuous")
-        print(f"| {fam} | {len(spec.classes)} | {log_sym:.1f} | {experts} / {len(keys)} | {verdict} | "
-              f"{took:.1f} |", flush=True)
+        print(f"| {fam} | {len(spec.classes)} | {spec.log_symmetry:.1f} | {experts} / {len(keys)} | "
+              f"{verdict} | {took:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

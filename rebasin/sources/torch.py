@@ -22,7 +22,6 @@ def load_state(module, state_dict) -> None:
     """
     if getattr(state_dict, "_metadata", None) is None:
         own = getattr(module.state_dict(), "_metadata", None)
-        state_dict = dict(state_dict)
         if own is not None:
             from collections import OrderedDict
 
