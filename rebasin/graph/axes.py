@@ -25,9 +25,22 @@ class _Var:
     pinned: str | None = None
 
 
+@dataclass(frozen=True)
+class _Family:
+    """``inner`` of ``prod(outer, inner)`` stands for ``instance`` at items ``lo <= i < hi`` of
+    ``outer`` (``spans`` of ``(lo, hi, instance)``): each group's channels, laid out on their own."""
+
+    inner: int
+    outer: int
+    spans: tuple[tuple[int, int, int], ...]
+    reason: str
+
+
 class AxisAlgebra:
     def __init__(self):
         self.vars: list[_Var] = []
+        self.families: list[_Family] = []
+        self._index: tuple | None = None  # (families and instances by inner, enclosing)
 
     # ----------------------------------------------------------------- basics
     def new(self, size: int) -> int:
@@ -79,6 +92,7 @@ class AxisAlgebra:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
+        self._index = None
         va, vb = self.vars[ra], self.vars[rb]
         if va.size != vb.size:
             self.pin(ra, f"{reason}: axis sizes differ ({va.size} vs {vb.size})")
@@ -106,6 +120,9 @@ class AxisAlgebra:
             self._groups_in_pieces(va, pieces, factors, reason)
             return
         common = _refine(ka, sa, kb, sb)
+        if common is None and ka == "prod":
+            self._groups_across(va, ca, cb, reason)
+            return
         if common is None:
             va.kind, va.children = ka, ca + cb  # keep both so pinning reaches all of them
             va.pinned = va.pinned or f"{reason}: incompatible axis layouts {ka}{sa} vs {kb}{sb}"
@@ -128,41 +145,223 @@ class AxisAlgebra:
         """Concatenated ``pieces`` meeting a product ``[outer, *inner]`` (GroupNorm's groups over a
         skip concatenation): the common refinement of the two layouts.
 
-        Each run of whole ``outer`` items (groups) inside a piece becomes ``prod(g, inner)`` with
-        ``g`` its groups, so groups move within their piece and share the inner permutation. A
-        group cut by a piece boundary stays in place (a size-1 part of ``outer``) and ``inner`` is
-        cut at the boundary's position within the group (``inner = sum(...)``), so no position
-        crosses a boundary. ``outer`` becomes the sum of the runs and the cut groups; the cut
-        ``inner`` may in turn meet (and be refined with or pinned by) other layouts of ``inner``.
+        The root becomes ``prod(outer, inner)``. Each run of whole ``outer`` items (groups) inside a
+        piece becomes ``prod(g, i)`` with ``g`` its groups (they move within their piece) and ``i`` a
+        fresh *instance* of ``inner`` for those groups; a group cut by a piece boundary stays in
+        place (a size-1 part of ``outer``) and its instance is the sum of its parts, one fresh
+        variable per piece, so no position crosses a boundary. ``outer`` becomes the sum of the runs
+        and the cut groups. The family ``(inner, outer, instances)`` is kept apart: instances may
+        take different layouts (a cut group, a piece's own GroupNorm of smaller groups), which is
+        sound only while each group's channels may move independently of the others'; where that
+        does not hold :meth:`settle` unifies ``inner`` with every instance (one permutation for all
+        groups, every cut applied to all of them).
         """
-        inner = factors[1:]
+        outer, inner = factors[0], factors[1:]
         width = math.prod(self.size(f) for f in inner)
         shared = inner[0] if len(inner) == 1 else self.prod(list(inner))
         starts = _prefix([self.size(p) for p in pieces], 0, lambda x, y: x + y)
-        bounds = sorted({c % width for c in starts} | {width})
-        subs = {0: shared}
-        if len(bounds) > 2:  # inner cut at the boundaries' positions within their groups
-            subs = {a: self.new(b - a) for a, b in zip(bounds, bounds[1:])}
-            self.union(shared, self.sum(list(subs.values())), reason)
-        root.kind, root.children = "prod", tuple(factors)
-        groups = []
+        root.kind, root.children = "prod", (outer, shared)
+        groups, spans, cut = [], [], {}
         for p, a, b in zip(pieces, starts, starts[1:]):
             parts, pos = [], a
             while pos < b:
                 q, r = divmod(pos, width)
-                if r == 0 and b - pos >= width:  # a run of whole groups
-                    g = self.new((b - pos) // width)
+                if r == 0 and b - pos >= width:  # a run of whole groups, with its own instance
+                    g, inst = self.new((b - pos) // width), self.new(width)
                     groups.append(g)
-                    parts.append(self.prod([g, shared]))
+                    spans.append((q, q + self.size(g), inst))
+                    parts.append(self.prod([g, inst]))
                     pos += self.size(g) * width
                     continue
                 if r == 0:  # a cut group starts here
                     groups.append(self.new(1))
                 stop = min(b, (q + 1) * width)
-                parts.append(self.sum([v for k, v in subs.items() if r <= k < stop - q * width]))
+                parts.append(self.new(stop - pos))
+                cut.setdefault(q, []).append(parts[-1])
                 pos = stop
             self.union(p, self.sum(parts), reason)
-        self.union(factors[0], self.sum(groups), reason)
+        spans += [(q, q + 1, self.sum(ps)) for q, ps in cut.items()]
+        self.families.append(_Family(shared, outer, tuple(sorted(spans)), reason))
+        self.union(outer, self.sum(groups), reason)
+
+    def _groups_across(self, root: _Var, ca, cb, reason: str) -> None:
+        """Two products of one axis whose groups overlap (groups of 12 and of 8 channels: no common
+        product). The one with fewer outer items stays in place (pinned), each of its groups taking
+        its own instance of the inner variable (a family, see :meth:`settle`); those groups are
+        then concatenated pieces meeting the other product (:meth:`_groups_in_pieces`).
+        """
+        fixed, other = (cb, ca) if self.size(cb[0]) <= self.size(ca[0]) else (ca, cb)
+        outer, inner = fixed[0], fixed[1] if len(fixed) == 2 else self.prod(list(fixed[1:]))
+        width = self.size(inner)
+        self.pin(outer, f"{reason}: groups of {width} and of {root_inner(self, other)} items "
+                        "overlap (neither layout is a product of the other)")
+        pieces = [self.new(width) for _ in range(self.size(outer))]
+        self.families.append(_Family(inner, outer, tuple((i, i + 1, p) for i, p in enumerate(pieces)),
+                                     reason))
+        self._groups_in_pieces(root, pieces, other, reason)
+
+    # ----------------------------------------------------------------- per-group instances
+    def settle(self, weight_axes, tensor_axes, mixing) -> None:
+        """Keep the families whose groups may take independent channel permutations; unify the
+        others' instances with their inner variable. Call once every rule has run.
+
+        A family ``(inner, outer)`` holds when (1) no weight axis reaches ``inner`` other than
+        through ``prod(outer, inner)`` (where its instances stand in for it), (2) every tensor
+        holding ``inner`` also holds ``outer``, and (3) no op that keeps ``inner`` in its output
+        combines different items of ``outer`` (a normalization over a group's channels combines
+        ``inner`` itself: it commutes with any permutation of each group's channels).
+        ``weight_axes`` and ``tensor_axes`` are lists of axis variables per tensor; ``mixing`` is
+        ``(mixed variable, other axis variables of the output)`` pairs. Repeats to a fixed point.
+
+        Complexity: O(families x (tensor axes + structure)) per round; nothing without families.
+        """
+        while self.families:
+            held = [set().union(*(self.tree(v) for v in axes)) for axes in tensor_axes if axes]
+            mixed = [(self.tree(v), set().union(*(self._plain_tree(w, set()) for w in others)))
+                     for v, others in mixing]
+            bad = [f for f in self.families if not self._family_holds(f, held, mixed)]
+            if not bad:
+                return
+            self.dissolve(bad)
+
+    def stand_in(self, factors, k: int, index: int, path) -> int:
+        """The variable to read for ``factors[k]`` of a product at item ``index`` of the product of
+        ``factors[:k]``: a family's instance where the factor is a family's inner variable and its
+        group is known (the outer variable is ``factors[:k]``, or :meth:`resolve` finds it in
+        ``path``), else ``factors[k]`` itself."""
+        prefix = tuple(self.find(f) for f in factors[:k])
+        for fam in self._indexed()[0].get(self.find(factors[k]), ()):
+            outer = self.find(fam.outer)
+            parts = self.vars[outer].children if self.vars[outer].kind == "prod" else ()
+            if k and prefix in ((outer,), tuple(self.find(c) for c in parts)):
+                return self.instance(fam, index)
+        return self.resolve(factors[k], path)
+
+    def resolve(self, v: int, path) -> int:
+        """``v``, or the instance standing for it where ``v`` is a family's inner variable and
+        ``path`` (the ``(root, item)`` pairs enclosing this place) names its group exactly once (the
+        outer variable, or every factor of it)."""
+        at: dict = {}
+        for o, i in path:
+            at.setdefault(o, set()).add(i)
+        for fam in self._indexed()[0].get(self.find(v), ()):
+            outer = self.find(fam.outer)
+            parts = self.vars[outer].children if self.vars[outer].kind == "prod" else ()
+            item = _item(at, [outer]) if len(at.get(outer, ())) == 1 else _item(
+                at, [self.find(c) for c in parts], [self.size(c) for c in parts])
+            if item is not None:
+                return self.instance(fam, item)
+        return v
+
+    @staticmethod
+    def instance(fam: _Family, index: int) -> int:
+        """The variable standing for ``fam``'s inner variable at item ``index`` of its outer one."""
+        return next(inst for lo, hi, inst in fam.spans if lo <= index < hi)
+
+    def bases(self) -> dict:
+        """Root -> family, for every root inside a family's inner variable: a weight axis that
+        reaches one of them other than through :meth:`stand_in` makes that family unsound."""
+        out = {}
+        for f in self.families:
+            for r in self._plain_tree(f.inner, set()):
+                out[r] = f
+        return out
+
+    def dissolve(self, families) -> None:
+        """One permutation for all groups of each of ``families``: unify the inner variable with every
+        instance (every cut and layout then applies to all groups)."""
+        for f in families:
+            if f in self.families:
+                self.families.remove(f)
+                for _, _, inst in f.spans:
+                    self.union(f.inner, inst, f.reason)
+        self.propagate_pins()
+
+    def tree(self, v: int, out: set | None = None) -> set:
+        """Roots of ``v`` and of every factor / piece inside it (a family's instances count as
+        inside its inner variable), then every sum holding one of them as a piece and every product
+        all of whose factors are there (an item of a piece is an item of the whole; items of all
+        factors name an item of the product)."""
+        out = set() if out is None else out
+        fresh: list = []
+        self._down(v, out, fresh)
+        while fresh:
+            r = fresh.pop()
+            for parent, kind, _ in self.enclosing(r):
+                if parent not in out and (kind != "prod" or all(
+                        self.find(c) in out for c in self.vars[parent].children)):
+                    out.add(parent)
+                    fresh.append(parent)
+        return out
+
+    def _down(self, v: int, out: set, fresh: list) -> None:
+        r = self.find(v)
+        if r in out:
+            return
+        out.add(r)
+        fresh.append(r)
+        for c in self.vars[r].children:
+            self._down(c, out, fresh)
+        for inst in self._indexed()[1].get(r, ()):
+            self._down(inst, out, fresh)
+
+    def enclosing(self, r: int) -> list[tuple[int, str, int]]:
+        """``(root, kind, offset)`` for every sum holding root ``r`` as a piece at ``offset``, every
+        product holding it as a factor (offset 0), a family's inner variable where ``r`` is one of
+        its instances (``"sum"`` at 0: same items) and, where that instance serves one group, the
+        outer variable (``"group"``: item ``offset``)."""
+        return self._indexed()[2].get(r, [])
+
+    def item_of(self, r: int, path) -> int | None:
+        """The item of product ``r`` that ``path`` (``(root, item)`` pairs) names through each of
+        its factors exactly once, or None."""
+        at: dict = {}
+        for o, i in path:
+            at.setdefault(o, set()).add(i)
+        kids = self.vars[r].children
+        return _item(at, [self.find(c) for c in kids], [self.size(c) for c in kids])
+
+    def _indexed(self) -> tuple:
+        if self._index is None:
+            fams, insts, encl = {}, {}, {}
+            for f in self.families:
+                fams.setdefault(self.find(f.inner), []).append(f)
+                insts.setdefault(self.find(f.inner), []).extend(inst for _, _, inst in f.spans)
+                for lo, hi, inst in f.spans:  # an instance's items are its inner variable's, in its group
+                    encl.setdefault(self.find(inst), []).append((self.find(f.inner), "sum", 0))
+                    if hi - lo == 1:
+                        encl[self.find(inst)].append((self.find(f.outer), "group", lo))
+            for i, v in enumerate(self.vars):
+                if v.parent == i and v.kind is not None:
+                    off = 0
+                    for c in v.children:
+                        encl.setdefault(self.find(c), []).append((i, v.kind, off))
+                        off += self.size(c) if v.kind == "sum" else 0
+            self._index = fams, insts, encl
+        return self._index
+
+    def _family_holds(self, f: _Family, held: list, mixed: list) -> bool:
+        inner, outer = self.find(f.inner), self.find(f.outer)
+        own = self._plain_tree(inner, set())
+        if any(self.vars[r].pinned for r in own):
+            return False
+        if any(own & h and not self._holds(h, outer) for h in held):
+            return False
+        groups = self._plain_tree(outer, set())
+        return not any(own & keep and groups & m for m, keep in mixed)
+
+    def _holds(self, roots: set, r: int) -> bool:
+        """``roots`` (a tensor's) hold root ``r``: ``r`` itself or every factor of it."""
+        v = self.vars[r]
+        return r in roots or (v.kind == "prod" and all(self._holds(roots, self.find(c)) for c in v.children))
+
+    def _plain_tree(self, v: int, out: set) -> set:
+        r = self.find(v)
+        if r not in out:
+            out.add(r)
+            for c in self.vars[r].children:
+                self._plain_tree(c, out)
+        return out
 
     # ----------------------------------------------------------------- final answers
     def propagate_pins(self) -> None:
@@ -193,6 +392,22 @@ def _refine(ka: str, sa: list[int], kb: str, sb: list[int]) -> list[int] | None:
     if any(b % a for a, b in zip(strides, strides[1:])):
         return None
     return [b // a for a, b in zip(strides, strides[1:])][::-1]
+
+
+def _item(at: dict, roots, sizes=None) -> int | None:
+    """The row-major item of a product of ``roots`` (of ``sizes``) whose items ``at`` names each
+    exactly once, or None."""
+    if not roots or any(len(at.get(r, ())) != 1 for r in roots):
+        return None
+    item = 0
+    for r, n in zip(roots, sizes or [1] * len(roots)):
+        item = item * n + next(iter(at[r]))
+    return item
+
+
+def root_inner(alg: AxisAlgebra, factors) -> int:
+    """Items per outer item of a product with ``factors``."""
+    return math.prod(alg.size(f) for f in factors[1:])
 
 
 def _prefix(xs: list[int], start: int, op) -> list[int]:

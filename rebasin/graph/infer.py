@@ -479,24 +479,19 @@ def _with_aliases(spec: Spec, aliases: dict, weights: dict) -> Spec:
 
 
 def _tree_roots(alg, v, out: set) -> set:
-    r = alg.find(v)
-    if r not in out:
-        out.add(r)
-        for c in alg.vars[r].children:
-            _tree_roots(alg, c, out)
-    return out
+    return alg.tree(v, out)
 
 
 def _decompose(alg, v, i, out: list) -> list:
     """(root, index) pairs of ``v`` and of every factor/piece inside it, for item ``i`` of ``v``."""
     r = alg.find(v)
     var = alg.vars[r]
-    out.append((r, i))
+    _enclosed(alg, r, i, out)
     if var.kind == "prod":
         sizes = [alg.size(c) for c in var.children]
-        for k, c in enumerate(var.children):
+        for k in range(len(sizes)):
             inner = int(np.prod(sizes[k + 1:]))
-            _decompose(alg, c, (i // inner) % sizes[k], out)
+            _decompose_at(alg, var.children, k, i // inner // sizes[k], (i // inner) % sizes[k], out)
     elif var.kind == "sum":
         for c in var.children:
             if i < alg.size(c):
@@ -504,6 +499,29 @@ def _decompose(alg, v, i, out: list) -> list:
                 break
             i -= alg.size(c)
     return out
+
+
+def _decompose_at(alg, factors, k, above, i, out: list) -> None:
+    """:func:`_decompose` of item ``i`` of ``factors[k]`` in a product, at item ``above`` of the
+    product of ``factors[:k]``: a group's own instance where ``factors[k]`` is a family's inner
+    variable (its items are the inner variable's items too)."""
+    part = alg.stand_in(factors, k, above, out)
+    if alg.find(part) != alg.find(factors[k]):
+        _enclosed(alg, alg.find(factors[k]), i, out)
+    _decompose(alg, part, i, out)
+
+
+def _enclosed(alg, r, i, out: list) -> None:
+    """``(r, i)``, item ``i + offset`` of every sum holding ``r`` as a piece (a group of a run is a
+    group of the whole), and the item of every product whose factors ``out`` now all names, to the
+    top."""
+    if (r, i) in out:
+        return
+    out.append((r, i))
+    for parent, kind, off in alg.enclosing(r):
+        item = i + off if kind == "sum" else off if kind == "group" else alg.item_of(parent, out)
+        if item is not None:
+            _enclosed(alg, parent, item, out)
 
 
 def _extract(cx: _Context, weights: dict) -> Spec:
@@ -516,7 +534,10 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     unless ``d`` lies inside the combined axis (the op then commutes with any permutation of it).
     """
     alg = cx.alg
+    alg.settle([cx.axes[n] for n in weights if n in cx.axes], list(cx.axes.values()),
+               [(v, [w for w in cx.axes.get(y, ()) if alg.find(w) != alg.find(v)]) for v, y in cx.mixing])
     occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
+    bases, stray = alg.bases(), set()
     blocked: list[BlockedAxis] = []
 
     sink = occurrences
@@ -524,6 +545,11 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     def expand(v, tensor, axis, offset, unit, path, reasons):
         r = alg.find(v)
         var = alg.vars[r]
+        if r in bases:  # a group's channels: its own instance, or (group unknown) one for all groups
+            w = alg.find(alg.resolve(r, path))
+            if w != r:
+                return expand(w, tensor, axis, offset, unit, path, reasons)
+            stray.add(bases[r])
         if var.size <= 1:
             return
         if var.pinned:
@@ -545,11 +571,12 @@ def _extract(cx: _Context, weights: dict) -> Spec:
                     continue
                 outer = sizes[:k]
                 for o in range(int(np.prod(outer))):
-                    sub, rem = list(path), o
-                    for j in range(k - 1, -1, -1):
-                        _decompose(alg, var.children[j], rem % outer[j], sub)
-                        rem //= outer[j]
-                    expand(c, tensor, axis, offset + o * stride * sizes[k], stride, sub, reasons)
+                    sub = list(path)
+                    for j in range(k):  # each outer factor as the group it is in (a family's instance)
+                        item = o // int(np.prod(outer[j + 1:]))
+                        _decompose_at(alg, var.children, j, item // outer[j], item % outer[j], sub)
+                    expand(alg.stand_in(var.children, k, o, sub), tensor, axis,  # a group's own layout
+                           offset + o * stride * sizes[k], stride, sub, reasons)
 
     for name in weights:
         if name not in cx.axes:
@@ -559,6 +586,9 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             expand(v, name, axis, 0, 1, [], reasons)
             if reasons:
                 blocked.append(BlockedAxis(name, axis, reasons[0]))
+    if stray:
+        alg.dissolve(stray)
+        return _extract(cx, weights)
 
     # which outer factors each leaf may nest under
     nest: dict[int, set] = {}
@@ -586,7 +616,7 @@ def _extract(cx: _Context, weights: dict) -> Spec:
                 nest[r] -= mixed
 
     def key(r, path):
-        return r, tuple(sorted((o, i) for o, i in path if o in nest.get(r, ())))
+        return r, tuple(sorted({(o, i) for o, i in path if o in nest.get(r, ())}))
 
     classes: dict[tuple, dict[Member, None]] = {}  # insertion-ordered sets of members
     for r, tensor, axis, offset, unit, path in occurrences:
