@@ -5,7 +5,14 @@ Every tensor axis gets a variable. Rules *unify* variables that must carry the s
 ``prod(a, b)`` (row-major factors, from reshape/flatten/heads) or ``sum(a, b)`` (concatenated
 pieces). Two structures merged on one class are refined to a common refinement when one exists
 (a sum meeting a product: runs of whole items of the product's outer factor per piece, see
-``_groups_in_pieces``); otherwise both are pinned, which is always sound.
+``_groups_in_pieces``; two products whose groups overlap: ``_groups_across``); otherwise both are
+pinned, which is always sound.
+
+*Families* let each group of a product take its own layout: ``prod(outer, inner)`` where item
+``g`` of ``outer`` reads an *instance* of ``inner`` of its own (GroupNorm over a skip
+concatenation: a cut group, a piece's own smaller groups). :meth:`AxisAlgebra.settle` keeps a
+family only where independent per-group permutations are sound, and otherwise unifies ``inner``
+with every instance (the plain product again).
 
 Complexity: near-linear in the number of axis variables (path-halving union-find).
 """
@@ -205,17 +212,21 @@ class AxisAlgebra:
         """Keep the families whose groups may take independent channel permutations; unify the
         others' instances with their inner variable. Call once every rule has run.
 
-        A family ``(inner, outer)`` holds when (1) no weight axis reaches ``inner`` other than
-        through ``prod(outer, inner)`` (where its instances stand in for it), (2) every tensor
-        holding ``inner`` also holds ``outer``, and (3) no op that keeps ``inner`` in its output
+        A family ``(inner, outer)`` holds when nothing in ``inner`` is pinned, every tensor
+        holding ``inner`` also holds ``outer``, and no op that keeps ``inner`` in its output
         combines different items of ``outer`` (a normalization over a group's channels combines
-        ``inner`` itself: it commutes with any permutation of each group's channels).
+        ``inner`` itself: it commutes with any permutation of each group's channels). Families of
+        one inner variable are merged first (:meth:`_merge_twins`). The last condition, that no
+        weight axis reaches ``inner`` but where its group is known (:meth:`stand_in`), is the
+        spec extraction's to check (:meth:`bases`, :meth:`dissolve`).
         ``weight_axes`` and ``tensor_axes`` are lists of axis variables per tensor; ``mixing`` is
         ``(mixed variable, other axis variables of the output)`` pairs. Repeats to a fixed point.
 
         Complexity: O(families x (tensor axes + structure)) per round; nothing without families.
         """
         while self.families:
+            if self._merge_twins():
+                continue
             held = [set().union(*(self.tree(v) for v in axes)) for axes in tensor_axes if axes]
             mixed = [(self.tree(v), set().union(*(self._plain_tree(w, set()) for w in others)))
                      for v, others in mixing]
@@ -223,6 +234,29 @@ class AxisAlgebra:
             if not bad:
                 return
             self.dissolve(bad)
+
+    def _merge_twins(self) -> bool:
+        """Families of one inner variable (unions made them one, or one product met two
+        concatenations): under one outer variable, instances covering the same groups are unified
+        and the families become one; under different outer variables they are dissolved. True when
+        anything changed."""
+        by_inner: dict = {}
+        for f in self.families:
+            by_inner.setdefault(self.find(f.inner), []).append(f)
+        twins = [fs for fs in by_inner.values() if len(fs) > 1]
+        for fs in twins:
+            if len({self.find(f.outer) for f in fs}) > 1:
+                self.dissolve(fs)
+                continue
+            keep = fs[0]
+            for f in fs[1:]:
+                self.families.remove(f)
+                for lo, hi, inst in f.spans:
+                    for lo2, hi2, inst2 in keep.spans:
+                        if lo < hi2 and lo2 < hi:
+                            self.union(inst, inst2, f.reason)
+            self.propagate_pins()
+        return bool(twins)
 
     def stand_in(self, factors, k: int, index: int, path) -> int:
         """The variable to read for ``factors[k]`` of a product at item ``index`` of the product of

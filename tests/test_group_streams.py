@@ -1,0 +1,236 @@
+"""Streams between UNet blocks: GroupNorm over skip concatenations, each shape on its own.
+
+A permutation of a concatenation's channels commutes with GroupNorm when it maps groups onto
+groups: whole groups of a piece move among themselves, each group's channels move on their own,
+and a group cut by a piece boundary stays, its channels moving within each piece. Each model
+below isolates one way a stream meets such groups, with its maximum counted by hand; every spec
+is checked on both frontends by permuting every class at random (trained-like values: every
+parameter randomized) and the reference output varies with the input.
+"""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import rebasin
+from rebasin.execute import make_inputs, run_model
+from tests.test_torch_frontend import assert_sound
+
+
+def _conv(i, o, k=1):
+    return nn.Conv2d(i, o, k, padding=k // 2)
+
+
+class CutGroup(nn.Module):
+    """cat(D 10, B 10) under GroupNorm(5, 20): groups of 4, group 2 cut (D 8..9, B 0..1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.d, self.b, self.gn, self.out = _conv(3, 10), _conv(3, 10, 3), nn.GroupNorm(5, 20), _conv(20, 3)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.silu(self.gn(torch.cat([self.d(x), self.b(x)], 1))))
+
+
+class PieceWithOwnNorm(nn.Module):
+    """cat(D 8, B 8) under GroupNorm(2, 16) (groups of 8), and B under its own GroupNorm(4, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.d, self.b, self.gn, self.out = _conv(3, 8), _conv(3, 8, 3), nn.GroupNorm(2, 16), _conv(16, 3)
+        self.gn_b, self.out_b = nn.GroupNorm(4, 8), _conv(8, 3)
+
+    def forward(self, x):
+        d, b = self.d(x), self.b(x)
+        y = self.out(torch.nn.functional.silu(self.gn(torch.cat([d, b], 1))))
+        return y + self.out_b(torch.nn.functional.silu(self.gn_b(b)))
+
+
+class TwoConcatenations(nn.Module):
+    """Stream S (8) read by cat(T 4, S) under GroupNorm(3, 12) (S = groups 1, 2 of 4) and by
+    cat(S, U 8) under GroupNorm(2, 16) (S = group 0 of 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s, self.t, self.u = _conv(3, 8), _conv(3, 4, 3), _conv(3, 8)
+        self.gn1, self.gn2 = nn.GroupNorm(3, 12), nn.GroupNorm(2, 16)
+        self.out1, self.out2 = _conv(12, 3), _conv(16, 3)
+
+    def forward(self, x):
+        s = self.s(x)
+        y = self.out1(torch.nn.functional.silu(self.gn1(torch.cat([self.t(x), s], 1))))
+        return y + self.out2(torch.nn.functional.silu(self.gn2(torch.cat([s, self.u(x)], 1))))
+
+
+class OverlappingGroups(nn.Module):
+    """Stream S (12) under its own GroupNorm(3, 12) (blocks of 4) and in cat(S, U 12) under
+    GroupNorm(4, 24) (blocks of 6): neither layout is a product of the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.s, self.u = _conv(3, 12), _conv(3, 12, 3)
+        self.gn1, self.gn2 = nn.GroupNorm(3, 12), nn.GroupNorm(4, 24)
+        self.out1, self.out2 = _conv(12, 3), _conv(24, 3)
+
+    def forward(self, x):
+        s = self.s(x)
+        y = self.out1(torch.nn.functional.silu(self.gn1(s)))
+        return y + self.out2(torch.nn.functional.silu(self.gn2(torch.cat([s, self.u(x)], 1))))
+
+
+class GroupsSummed(nn.Module):
+    """cat(D 8, B 8) under GroupNorm(2, 16), and the same concatenation viewed as [2, 8] and summed
+    over its two groups: channel j of D meets channel j of B, so both pieces share one permutation."""
+
+    def __init__(self):
+        super().__init__()
+        self.d, self.b, self.gn, self.out, self.out_z = (_conv(3, 8), _conv(3, 8, 3), nn.GroupNorm(2, 16),
+                                                         _conv(16, 3), _conv(8, 3))
+
+    def forward(self, x):
+        c = torch.cat([self.d(x), self.b(x)], 1)
+        z = c.view(c.shape[0], 2, 8, *c.shape[2:]).sum(1)
+        return self.out(torch.nn.functional.silu(self.gn(c))) + self.out_z(torch.tanh(z))
+
+
+class GroupsShareScale(nn.Module):
+    """cat(D 8, B 8) under GroupNorm(2, 16), and the concatenation viewed as [2, 8] scaled by one
+    learned vector of 8 for both groups: a weight holds a group's channels without its group."""
+
+    def __init__(self):
+        super().__init__()
+        self.d, self.b, self.gn, self.out = _conv(3, 8), _conv(3, 8, 3), nn.GroupNorm(2, 16), _conv(16, 3)
+        self.scale, self.out_z = nn.Parameter(torch.randn(8)), _conv(16, 3)
+
+    def forward(self, x):
+        c = torch.cat([self.d(x), self.b(x)], 1)
+        z = (c.view(c.shape[0], 2, 8, *c.shape[2:]) * self.scale.view(8, 1, 1)).view(c.shape)
+        return self.out(torch.nn.functional.silu(self.gn(c))) + self.out_z(torch.tanh(z))
+
+
+# hand-counted maxima ({class size: count}) and what the analysis reaches (where it falls short)
+CASES = {
+    # D: its two whole groups swap (2) and each group's 4 channels (2 x 4); its part of the cut
+    # group (2). B the same, mirrored.
+    "cut_group": (CutGroup, {2: 4, 4: 2 * 2}, None),
+    # D: the 8 channels of group 0; B (group 1): its four 2-blocks (4) and each block's channels (4 x 2)
+    "piece_with_own_norm": (PieceWithOwnNorm, {8: 1, 4: 1, 2: 4}, None),
+    # S: its two 4-blocks swap (2), each block's channels (2 x 4); T: group 0's channels (4);
+    # U: group 1's channels (8)
+    "two_concatenations": (TwoConcatenations, {2: 1, 4: 3, 8: 1}, None),
+    # S: blocks {0..3}{4..7}{8..11} and {0..5}{6..11} meet in cells {0..3}{4 5}{6 7}{8..11}: each
+    # cell's channels (2 x 4, 2 x 2), and the swap of the two 6-blocks, cell for cell (2); U: its
+    # two groups swap (2), each group's channels (2 x 6). The analysis misses the swap of S's
+    # 6-blocks (a class with two members per axis, its items laid out differently in each: the
+    # algebra pins groups whose layouts differ).
+    "overlapping_groups": (OverlappingGroups, {4: 2, 2: 2 + 1 + 1, 6: 2}, {4: 2, 2: 2 + 1, 6: 2}),
+    # D and B share one channel permutation (8): the sum over groups meets D's channel j and B's
+    "groups_summed": (GroupsSummed, {8: 1}, None),
+    # D, B and the scale share one channel permutation (8)
+    "groups_share_scale": (GroupsShareScale, {8: 1}, None),
+}
+
+
+def _build(case):
+    torch.manual_seed(0)
+    model = CASES[case][0]().eval()
+    with torch.no_grad():  # trained-like: no two parameters equal, no unit norm weights
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    return model, (torch.randn(2, 3, 4, 4),)
+
+
+def _sizes(spec) -> dict:
+    return dict(collections.Counter(c.size for c in spec.classes))
+
+
+def _log(sizes: dict) -> float:
+    return sum(n * float(np.sum(np.log(np.arange(1, s + 1)))) for s, n in sizes.items())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_torch_frontend_reaches_hand_count(case):
+    model, x = _build(case)
+    hand, reached = CASES[case][1], CASES[case][2] or CASES[case][1]
+    spec = rebasin.infer_spec(model, x)
+    assert _sizes(spec) == reached, spec.table()
+    assert _log(reached) <= _log(hand) + 1e-9
+    assert_sound(model, x, spec)
+    with torch.no_grad():
+        assert not torch.allclose(model(*x), model(torch.randn(2, 3, 4, 4)), atol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_onnx_frontend_reaches_hand_count(case):
+    model, x = _build(case)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = f"{d}/m.onnx"
+        torch.onnx.export(model, x, path, dynamo=False, opset_version=17, do_constant_folding=False,
+                          input_names=["input"], output_names=["output"])
+        m = onnx.load(path)
+    spec = rebasin.infer_spec(m)
+    assert _sizes(spec) == (CASES[case][2] or CASES[case][1]), spec.table()
+    for seed in (0, 1, 2):
+        res = rebasin.verify(m, rebasin.apply_permutation(m, spec, spec.random_permutations(seed)),
+                             seeds=(0, 1))
+        assert res.equal, res
+    a, b = (run_model(m, make_inputs(m, seed=s)) for s in (0, 1))
+    assert any(not np.allclose(a[k], b[k]) for k in a)
+
+
+class RandomStreams(nn.Module):
+    """Pieces, each under its own GroupNorm (or none), concatenated under one GroupNorm; the first
+    piece is also concatenated with an extra branch under a second GroupNorm, and the last piece
+    is summed with another piece of its width where ``summed`` (a residual between streams)."""
+
+    def __init__(self, widths, own, groups, extra, groups2, summed):
+        super().__init__()
+        self.branches = nn.ModuleList(_conv(3, w, 1 + 2 * (i % 2)) for i, w in enumerate(widths))
+        self.own = nn.ModuleList(nn.GroupNorm(g, w) if g else nn.Identity() for g, w in zip(own, widths))
+        self.norm, self.out = nn.GroupNorm(groups, sum(widths)), _conv(sum(widths), 2)
+        self.extra, self.norm2, self.out2 = _conv(3, extra), nn.GroupNorm(groups2, widths[0] + extra), \
+            _conv(widths[0] + extra, 2)
+        self.summed = summed
+
+    def forward(self, x):
+        h = [b(x) for b in self.branches]
+        if self.summed is not None:
+            h[-1] = h[-1] + h[self.summed]
+        y = self.out(torch.tanh(self.norm(torch.cat([torch.tanh(n(p)) for p, n in zip(h, self.own)], 1))))
+        return y + self.out2(torch.tanh(self.norm2(torch.cat([h[0], self.extra(x)], 1))))
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def test_random_streams_sound():
+    """40 random layouts of pieces, own GroupNorms, two concatenations and residuals between
+    pieces: every spec is sound on the torch frontend (about 10 s)."""
+    import random
+
+    rng = random.Random(7)
+    for k in range(40):
+        widths = [rng.choice([2, 3, 4, 6, 8, 12]) for _ in range(rng.choice([2, 3]))]
+        own = [rng.choice([0] + _divisors(w)) for w in widths]
+        extra = rng.choice([2, 4, 6])
+        same = [i for i in range(len(widths) - 1) if widths[i] == widths[-1]]
+        summed = rng.choice(same + [None]) if same else None
+        torch.manual_seed(k)
+        model = RandomStreams(widths, own, rng.choice(_divisors(sum(widths))[1:]), extra,
+                              rng.choice(_divisors(widths[0] + extra)[1:]), summed).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape) * 0.5)
+        x = (torch.randn(2, 3, 4, 4),)
+        spec = rebasin.infer_spec(model, x)
+        assert_sound(model, x, spec, seeds=(0, 1))
