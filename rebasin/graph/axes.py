@@ -47,7 +47,7 @@ class AxisAlgebra:
     def __init__(self):
         self.vars: list[_Var] = []
         self.families: list[_Family] = []
-        self._index: tuple | None = None  # (families and instances by inner, enclosing)
+        self._index: tuple | None = None  # (families and instances by inner, holders)
 
     # ----------------------------------------------------------------- basics
     def new(self, size: int) -> int:
@@ -228,7 +228,7 @@ class AxisAlgebra:
             if self._merge_twins():
                 continue
             held = [set().union(*(self.tree(v) for v in axes)) for axes in tensor_axes if axes]
-            mixed = [(self.tree(v), set().union(*(self._plain_tree(w, set()) for w in others)))
+            mixed = [(self.combined(v), set().union(*(self._plain_tree(w, set()) for w in others)))
                      for v, others in mixing]
             bad = [f for f in self.families if not self._family_holds(f, held, mixed)]
             if not bad:
@@ -244,6 +244,14 @@ class AxisAlgebra:
         for f in self.families:
             by_inner.setdefault(self.find(f.inner), []).append(f)
         twins = [fs for fs in by_inner.values() if len(fs) > 1]
+        serving: dict = {}  # one variable standing for groups of two families: no group is its own
+        for f in self.families:
+            for _, _, inst in f.spans:
+                serving.setdefault(self.find(inst), set()).add(f)
+        shared = {f for fs in serving.values() if len(fs) > 1 for f in fs}
+        if shared:
+            self.dissolve(shared)
+            return True
         for fs in twins:
             if len({self.find(f.outer) for f in fs}) > 1:
                 self.dissolve(fs)
@@ -313,19 +321,22 @@ class AxisAlgebra:
 
     def tree(self, v: int, out: set | None = None) -> set:
         """Roots of ``v`` and of every factor / piece inside it (a family's instances count as
-        inside its inner variable), then every sum holding one of them as a piece and every product
-        all of whose factors are there (an item of a piece is an item of the whole; items of all
-        factors name an item of the product)."""
+        inside its inner variable)."""
         out = set() if out is None else out
-        fresh: list = []
-        self._down(v, out, fresh)
-        while fresh:
-            r = fresh.pop()
-            for parent, kind, _ in self.enclosing(r):
-                if parent not in out and (kind != "prod" or all(
-                        self.find(c) in out for c in self.vars[parent].children)):
+        self._down(v, out, [])
+        return out
+
+    def combined(self, v: int) -> set:
+        """Roots whose items an op combining items of ``v`` combines: ``v``'s :meth:`tree` and
+        every sum or product holding any of them, to the top (two items of a factor lie in two
+        items of the product)."""
+        out = self.tree(v)
+        stack = list(out)
+        while stack:
+            for parent in self.holders(stack.pop()):
+                if parent not in out:
                     out.add(parent)
-                    fresh.append(parent)
+                    stack.append(parent)
         return out
 
     def _down(self, v: int, out: set, fresh: list) -> None:
@@ -339,21 +350,10 @@ class AxisAlgebra:
         for inst in self._indexed()[1].get(r, ()):
             self._down(inst, out, fresh)
 
-    def enclosing(self, r: int) -> list[tuple[int, str, int]]:
-        """``(root, kind, offset)`` for every sum holding root ``r`` as a piece at ``offset``, every
-        product holding it as a factor (offset 0), a family's inner variable where ``r`` is one of
-        its instances (``"sum"`` at 0: same items) and, where that instance serves one group, the
-        outer variable (``"group"``: item ``offset``)."""
+    def holders(self, r: int) -> list[int]:
+        """Roots holding root ``r``: every sum holding it as a piece, every product holding it as a
+        factor, and where ``r`` is a family's instance, the family's inner and outer variables."""
         return self._indexed()[2].get(r, [])
-
-    def item_of(self, r: int, path) -> int | None:
-        """The item of product ``r`` that ``path`` (``(root, item)`` pairs) names through each of
-        its factors exactly once, or None."""
-        at: dict = {}
-        for o, i in path:
-            at.setdefault(o, set()).add(i)
-        kids = self.vars[r].children
-        return _item(at, [self.find(c) for c in kids], [self.size(c) for c in kids])
 
     def _indexed(self) -> tuple:
         if self._index is None:
@@ -361,16 +361,12 @@ class AxisAlgebra:
             for f in self.families:
                 fams.setdefault(self.find(f.inner), []).append(f)
                 insts.setdefault(self.find(f.inner), []).extend(inst for _, _, inst in f.spans)
-                for lo, hi, inst in f.spans:  # an instance's items are its inner variable's, in its group
-                    encl.setdefault(self.find(inst), []).append((self.find(f.inner), "sum", 0))
-                    if hi - lo == 1:
-                        encl[self.find(inst)].append((self.find(f.outer), "group", lo))
+                for _, _, inst in f.spans:
+                    encl.setdefault(self.find(inst), []).extend([self.find(f.inner), self.find(f.outer)])
             for i, v in enumerate(self.vars):
                 if v.parent == i and v.kind is not None:
-                    off = 0
                     for c in v.children:
-                        encl.setdefault(self.find(c), []).append((i, v.kind, off))
-                        off += self.size(c) if v.kind == "sum" else 0
+                        encl.setdefault(self.find(c), []).append(i)
             self._index = fams, insts, encl
         return self._index
 

@@ -8,6 +8,7 @@ members (offset/block/stride).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import re
@@ -506,22 +507,17 @@ def _decompose_at(alg, factors, k, above, i, out: list) -> None:
     product of ``factors[:k]``: a group's own instance where ``factors[k]`` is a family's inner
     variable (its items are the inner variable's items too)."""
     part = alg.stand_in(factors, k, above, out)
-    if alg.find(part) != alg.find(factors[k]):
-        _enclosed(alg, alg.find(factors[k]), i, out)
+    if alg.find(part) != alg.find(factors[k]) and (alg.find(factors[k]), i) not in out:
+        out.append((alg.find(factors[k]), i))
     _decompose(alg, part, i, out)
 
 
 def _enclosed(alg, r, i, out: list) -> None:
-    """``(r, i)``, item ``i + offset`` of every sum holding ``r`` as a piece (a group of a run is a
-    group of the whole), and the item of every product whose factors ``out`` now all names, to the
-    top."""
-    if (r, i) in out:
-        return
-    out.append((r, i))
-    for parent, kind, off in alg.enclosing(r):
-        item = i + off if kind == "sum" else off if kind == "group" else alg.item_of(parent, out)
-        if item is not None:
-            _enclosed(alg, parent, item, out)
+    """``(r, i)`` on the path (once). Nothing above ``r``: a variable may stand for items at several
+    places (a factor of a product, a piece read twice), so the sums and products holding it do not
+    name this place's item."""
+    if (r, i) not in out:
+        out.append((r, i))
 
 
 def _extract(cx: _Context, weights: dict) -> Spec:
@@ -593,7 +589,8 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     # which outer factors each leaf may nest under
     nest: dict[int, set] = {}
     for r, _, _, _, _, path in occurrences:
-        roots = {o for o, _ in path}
+        seen = collections.Counter(o for o, _ in set(path))
+        roots = {o for o, n in seen.items() if n == 1}  # a place in two items of o (cat(x, x)) is neither
         nest[r] = nest[r] & roots if r in nest else roots
     candidates = {r for r, n in nest.items() if n}
     if candidates:
@@ -604,7 +601,7 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             for r in candidates & present:
                 nest[r] &= present
         for v, y in cx.mixing:
-            mixed = _tree_roots(alg, v, set())
+            mixed = alg.combined(v)
             held: set = set()
             for w in cx.axes.get(y, ()):
                 if alg.find(w) != alg.find(v):
