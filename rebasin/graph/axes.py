@@ -208,7 +208,7 @@ class AxisAlgebra:
         self._groups_in_pieces(root, pieces, other, reason)
 
     # ----------------------------------------------------------------- per-group instances
-    def settle(self, weight_axes, tensor_axes, mixing) -> None:
+    def settle(self, tensor_axes, mixing) -> None:
         """Keep the families whose groups may take independent channel permutations; unify the
         others' instances with their inner variable. Call once every rule has run.
 
@@ -219,7 +219,7 @@ class AxisAlgebra:
         one inner variable are merged first (:meth:`_merge_twins`). The last condition, that no
         weight axis reaches ``inner`` but where its group is known (:meth:`stand_in`), is the
         spec extraction's to check (:meth:`bases`, :meth:`dissolve`).
-        ``weight_axes`` and ``tensor_axes`` are lists of axis variables per tensor; ``mixing`` is
+        ``tensor_axes`` lists the axis variables of each tensor; ``mixing`` is
         ``(mixed variable, other axis variables of the output)`` pairs. Repeats to a fixed point.
 
         Complexity: O(families x (tensor axes + structure)) per round; nothing without families.
@@ -238,8 +238,9 @@ class AxisAlgebra:
     def _merge_twins(self) -> bool:
         """Families of one inner variable (unions made them one, or one product met two
         concatenations): under one outer variable, instances covering the same groups are unified
-        and the families become one; under different outer variables they are dissolved. True when
-        anything changed."""
+        and the families become one; under different outer variables they are dissolved, and so
+        are families sharing an instance (no group of either is its own). True when anything
+        changed."""
         by_inner: dict = {}
         for f in self.families:
             by_inner.setdefault(self.find(f.inner), []).append(f)
@@ -323,7 +324,7 @@ class AxisAlgebra:
         """Roots of ``v`` and of every factor / piece inside it (a family's instances count as
         inside its inner variable)."""
         out = set() if out is None else out
-        self._down(v, out, [])
+        self._down(v, out)
         return out
 
     def combined(self, v: int) -> set:
@@ -339,16 +340,15 @@ class AxisAlgebra:
                     stack.append(parent)
         return out
 
-    def _down(self, v: int, out: set, fresh: list) -> None:
+    def _down(self, v: int, out: set) -> None:
         r = self.find(v)
         if r in out:
             return
         out.add(r)
-        fresh.append(r)
         for c in self.vars[r].children:
-            self._down(c, out, fresh)
+            self._down(c, out)
         for inst in self._indexed()[1].get(r, ()):
-            self._down(inst, out, fresh)
+            self._down(inst, out)
 
     def holders(self, r: int) -> list[int]:
         """Roots holding root ``r``: every sum holding it as a piece, every product holding it as a

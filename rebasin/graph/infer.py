@@ -487,7 +487,7 @@ def _decompose(alg, v, i, out: list) -> list:
     """(root, index) pairs of ``v`` and of every factor/piece inside it, for item ``i`` of ``v``."""
     r = alg.find(v)
     var = alg.vars[r]
-    _enclosed(alg, r, i, out)
+    out.append((r, i))
     if var.kind == "prod":
         sizes = [alg.size(c) for c in var.children]
         for k in range(len(sizes)):
@@ -512,14 +512,6 @@ def _decompose_at(alg, factors, k, above, i, out: list) -> None:
     _decompose(alg, part, i, out)
 
 
-def _enclosed(alg, r, i, out: list) -> None:
-    """``(r, i)`` on the path (once). Nothing above ``r``: a variable may stand for items at several
-    places (a factor of a product, a piece read twice), so the sums and products holding it do not
-    name this place's item."""
-    if (r, i) not in out:
-        out.append((r, i))
-
-
 def _extract(cx: _Context, weights: dict) -> Spec:
     """Expand every weight axis into class members.
 
@@ -530,7 +522,7 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     unless ``d`` lies inside the combined axis (the op then commutes with any permutation of it).
     """
     alg = cx.alg
-    alg.settle([cx.axes[n] for n in weights if n in cx.axes], list(cx.axes.values()),
+    alg.settle(list(cx.axes.values()),
                [(v, [w for w in cx.axes.get(y, ()) if alg.find(w) != alg.find(v)]) for v, y in cx.mixing])
     occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
     bases, stray = alg.bases(), set()
