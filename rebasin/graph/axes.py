@@ -47,6 +47,7 @@ class AxisAlgebra:
     def __init__(self):
         self.vars: list[_Var] = []
         self.families: list[_Family] = []
+        self.reached: set = set()  # (root, reached as itself) while a spec is extracted
         self._index: tuple | None = None  # (families and instances by inner, holders)
 
     # ----------------------------------------------------------------- basics
@@ -273,6 +274,7 @@ class AxisAlgebra:
         group is known (the outer variable is ``factors[:k]``, or :meth:`resolve` finds it in
         ``path``), else ``factors[k]`` itself."""
         prefix = tuple(self.find(f) for f in factors[:k])
+        self.reached.add((self.find(factors[k]), False))
         for fam in self._indexed()[0].get(self.find(factors[k]), ()):
             outer = self.find(fam.outer)
             parts = self.vars[outer].children if self.vars[outer].kind == "prod" else ()
@@ -302,13 +304,20 @@ class AxisAlgebra:
         return next(inst for lo, hi, inst in fam.spans if lo <= index < hi)
 
     def bases(self) -> dict:
-        """Root -> family, for every root inside a family's inner variable: a weight axis that
-        reaches one of them other than through :meth:`stand_in` makes that family unsound."""
-        out = {}
+        """Root -> families whose inner variable holds it (itself or inside it). A weight axis
+        reaching a family's inner variable where its group is unknown, or reaching anything inside
+        it (another structure of the same items) makes that family unsound."""
+        out: dict = {}
         for f in self.families:
             for r in self._plain_tree(f.inner, set()):
-                out[r] = f
+                out.setdefault(r, []).append(f)
         return out
+
+    def strays(self, reached, bases: dict) -> set:
+        """The families of ``bases`` made unsound by weight axes reaching the roots ``reached``
+        (inner variables where no instance stood for them, or roots inside an inner variable)."""
+        return {f for r, direct in reached for f in bases.get(r, ())
+                if direct or self.find(f.inner) != r}
 
     def dissolve(self, families) -> None:
         """One permutation for all groups of each of ``families``: unify the inner variable with every

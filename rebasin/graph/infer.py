@@ -525,7 +525,8 @@ def _extract(cx: _Context, weights: dict) -> Spec:
     alg.settle(list(cx.axes.values()),
                [(v, [w for w in cx.axes.get(y, ()) if alg.find(w) != alg.find(v)]) for v, y in cx.mixing])
     occurrences: list[tuple] = []  # (leaf root, tensor, axis, offset, unit, path)
-    bases, stray = alg.bases(), set()
+    bases = alg.bases()
+    alg.reached.clear()
     blocked: list[BlockedAxis] = []
 
     sink = occurrences
@@ -537,7 +538,7 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             w = alg.find(alg.resolve(r, path))
             if w != r:
                 return expand(w, tensor, axis, offset, unit, path, reasons)
-            stray.add(bases[r])
+            alg.reached.add((r, True))
         if var.size <= 1:
             return
         if var.pinned:
@@ -574,6 +575,7 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             expand(v, name, axis, 0, 1, [], reasons)
             if reasons:
                 blocked.append(BlockedAxis(name, axis, reasons[0]))
+    stray = alg.strays(alg.reached, bases)
     if stray:
         alg.dissolve(stray)
         return _extract(cx, weights)
