@@ -236,62 +236,48 @@ def test_random_streams_sound():
         assert_sound(model, x, spec, seeds=(0, 1))
 
 
-class RandomGraph(nn.Module):
-    """Random streams (1x1 convolutions of the input) and a random program over them: skip
-    concatenations under GroupNorm (kept as a new stream or not), a stream's own GroupNorm, sums
-    of streams, convolutions, views as two heads with a softmax over either axis, splits, channel
-    softmaxes, and views as two halves summed together; every stream ends in an output."""
+class Program(nn.Module):
+    """Streams (1x1 convolutions of the input, of ``widths``) and a program over them, each step
+    one of: ``("cat", i, j, groups, keep)`` GroupNorm over cat(stream i, stream j) into an output
+    (and a new stream where ``keep``), ``("own", i, groups)`` a stream's own GroupNorm (``0``: a
+    1x1 convolution), ``("add", i, j)``, ``("halves", i)`` the stream viewed as two halves summed
+    into an output, ``("heads", i, dim)`` viewed as two heads times a softmax over ``dim`` (1:
+    across the heads, 2: within each), ``("split", i, a)`` into ``a`` and the rest, and
+    ``("softmax", i)`` over channels. Every stream ends in an output."""
 
-    def __init__(self, rng):
+    def __init__(self, widths, plan):
         super().__init__()
-        widths = [rng.choice([2, 3, 4, 6, 8, 12]) for _ in range(rng.choice([2, 3, 4]))]
+        widths = list(widths)
         self.inputs = nn.ModuleList(_conv(3, w) for w in widths)
-        self.mods, self.plan = nn.ModuleList(), []
-        for _ in range(rng.choice([2, 3, 4, 5])):
-            kind = rng.choice(["cat", "cat", "own", "add", "mix", "halves", "heads", "split", "softmax"])
-            i, j = rng.randrange(len(widths)), rng.randrange(len(widths))
+        self.mods, self.plan = nn.ModuleDict(), plan
+        for k, (op, i, *a) in enumerate(plan):
             w = widths[i]
-            if kind == "cat":
-                self.mods.extend([nn.GroupNorm(rng.choice(_divisors(w + widths[j])), w + widths[j]),
-                                  _conv(w + widths[j], 2)])
-                keep = rng.random() < 0.4
-                self.plan.append(("cat", i, j, len(self.mods) - 2, keep))
-                widths += [w + widths[j]] * keep
-            elif kind == "own":
-                self.mods.append(nn.GroupNorm(rng.choice(_divisors(w)), w))
-                self.plan.append(("own", i, len(self.mods) - 1))
-            elif kind == "add" and w == widths[j] and i != j:
-                self.plan.append(("add", i, j))
-            elif kind == "mix":
-                self.mods.append(_conv(w, w))
-                self.plan.append(("own", i, len(self.mods) - 1))
-            elif kind == "halves" and w % 2 == 0:
-                self.mods.append(_conv(w // 2, 2))
-                self.plan.append(("halves", i, len(self.mods) - 1))
-            elif kind == "heads" and w % 2 == 0:
-                self.plan.append(("heads", i, rng.choice([1, 2])))
-            elif kind == "split" and w >= 4:
-                a = rng.randrange(1, w)
-                self.plan.append(("split", i, a))
-                widths[i:i + 1] = [a, w - a]
-            elif kind == "softmax":
-                self.plan.append(("softmax", i))
+            if op == "cat":
+                c = w + widths[a[0]]
+                self.mods[f"n{k}"], self.mods[f"o{k}"] = nn.GroupNorm(a[1], c), _conv(c, 2)
+                widths += [c] * a[2]
+            elif op == "own":
+                self.mods[f"n{k}"] = nn.GroupNorm(a[0], w) if a[0] else _conv(w, w)
+            elif op == "halves":
+                self.mods[f"o{k}"] = _conv(w // 2, 2)
+            elif op == "split":
+                widths[i:i + 1] = [a[0], w - a[0]]
         self.outs = nn.ModuleList(_conv(w, 2) for w in widths)
 
     def forward(self, x):
         h, y = [c(x) for c in self.inputs], 0
-        for op, i, *a in self.plan:
+        for k, (op, i, *a) in enumerate(self.plan):
             t = h[i]
             if op == "cat":
-                c = torch.tanh(self.mods[a[1]](torch.cat([t, h[a[0]]], 1)))
-                y = y + self.mods[a[1] + 1](c)
+                c = torch.tanh(self.mods[f"n{k}"](torch.cat([t, h[a[0]]], 1)))
+                y = y + self.mods[f"o{k}"](c)
                 h += [c] * a[2]
             elif op == "own":
-                h[i] = torch.tanh(self.mods[a[0]](t))
+                h[i] = torch.tanh(self.mods[f"n{k}"](t))
             elif op == "add":
                 h[i] = t + h[a[0]]
             elif op == "halves":
-                y = y + self.mods[a[0]](t.view(t.shape[0], 2, -1, *t.shape[2:]).sum(1))
+                y = y + self.mods[f"o{k}"](t.view(t.shape[0], 2, -1, *t.shape[2:]).sum(1))
             elif op == "heads":
                 v = t.view(t.shape[0], 2, -1, *t.shape[2:])
                 h[i] = (v * torch.softmax(v, dim=a[0])).view(t.shape)
@@ -302,19 +288,68 @@ class RandomGraph(nn.Module):
         return y + sum(o(t) for o, t in zip(self.outs, h))
 
 
-def test_random_graphs_sound():
+def _random_program(rng):
+    widths = [rng.choice([2, 3, 4, 6, 8, 12]) for _ in range(rng.choice([2, 3, 4]))]
+    ws, plan = list(widths), []
+    for _ in range(rng.choice([2, 3, 4, 5])):
+        op = rng.choice(["cat", "cat", "own", "own", "add", "halves", "heads", "split", "softmax"])
+        i, j = rng.randrange(len(ws)), rng.randrange(len(ws))
+        w = ws[i]
+        if op == "cat":
+            keep = rng.random() < 0.4
+            plan.append(("cat", i, j, rng.choice(_divisors(w + ws[j])), keep))
+            ws += [w + ws[j]] * keep
+        elif op == "own":
+            plan.append(("own", i, rng.choice([0] + _divisors(w))))
+        elif op == "add" and w == ws[j] and i != j:
+            plan.append(("add", i, j))
+        elif op in ("halves", "heads") and w % 2 == 0:
+            plan.append((op, i) + ((rng.choice([1, 2]),) if op == "heads" else ()))
+        elif op == "split" and w >= 4:
+            a = rng.randrange(1, w)
+            plan.append(("split", i, a))
+            ws[i:i + 1] = [a, w - a]
+        elif op == "softmax":
+            plan.append(("softmax", i))
+    return widths, plan
+
+
+# programs on which earlier versions of the families were unsound
+FOUND = {
+    "self_concatenation_heads": ([4, 6], [("cat", 1, 1, 6, True), ("heads", 2, 2)]),
+    "self_concatenation_split": ([8, 4], [("cat", 1, 0, 4, True), ("cat", 1, 1, 1, False), ("own", 2, 2),
+                                          ("split", 2, 1)]),
+    "halves_of_a_concatenation": ([8, 4], [("cat", 0, 1, 12, True), ("halves", 2), ("cat", 0, 2, 10, True),
+                                           ("softmax", 1)]),
+    "heads_in_two_concatenations": ([3, 8, 6], [("heads", 1, 2), ("cat", 2, 1, 2, True),
+                                                ("cat", 1, 3, 11, True)]),
+    "sum_of_concatenation_heads": ([4, 12, 8, 8], [("cat", 0, 0, 4, True), ("add", 4, 2),
+                                                   ("cat", 2, 4, 1, False), ("heads", 4, 2)]),
+}
+
+
+def _sound_program(widths, plan, seed):
+    torch.manual_seed(seed)
+    model = Program(widths, plan).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    x = (torch.randn(2, 3, 3, 3),)
+    spec = rebasin.infer_spec(model, x)
+    assert_sound(model, x, spec, seeds=(0, 1, 2))
+    return spec
+
+
+@pytest.mark.parametrize("case", sorted(FOUND))
+def test_found_programs_sound(case):
+    spec = _sound_program(*FOUND[case], seed=0)
+    assert spec.classes, spec.table()
+
+
+def test_random_programs_sound():
     """30 random programs over streams meeting GroupNorms, heads, splits and sums: every spec is
-    sound on the torch frontend (about 15 s). Such sweeps found per-group permutations made
-    unsound by a stream concatenated with itself and by one variable serving the groups of two
-    concatenations."""
+    sound on the torch frontend (about 15 s)."""
     import random
 
     for k in range(30):
-        rng = random.Random(4000 + k)
-        torch.manual_seed(k)
-        model = RandomGraph(rng).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.copy_(torch.randn(p.shape) * 0.5)
-        x = (torch.randn(2, 3, 3, 3),)
-        assert_sound(model, x, rebasin.infer_spec(model, x), seeds=(0, 1))
+        _sound_program(*_random_program(random.Random(4000 + k)), seed=k)
