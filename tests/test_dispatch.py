@@ -91,15 +91,19 @@ def _experts_class(spec):
 @pytest.mark.parametrize("variant,tracer", [("sound", "fx"), ("sound", "export"), ("argsort", "fx"),
                                             ("bincount", "fx"), ("region_linear", "fx")])
 def test_sort_dispatch_frees_the_experts(variant, tracer):
-    """Classes: the 4 experts with their router rows, the experts' 8 hidden units, the stream of 8
-    (and the 8 units between ``down`` and ``mix`` where ``mix`` runs on the sorted rows)."""
+    """Classes: the 4 experts with their router rows, each expert's 8 hidden units (the dense form
+    keeps the experts axis through the region), the stream of 8 (and the 8 units between ``down``
+    and ``mix`` where ``mix`` runs on the sorted rows)."""
     model, x = _model(variant, tracer)
     spec = rebasin.infer_spec(model, x, tracer=tracer)
     assert spec.source == f"torch.{tracer}"
     (c,) = _experts_class(spec)
     assert {(m.tensor, m.axis) for m in c.members} == {("router.weight", 0), ("up", 0), ("down", 0)}
     extra = [8] if variant == "region_linear" else []
-    assert sorted(c.size for c in spec.classes) == [4, 8, 8] + extra, spec.table()
+    assert sorted(c.size for c in spec.classes) == [4] + [8] * 5 + extra, spec.table()
+    hidden = [c for c in spec.classes if any(m.tensor == "down" and m.axis == 1 for m in c.members)]
+    at = sorted(m.at for c in hidden for m in c.members if m.tensor == "down")
+    assert at == [((0, e),) for e in range(4)]
     assert_sound(model, x, spec)
 
 

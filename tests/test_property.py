@@ -156,7 +156,7 @@ def class_sets(spec: rebasin.Spec) -> collections.Counter:
     out, and the TorchScript exporter names initializers by their state_dict keys."""
     out: collections.Counter = collections.Counter()
     for c in spec.classes:
-        mem = frozenset((m.tensor, m.axis, m.offset, m.block, m.stride) for m in c.members
+        mem = frozenset((m.tensor, m.axis, m.offset, m.block, m.stride, m.at) for m in c.members
                         if not m.tensor.startswith("/"))
         if mem:
             out[(c.size, mem)] += 1

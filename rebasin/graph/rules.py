@@ -1007,7 +1007,8 @@ def einsum(cx, node):
 
     Every letter is one index running over all the axes that carry it (in any operand, the
     output, or twice in one operand: a diagonal): permuting that index on all of them at once
-    commutes with the product and the sum. A summed letter is a contraction (it mixes).
+    commutes with the product and the sum. A summed letter is a contraction (it mixes); letters
+    summed in the same operands are one sum over their pairs of indices (as over one merged axis).
     """
     eq = cx.attr("equation")
     eq = eq.decode() if isinstance(eq, bytes) else str(eq)
@@ -1024,13 +1025,18 @@ def einsum(cx, node):
             where.setdefault(ch, []).append((cx.ax(name)[k], cx.shape(name)[k]))
     for k, ch in enumerate(rhs):
         where.setdefault(ch, []).append((cx.ax(y)[k], cx.shape(y)[k]))
+    summed: dict[frozenset, list] = {}  # summed letters by the operands that carry them in full
     for ch, occ in where.items():
         size = max(n for _, n in occ)
         full = [v for v, n in occ if n == size]
         for v in full[1:]:
             cx.tie(full[0], v)
         if ch not in rhs:
-            cx.mixes(full[0])
+            carriers = frozenset(i for i, t in enumerate(subs)
+                                 for k, c in enumerate(t) if c == ch and cx.shape(ins[i])[k] == size)
+            summed.setdefault(carriers, []).append(full[0])
+    for vs in summed.values():  # letters summed in the same operands: one sum over their pairs
+        cx.mixes(vs[0] if len(vs) == 1 else cx.alg.prod(vs))
 
 
 # --------------------------------------------------------------------------- fused ops
