@@ -444,14 +444,30 @@ def test_einsum_diagonal_and_bad_equation():
 
 
 def test_strided_slice_moves_whole_strides():
-    """x[1::2] of 7 features: blocks (1,2), (3,4), (5,6) move together: a class of 3, block 2."""
+    """x[1::2] of 7 features: strides (0,1), (2,3), (4,5) move together (item 1 of each is read):
+    a class of 3, block 2."""
     nodes = [node("Slice", ["h", "st", "en", "ax", "sp"], ["o"])]
     m = mlp_around(nodes, [I("st", [1]), I("en", [7]), I("ax", [-1]), I("sp", [2])], d=7)
     m.graph.initializer[1].CopyFrom(W("w_out", 3, 3))
     spec = assert_sound(m)
     assert sizes(spec) == [3]
     w_in = [mb for mb in spec.classes[0].members if mb.tensor == "w_in"][0]
-    assert (w_in.offset, w_in.block, w_in.stride) == (1, 2, 2)
+    assert (w_in.offset, w_in.block, w_in.stride) == (0, 2, 2)
+
+
+def test_interleaved_halves_move_in_pairs():
+    """x[0::2] * sigmoid(x[1::2]) (gpt-oss's interleaved gate and up): the pairs (2i, 2i+1) move
+    together, so the 4 pairs of 8 features are a class (before, the two slices cut the axis in
+    different places and pinned it)."""
+    nodes = [node("Slice", ["h", "s0", "en", "ax", "sp"], ["a"]),
+             node("Slice", ["h", "s1", "en", "ax", "sp"], ["b"]),
+             node("Sigmoid", ["b"], ["g"]), node("Mul", ["a", "g"], ["o"])]
+    m = mlp_around(nodes, [I("s0", [0]), I("s1", [1]), I("en", [8]), I("ax", [-1]), I("sp", [2])], d=8)
+    m.graph.initializer[1].CopyFrom(W("w_out", 4, 3))
+    spec = assert_sound(m)
+    assert sizes(spec) == [4]
+    w_in = [mb for mb in spec.classes[0].members if mb.tensor == "w_in"][0]
+    assert (w_in.offset, w_in.block, w_in.stride) == (0, 2, 2)
 
 
 @pytest.mark.parametrize("start,n", [(0, 7), (2, 8), (1, 6)])

@@ -945,21 +945,24 @@ def pad(cx, node):
 
 
 def _strided(cx, xv, yv, n, s, e, st):
-    """y = x[s:e:st] with st > 1: x = [s items] ++ blocks of st items ++ rest, y's item i is the
-    first item of block i. Permuting whole blocks permutes y alike; positions inside a block are
-    pinned (they decide which item is selected)."""
+    """y = x[s:e:st] with st > 1: x = [lead] ++ blocks of st items ++ rest, y's item i is item
+    ``s - lead`` of block i, where the blocks start at 0 when ``s < st`` (lead 0: ``x[0::2]`` and
+    ``x[1::2]`` read the same pairs, the two halves of an interleaved layout) and at ``s`` otherwise.
+    Permuting whole blocks permutes y alike; positions inside a block are pinned (they decide which
+    item is selected)."""
     alg = cx.alg
     count = len(range(s, e, st))
     if count == 0:
         return
-    full = count if s + count * st <= n else count - 1
+    lead = 0 if s < st else s
+    full = count if lead + count * st <= n else count - 1
     inner = alg.new(st)
     cx.pin(inner, "positions inside the stride of a strided slice")
     blocks = alg.new(full)
-    rest = alg.new(n - s - full * st)
-    if count > full:  # the last selected item starts the rest, which is shorter than a block
+    rest = alg.new(n - lead - full * st)
+    if count > full:  # the last selected item lies in the rest, which is shorter than a block
         cx.pin(rest, "the tail of a strided slice holds its last selected item")
-    cx.tie(xv, alg.sum([alg.new(s), alg.prod([blocks, inner]), rest]))
+    cx.tie(xv, alg.sum([alg.new(lead), alg.prod([blocks, inner]), rest]))
     cx.tie(yv, alg.sum([blocks, alg.new(count - full)]))
 
 

@@ -680,6 +680,9 @@ def _lift(graph, plan, env, labels) -> set:
         graph.erase_node(node)
     if any(a in lifted for n in graph.nodes if n.op == "output" for a in _nodes(n.args)):
         raise _Reject("a dense tensor reaches the output")
+    for a in picks:  # T[L] read by dense ops only: replaced by T[e], so dead
+        if not a.users:
+            graph.erase_node(a)
     return made | {u.name for u in lifted}
 
 
