@@ -67,6 +67,19 @@ HAND = {
     # router rows (grouped_mm after a sort: rebasin/graph/sort_dispatch.py), each expert's 16
     # hidden units on their own (4 classes); plus the 32-wide stream
     "mixtral": {32: 1, 2: 6, 8: 4, 4: 2, 16: 8},
+    # stream 16; 4 heads; per head its 4 query/key dims and its 4 value/output dims (3-D weights
+    # [d, heads, head_dim]: the dims nest under the heads axis, 8 classes); the MLP's 32
+    "einsum_attention": {16: 1, 4: 9, 32: 1},
+    # as Mixtral's attention: 2 kv heads, 2 query heads per kv head (2 classes), value/output dims
+    # per kv head (2 classes of 8, query/key dims pinned by rotary embeddings), per layer; the
+    # packed gate_up_proj's 16 hidden units (gate and up halves together) per layer; the stream
+    "phi3": {32: 1, 2: 6, 8: 4, 16: 2},
+    # the shared embedding's 32 (encoder and decoder streams); the 4 heads of the encoder's
+    # self-attention and of the decoder's (each one class over both layers: one relative position
+    # bias table serves every layer of a stack), of each cross-attention (2 classes); per layer and
+    # head its 8 query/key dims and 8 value/output dims (6 attention blocks x 4 heads x 2); the
+    # feed-forward's 64 units in each of the 4 layers
+    "t5": {32: 1, 4: 4, 8: 48, 64: 4},
 }
 
 
