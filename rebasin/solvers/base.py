@@ -63,7 +63,9 @@ def nested_view(spec, *models: Mapping | None) -> NestedView:
         for t in sorted(names):
             if params is None or t not in params:
                 raise SpecMismatchError(f"tensor {t!r} missing from model {label}")
-            shapes.setdefault(t, _shape(params[t]))
+            if t not in shapes:  # a lazy mapping tells shapes without reading (LazyWeights.shape)
+                shapes[t] = tuple(params.shape(t)) if callable(getattr(params, "shape", None)) \
+                    else _shape(params[t])
     return NestedView.build(spec, shapes)
 
 
