@@ -99,6 +99,24 @@ def test_solvers_recover_a_planted_permutation(solver):
         np.testing.assert_allclose(aligned[k], a[k], atol=1e-9)
 
 
+def test_weight_matching_without_the_joint_step(monkeypatch):
+    """Experts of expert-sized hidden layers are past the joint step's limit: plain steps from
+    the sorted-value start still recover a planted permutation."""
+    from rebasin.solvers import _nested
+    from rebasin.solvers._layout import Layout
+
+    spec, a, b = _planted()
+    view = NestedView.build(spec, _shapes())
+    layout = Layout(view.spec, {**_shapes(), **view.shapes})
+    assert _nested.find_families(view.spec, layout)  # the experts with their units: one family
+    monkeypatch.setattr(_nested, "JOINT_LIMIT", 0)
+    assert not _nested.find_families(view.spec, layout)
+    res = rebasin.solvers.get("weight")(spec, a, b)
+    aligned = permute_arrays(b, spec, res.perms)
+    for k in a:
+        np.testing.assert_allclose(aligned[k], a[k], atol=1e-9)
+
+
 def test_ste_loss_sees_the_models_shapes():
     spec, a, b = _planted()
     seen = []

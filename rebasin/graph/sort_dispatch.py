@@ -76,6 +76,7 @@ class _Plan:
     machinery: set = field(default_factory=set)  # nodes that become dead (sort, counts, Inv ...)
     indexes: set = field(default_factory=set)  # P and element-wise functions of it
     region: set = field(default_factory=set)  # region tensors (rows in label order)
+    aligned: bool = False  # other tensors with rows may join row-wise ops (rows in the same order)
 
     def nodes(self) -> set:
         return {self.sort, *self.grouped, *self.exits, *self.label_picks} | self.machinery | self.indexes \
@@ -478,13 +479,15 @@ def _row_wise(n, x, plan) -> bool:
 
 def _others_broadcast(n, plan, allowed=()) -> bool:
     """Every tensor input of ``n`` is in the region or has no row axis in ``n``'s output
-    (lower rank, or size 1 on axis 0), and none is dispatch machinery."""
+    (lower rank, or size 1 on axis 0), or, where the plan allows it, rows in the region's order;
+    and none is dispatch machinery."""
     rank = len(_shape(n) or ())
     for a in _nodes((n.args, n.kwargs)):
         if a in plan.region or a in allowed:
             continue
         s = _shape(a)
-        if a in plan.machinery or s is None or (len(s) == rank and s[0] != 1) or len(s) > rank:
+        rows = s is not None and len(s) == rank and s[0] == plan.size and plan.aligned
+        if a in plan.machinery or s is None or (len(s) == rank and s[0] != 1 and not rows) or len(s) > rank:
             return False
     return True
 
