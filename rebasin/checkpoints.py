@@ -316,15 +316,15 @@ def interpolate_checkpoints(a, b, t: float, *, output: str | None = None, model=
 
 
 def _writer(template: HFFolderSource, result: ModelSource):
-    """Checkpoint key -> tensor to store: the result's value for float weights, the template's
-    stored value for anything else (integer buffers)."""
+    """Key of the template's layout (the module's keys) -> tensor to store: the result's value
+    for float weights, the template's stored value for anything else (integer buffers)."""
     import torch
 
     floats = set(result.names())
 
     def tensor(key):
         if key not in floats:
-            return template.checkpoint.read(key)
+            return template.layout.read(key)
         value = result.read(key)
         if not bool(torch.isfinite(value).all()):
             raise SolverError(f"tensor {key} of {result.label} holds NaN or inf; nothing written")
