@@ -218,7 +218,7 @@ def _chunk(op, collected: dict, sources, targets, ctx) -> dict:
     if len(collected) > 1:
         raise ConversionError("Chunk of several inputs")
     t = _first(next(iter(collected.values())))
-    names = op.get_target_patterns(targets, config=ctx["config"])
+    names = op.get_target_patterns(targets, config=ctx.get("config"))
     dim = _dim(op.dim, len(t.shape))
     size = math.ceil(t.shape[dim] / len(names))  # torch.chunk: equal chunks, the last one smaller
     starts = range(0, t.shape[dim], size) if size else []
@@ -263,103 +263,115 @@ OPERATIONS: dict[str, Callable] = {
 # --------------------------------------------------------------------------- the layout
 
 
-class ModuleLayout:
-    """A checkpoint's tensors under the module's ``state_dict`` keys, composed through transformers'
-    weight conversions where the files are laid out differently (see the module docstring).
+def compose(converter, collected: dict[str, list[Composed]], layer: str, ctx: dict) -> dict[str, Composed]:
+    """Run a ``WeightConverter``'s operations on symbolic file tensors, as its ``convert`` runs them
+    on real ones: ``{target name: Composed}``.
 
     Args:
-        checkpoint: the folder's :class:`~rebasin.sources.hf.Checkpoint` (headers only are read here).
-        module: the transformers model (on the meta device is enough): its conversion mapping and
-            its ``state_dict`` keys and shapes. Any other ``nn.Module`` reads the files as stored.
-        where: a name for messages (the folder).
-
-    ``info`` maps every module-side key to ``(shape, safetensors dtype)``; ``sources[key]`` is the
-    :class:`Composed` it is made of; ``transforms`` names the conversions that matched a file key.
+        converter: the transformers ``WeightConverter`` (its ``operations``, ``source_patterns`` and
+            ``target_patterns`` are read).
+        collected: source pattern -> the file tensors it matched, in ``from_pretrained``'s order.
+        layer: the module key the group is loaded under (``first_param_name`` in transformers).
+        ctx: ``config`` (the model config, for ``Chunk`` by a config attribute) and ``param_shape``
+            (module key -> shape, for ``Split`` and ``Transpose(check_dims=True)``).
 
     Raises:
-        ModelLoadError: an operation rebasin does not interpret, or two file tensors renamed to the
-            same key, naming them.
-        SpecMismatchError: a file tensor whose (converted) name the module does not have.
+        ConversionError: an operation not in :data:`OPERATIONS`, or one that fails on these inputs.
+
+    Example:
+        >>> from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+        >>> conv = WeightConverter([".e.*.w1", ".e.*.w3"], ".e.w13", [MergeModulelist(0), Concatenate(1)])
+        >>> files = {p: [Composed.leaf(f"l.e.{i}.{p[-2:]}", (4, 8), "BF16") for i in range(3)]
+        ...          for p in conv.source_patterns}
+        >>> compose(conv, files, "l.e.w13", {})[".e.w13"].shape
+        (3, 8, 8)
+    """
+    ctx = {**ctx, "layer": layer}
+    value: dict = dict(collected)
+    for op in converter.operations:
+        interpret = OPERATIONS.get(type(op).__name__)
+        if interpret is None:
+            raise ConversionError(f"{layer} is read through transformers' operation {op!r} "
+                                  f"({_describe(converter)}), which rebasin does not interpret "
+                                  f"(it knows {', '.join(OPERATIONS)})")
+        try:
+            value = interpret(op, value, converter.source_patterns, converter.target_patterns, ctx)
+        except (ValueError, KeyError, AttributeError, IndexError, TypeError) as e:
+            raise ConversionError(f"cannot compose {layer} with {op!r} ({_describe(converter)}): {e}") from e
+        except ConversionError as e:
+            raise ConversionError(f"cannot compose {layer} with {op!r}: {e}") from e
+    return {name: _first(v) for name, v in value.items()}
+
+
+class ModuleLayout:
+    """A checkpoint's tensors under the module's ``state_dict`` keys: each a :class:`Composed` of
+    file pieces (see the module docstring). :meth:`of` builds one from transformers' conversions.
+
+    Args:
+        checkpoint: where the file tensors are (``info``: key -> (shape, safetensors dtype),
+            ``read(key)``, ``read_view(key, steps)``): a :class:`~rebasin.sources.hf.Checkpoint`.
+        sources: module key -> the :class:`Composed` it is made of.
+        transforms: the conversions that matched a file key, described (for messages).
+        where: a name for messages (the folder).
+
+    ``info`` maps every module-side key to ``(shape, safetensors dtype)``. Every module tensor and
+    every file tensor must be covered exactly once by the pieces (checked here, by element counts).
     """
 
-    def __init__(self, checkpoint, module=None, where: str = "checkpoint"):
-        self.checkpoint, self.where = checkpoint, where
-        self.sources: dict[str, Composed] = {}
-        self.transforms: list[str] = []
-        state = dict(module.state_dict(keep_vars=True)) if module is not None else {}
-        mapping = _conversions(module)
-        if mapping:
-            self._build(mapping, module, state)
-        else:
-            self.sources = {k: Composed.leaf(k, *checkpoint.info[k]) for k in checkpoint.info}
+    def __init__(self, checkpoint, sources: dict[str, Composed], transforms=(), where: str = "checkpoint"):
+        self.checkpoint, self.sources, self.where = checkpoint, dict(sources), where
+        self.transforms = list(transforms)
         self.info = {k: (c.shape, c.dtype) for k, c in self.sources.items()}
         self._pieces_of_file: dict[str, list[tuple[str, Piece]]] = {}
         for key, c in self.sources.items():
             for p in c.pieces:
                 self._pieces_of_file.setdefault(p.file_key, []).append((key, p))
+        self._check_coverage()
+
+    def _check_coverage(self) -> None:
+        for key, c in self.sources.items():
+            covered = sum(math.prod(view_shape(c.shape, p.module_view)) for p in c.pieces)
+            if covered != math.prod(c.shape):
+                raise ConversionError(f"{self.where}: {key} is {math.prod(c.shape)} elements, "
+                                      f"its pieces {covered}")
+        for f, pieces in self._pieces_of_file.items():
+            shape = self.checkpoint.info[f][0]
+            covered = sum(math.prod(view_shape(shape, p.file_view)) for _, p in pieces)
+            if covered != math.prod(shape):
+                raise ConversionError(f"{self.where}: file tensor {f} is {math.prod(shape)} elements, "
+                                      f"the module reads {covered}")
+
+    @classmethod
+    def of(cls, checkpoint, module=None, where: str = "checkpoint") -> ModuleLayout:
+        """The layout ``from_pretrained`` would load ``checkpoint`` into ``module`` with.
+
+        Args:
+            checkpoint: the folder's :class:`~rebasin.sources.hf.Checkpoint` (headers only are read).
+            module: the transformers model (on the meta device is enough): its conversion mapping
+                and its ``state_dict`` keys and shapes. Any other module, or ``None``, reads the
+                files as stored.
+            where: a name for messages (the folder).
+
+        Raises:
+            ModelLoadError: an operation rebasin does not interpret, or two file tensors renamed
+                to the same key, naming them.
+            SpecMismatchError: a file tensor whose (converted) name the module does not have.
+        """
+        mapping = _conversions(module)
+        if not mapping:
+            as_stored = {k: Composed.leaf(k, *checkpoint.info[k]) for k in checkpoint.info}
+            return cls(checkpoint, as_stored, (), where)
+        state = dict(module.state_dict(keep_vars=True))
+        try:
+            sources = _convert_all(checkpoint, mapping, module, state, where)
+        except ConversionError as e:
+            raise ConversionError(f"{where}: {e}") from e
+        return cls(checkpoint, sources, sorted({_describe(t) for t in mapping if t.was_used()}), where)
 
     @property
     def converted(self) -> bool:
         """Whether any module tensor is not simply one file tensor under its own name."""
         return any(not c.is_file or c.pieces[0].file_key != k for k, c in self.sources.items())
-
-    # ------------------------------------------------------------------ building
-    def _build(self, mapping: list, module, state: dict) -> None:
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-        converters = [t for t in mapping if isinstance(t, WeightConverter)]
-        by_pattern = {p: c for c in converters for p in c.source_patterns}
-        prefix = getattr(module, "base_model_prefix", None)
-        groups: dict[str, tuple[object, dict[str, list[Composed]]]] = {}
-        for key in sorted(self.checkpoint.info, key=_natural_key):
-            new, pattern = rename_source_key(key, renamings, converters, prefix, state)
-            if new not in state and key in state:  # as from_pretrained: a key of the module stays as it is
-                new, pattern = rename_source_key(key, [], [], prefix, state)
-            leaf = Composed.leaf(key, *self.checkpoint.info[key])
-            if new not in state:
-                raise SpecMismatchError(f"{self.where}: the weights hold {key}"
-                                        f"{f' (read as {new})' if new != key else ''}, which "
-                                        f"{type(module).__name__} (config.json) does not have; config and "
-                                        "weights are of different architectures")
-            if pattern is None:
-                if new in groups or new in self.sources:
-                    raise ConversionError(f"{self.where}: {key} and another tensor are both read as {new}")
-                self.sources[new] = leaf
-                continue
-            converter, collected = groups.setdefault(new, (by_pattern[pattern], {}))
-            collected.setdefault(pattern, []).append(leaf)
-        for first, (converter, collected) in groups.items():
-            self._convert(first, converter, collected, module)
-        self.transforms = sorted({_describe(t) for t in mapping if t.was_used()})
-
-    def _convert(self, layer: str, converter, collected: dict, module) -> None:
-        """Run ``converter``'s operations on the symbolic file tensors grouped under ``layer``."""
-        ctx = {"config": getattr(module, "config", None), "layer": layer,
-               "param_shape": lambda name: tuple(module.get_parameter(name).shape)}
-        value: dict = dict(collected)
-        for op in converter.operations:
-            interpret = OPERATIONS.get(type(op).__name__)
-            if interpret is None:
-                raise ConversionError(
-                    f"{self.where}: {layer} is read through transformers' operation {op!r} "
-                    f"({_describe(converter)}), which rebasin does not interpret (it knows "
-                    f"{', '.join(OPERATIONS)})")
-            try:
-                value = interpret(op, value, converter.source_patterns, converter.target_patterns, ctx)
-            except (ValueError, KeyError, AttributeError, IndexError) as e:
-                raise ConversionError(f"{self.where}: cannot compose {layer} with {op!r} "
-                                      f"({_describe(converter)}): {e}") from e
-            except ConversionError as e:
-                raise ConversionError(f"{self.where}: cannot compose {layer} with {op!r}: {e}") from e
-        full = layer.replace("*.", "0.") if "*." in layer else layer
-        split = next((full.partition(k) for k in value if k in full), None)
-        for name, composed in value.items():
-            key = split[0] + name + split[2] if split is not None else name
-            composed = _first(composed)
-            if key in self.sources:
-                raise ConversionError(f"{self.where}: two conversions produce {key}")
-            self.sources[key] = composed
 
     # ------------------------------------------------------------------ reading and writing
     def read(self, key: str):
@@ -422,6 +434,48 @@ class ModuleLayout:
                 f"through {'; '.join(self.transforms)}")
 
 
+def _convert_all(checkpoint, mapping: list, module, state: dict, where: str) -> dict[str, Composed]:
+    """Module key -> Composed for every file key, renamed and grouped by transformers'
+    ``rename_source_key`` exactly as ``from_pretrained`` does, each group's operations composed."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    prefix = getattr(module, "base_model_prefix", None)
+    sources: dict[str, Composed] = {}
+    groups: dict[str, tuple[object, dict[str, list[Composed]]]] = {}
+    for key in sorted(checkpoint.info, key=_natural_key):
+        new, pattern = rename_source_key(key, renamings, converters, prefix, state)
+        if new not in state and key in state:  # as from_pretrained: a key of the module stays as it is
+            new, pattern = rename_source_key(key, [], [], prefix, state)
+        if new not in state:
+            read_as = f" (read as {new})" if new != key else ""
+            raise SpecMismatchError(f"{where}: the weights hold {key}{read_as}, "
+                                    f"which {type(module).__name__} (config.json) does not have; config and "
+                                    "weights are of different architectures")
+        leaf = Composed.leaf(key, *checkpoint.info[key])
+        if pattern is None:
+            if new in groups or new in sources:
+                raise ConversionError(f"{key} and another tensor are both read as {new}")
+            sources[new] = leaf
+            continue
+        collected = groups.setdefault(new, (by_pattern[pattern], {}))[1]
+        collected.setdefault(pattern, []).append(leaf)
+    ctx = {"config": getattr(module, "config", None),
+           "param_shape": lambda name: tuple(module.get_parameter(name).shape)}
+    for layer, (converter, collected) in groups.items():
+        value = compose(converter, collected, layer, ctx)
+        full = layer.replace("*.", "0.") if "*." in layer else layer
+        split = next((full.partition(k) for k in value if k in full), None)  # as WeightConverter.convert
+        for name, composed in value.items():
+            key = split[0] + name + split[2] if split is not None else name
+            if key in sources:
+                raise ConversionError(f"two conversions produce {key}")
+            sources[key] = composed
+    return sources
+
+
 def _conversions(module) -> list:
     """transformers' conversion list for ``module`` (``get_model_conversion_mapping``, as
     ``from_pretrained`` uses it), or ``[]`` for a module transformers does not convert."""
@@ -463,5 +517,5 @@ def _torch_dtype(st_dtype: str):
     return getattr(torch, name)
 
 
-__all__ = ["ModuleLayout", "FLOAT_DTYPES", "Composed", "Piece", "OPERATIONS", "ConversionError", "apply_view",
-           "view_shape"]
+__all__ = ["ModuleLayout", "compose", "FLOAT_DTYPES", "Composed", "Piece", "OPERATIONS", "ConversionError",
+           "apply_view", "view_shape"]

@@ -216,7 +216,7 @@ class HFFolderSource(ModelSource):
         loads through weight conversions (Mixtral's per-expert ``w1`` / ``w2`` / ``w3``) reads as
         the module's stacked tensors, composed one at a time; any other as stored."""
         if self._layout is None:
-            self._layout = ModuleLayout(self.checkpoint, self.module, self.path)
+            self._layout = ModuleLayout.of(self.checkpoint, self.module, self.path)
         return self._layout
 
     @property
