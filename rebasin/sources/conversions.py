@@ -311,7 +311,8 @@ class ModuleLayout:
         checkpoint: where the file tensors are (``info``: key -> (shape, safetensors dtype),
             ``read(key)``, ``read_view(key, steps)``): a :class:`~rebasin.sources.hf.Checkpoint`.
         sources: module key -> the :class:`Composed` it is made of.
-        transforms: the conversions that matched a file key, described (for messages).
+        transforms: the transformers conversions that matched a file key (``transforms`` holds
+            them described, for messages).
         where: a name for messages (the folder).
 
     ``info`` maps every module-side key to ``(shape, safetensors dtype)``. Every module tensor and
@@ -320,7 +321,8 @@ class ModuleLayout:
 
     def __init__(self, checkpoint, sources: dict[str, Composed], transforms=(), where: str = "checkpoint"):
         self.checkpoint, self.sources, self.where = checkpoint, dict(sources), where
-        self.transforms = list(transforms)
+        self._used = list(transforms)
+        self.transforms = sorted({_describe(t) for t in self._used})
         self.info = {k: (c.shape, c.dtype) for k, c in self.sources.items()}
         self._pieces_of_file: dict[str, list[tuple[str, Piece]]] = {}
         for key, c in self.sources.items():
@@ -366,7 +368,7 @@ class ModuleLayout:
             sources = _convert_all(checkpoint, mapping, module, state, where)
         except ConversionError as e:
             raise ConversionError(f"{where}: {e}") from e
-        return cls(checkpoint, sources, sorted({_describe(t) for t in mapping if t.was_used()}), where)
+        return cls(checkpoint, sources, [t for t in mapping if t.was_used()], where)
 
     @property
     def converted(self) -> bool:
@@ -427,11 +429,18 @@ class ModuleLayout:
         return {f: out[f] for f in file_keys}
 
     def describe(self) -> str:
-        """One line: how many module tensors are composed from how many file tensors, and through what."""
-        composed = [k for k, c in self.sources.items() if not c.is_file]
-        files = {p.file_key for k in composed for p in self.sources[k].pieces}
-        return (f"{len(composed)} module tensors composed from {len(files)} file tensors "
-                f"through {'; '.join(self.transforms)}")
+        """One line: which module tensors are read through conversions, from how many file tensors.
+
+        Example: ``4 module tensors read from 24 file tensors through transformers' weight
+        conversions (MergeModulelist, Concatenate, renaming)``.
+        """
+        moved = [k for k, c in self.sources.items() if not c.is_file or c.pieces[0].file_key != k]
+        files = {p.file_key for k in moved for p in self.sources[k].pieces}
+        ops = sorted({type(o).__name__ for t in self._used for o in getattr(t, "operations", ())})
+        renamed = any(c.is_file for k, c in self.sources.items() if k in moved)
+        how = ", ".join(ops + (["renaming"] if renamed else []))
+        return (f"{len(moved)} module tensors read from {len(files)} file tensors through transformers' "
+                f"weight conversions ({how})")
 
 
 def _convert_all(checkpoint, mapping: list, module, state: dict, where: str) -> dict[str, Composed]:
