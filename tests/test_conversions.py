@@ -64,6 +64,16 @@ def test_module_keys_read_as_from_pretrained_loads_them(moe, kind, tmp_path):
         assert torch.equal(ca.read(key), cb.read(key)), key
 
 
+def test_experts_stack_in_numeric_order(tmp_path):
+    """With 11 experts the files sort ``experts.10`` before ``experts.2`` as text: the stack is in
+    the experts' numeric order, as ``from_pretrained`` stacks them."""
+    hf_folders.make_folder("mixtral", tmp_path / "m", 3, hidden=16, inter=8, layers=1, experts=11, heads=2,
+                           kv_heads=1)
+    src, state = open_model(str(tmp_path / "m")), loaded(tmp_path / "m").state_dict()
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        assert src.shape(name)[0] == 11 and torch.equal(src.read(name), state[name])
+
+
 def test_align_qwen2_moe_folders(moe, tmp_path):
     """Qwen2-MoE (stacked experts, a shared expert, biased q / k / v) aligned out of core: B aligned
     computes B's logits, lies closer to A, keeps B's files, and each expert's units moved."""

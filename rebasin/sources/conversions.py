@@ -493,7 +493,8 @@ def _conversions(module) -> list:
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping
-    except ImportError:  # transformers < 5: files are read as stored
+        from transformers.core_model_loading import dot_natural_key, rename_source_key  # noqa: F401
+    except ImportError:  # transformers < 5 loads files as stored: so are they read
         return []
     if not isinstance(module, PreTrainedModel):
         return []
@@ -510,10 +511,8 @@ def _describe(transform) -> str:
 def _natural_key(key: str):
     """Sort key of transformers' loader (``dot_natural_key``): ``experts.2`` before ``experts.10``,
     so the order of a stack is the order ``from_pretrained`` stacks in."""
-    try:
-        from transformers.core_model_loading import dot_natural_key
-    except ImportError:  # pragma: no cover - only used when transformers converts
-        return key
+    from transformers.core_model_loading import dot_natural_key
+
     return dot_natural_key(key)
 
 
