@@ -154,7 +154,7 @@ class Stacked(nn.Module):
     and "outer" pair them with every expert's, "softmax_over_experts" mixes experts first (one
     permutation must serve all experts). In "all_pairs" each hidden unit sums its experts on its
     own, so the experts of ``w1`` permute independently per hidden unit (nested the other way
-    round), which the fx path finds (it sees that sum as its own op)."""
+    round)."""
 
     def __init__(self, combine: str):
         super().__init__()
@@ -192,6 +192,18 @@ def test_nested_only_where_each_expert_meets_itself(combine, tracer):
     hidden = [c for c in spec.classes if any(m.at and m.tensor == "w1" and m.axis == 1 for m in c.members)]
     assert len(hidden) == (E if combine in ("batched", "joint") else 0), spec.table()
     assert_sound(model, x, spec)
+
+
+@pytest.mark.parametrize("combine", ["batched", "all_pairs", "outer", "softmax_over_experts", "joint"])
+def test_both_tracers_nest_alike(combine):
+    """fx (einsum decomposed into sums and batched products) and torch.export (einsum kept)."""
+    from tests.test_torch_frontend import signature
+
+    torch.manual_seed(0)
+    model, x = Stacked(combine), (torch.randn(7, 6),)
+    fx, export = (rebasin.infer_spec(model, x, tracer=t) for t in ("fx", "export"))
+    keys = set(model.state_dict())
+    assert signature(fx, keys) == signature(export, keys), (fx.table(), export.table())
 
 
 def test_nesting_can_fail_the_check():

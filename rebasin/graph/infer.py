@@ -549,11 +549,13 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
     Nesting across axes also needs each index of ``h`` to meet only itself where ``d`` is combined:
 
     3. every tensor holding ``d`` holds ``h`` exactly once (so element-wise ops align it);
-    4. an op that combines the items of ``d`` (a contraction over the experts' hidden units)
-       combines no index of ``h``, and holds ``h`` exactly once in each output: the operands' ``h``
-       axes are one batch axis, so each index of ``h`` meets only itself. Or ``d`` and ``h`` lie
-       in one combined axis (a contraction over heads x head dims): a per-``h`` permutation of
-       ``d`` is a permutation of that axis, which the op's operands share position by position.
+    4. an op that combines the items of ``d`` from two or more operands (a contraction over the
+       experts' hidden units) combines no index of ``h``, and holds ``h`` exactly once in each
+       output: the operands' ``h`` axes are one batch axis, so each index of ``h`` meets only
+       itself. Or ``d`` and ``h`` lie in one combined axis (a contraction over heads x head dims):
+       a per-``h`` permutation of ``d`` is a permutation of that axis, which the operands share
+       position by position. (Items of ``d`` combined inside one operand are combined for each
+       index of the ``h`` it holds once: any per-``h`` permutation commutes with that.)
     """
     alg = cx.alg
     candidates_of = _cross_candidates(cx, weights)
@@ -567,8 +569,8 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
     candidates = {r for r, n in nest.items() if n}
     if not candidates:
         return nest, {}
-    for axes in cx.axes.values():
-        count = _held(alg, axes)
+    holds = {name: _held(alg, axes) for name, axes in cx.axes.items()}
+    for count in holds.values():
         for r in candidates & set(count):
             nest[r] &= set(count)
             nest[r] -= {h for h in cross[r] & nest[r] if count[h] != 1}
@@ -583,10 +585,14 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
         for r in candidates & held:
             nest[r] -= mixed
     for y, trees in mixed_by.items():
-        count = _held(alg, cx.axes.get(y, ()))
+        count = holds.get(y, collections.Counter())
+        node = cx.producer(y)
+        inputs = list(dict.fromkeys(x for x in (node.input if node is not None else ()) if x))
         for r in candidates:
             mine = [t for t in trees if r in t]
-            for h in cross[r] & nest[r] if mine else ():
+            if not mine or sum(r in holds.get(x, ()) for x in inputs) < 2:
+                continue  # d combined inside one operand, for each index of h it holds once
+            for h in cross[r] & nest[r]:
                 if all(h in t for t in mine):
                     continue  # d and h inside one combined axis: its positions pair exactly
                 if any(h in t for t in trees) or count[h] != 1:
