@@ -273,3 +273,15 @@ def test_align_mixtral_folders_per_expert(tmp_path):
     nested = [c.name for c in spec.classes if any(m.at for m in c.members)]
     assert len(nested) == 8 and all(c.size == 24 for c in spec.classes if c.name in nested)
     assert sum(perms[n] != sorted(perms[n]) for n in nested) >= 6
+
+
+def test_unused_weights_do_not_nest():
+    """A parameter no op reads (an auxiliary head in eval mode): any permutation of its entries
+    keeps the output; it keeps one class per axis rather than one per row."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    model.unused = nn.Parameter(torch.randn(5, 7))
+    x = (torch.randn(3, 4),)
+    for tracer in ("fx", "export"):
+        spec = rebasin.infer_spec(model, x, tracer=tracer)
+        assert not any(m.at for c in spec.classes for m in c.members), spec.table()
+        assert sorted(c.size for c in spec.classes if any(m.tensor == "unused" for m in c.members)) == [5, 7]

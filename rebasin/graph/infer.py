@@ -523,9 +523,13 @@ def _held(alg, axes) -> collections.Counter:
 
 def _cross_candidates(cx: _Context, weights: dict) -> dict:
     """(weight, axis) -> ``[(root, other axis)]``: the plain, free variables on the weight's other
-    axes, under which the leaves of ``axis`` may nest (one permutation per index of the other axis)."""
+    axes, under which the leaves of ``axis`` may nest (one permutation per index of the other axis).
+    Weights that no op reads get none: every permutation of their entries keeps the output, which
+    no spec can list, and one class per axis says enough."""
     alg, out = cx.alg, {}
     for name in weights:
+        if not cx.consumers(name):  # a weight no op reads (an unused head): nothing to nest under
+            continue
         roots = [alg.find(v) for v in cx.axes.get(name, ())]
         free = [(r, k) for k, r in enumerate(roots)
                 if alg.vars[r].kind is None and alg.vars[r].pinned is None and alg.size(r) > 1]
