@@ -6,7 +6,9 @@ found, and a soundness check (every class permuted at random, outputs compared).
 
 Each family gets hidden size 32, 2 layers, 4 heads (2 key/value), 4 experts with top-2 routing,
 expert width 16, vocabulary 100, trained-like values (every parameter moved by noise, so no two
-are equal), input ids of shape 2 x 8. ``experts`` counts the classes holding a router's rows.
+are equal), input ids of shape 2 x 8. ``experts`` counts the classes holding a router's rows,
+``per expert`` the classes of one expert's hidden units (members nested in one index of the
+experts axis, ``Member.at``; 8 = 4 experts x 2 layers).
 """
 
 import argparse
@@ -66,13 +68,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("families", nargs="*", default=list(FAMILIES))
     args = p.parse_args()
-    print("| family | classes | log-sym | experts classes / routers | sound | spec s |")
-    print("|---|---:|---:|---|---|---:|")
+    print("| family | classes | log-sym | experts classes / routers | per expert | sound | spec s |")
+    print("|---|---:|---:|---|---:|---|---:|")
     for fam in args.families:
         try:
             model, inputs = build(fam)
         except Exception as e:  # a family whose config these sizes do not fit
-            print(f"| {fam} | not built: {type(e).__name__}: {str(e)[:80]} | | | | |", flush=True)
+            print(f"| {fam} | not built: {type(e).__name__}: {str(e)[:80]} | | | | | |", flush=True)
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,7 +82,7 @@ def main():
             try:
                 spec = rebasin.infer_spec(model, inputs)
             except rebasin.RebasinError as e:
-                print(f"| {fam} | refused: {str(e)[:90]} | | | | |", flush=True)
+                print(f"| {fam} | refused: {str(e)[:90]} | | | | | |", flush=True)
                 continue
             took = time.perf_counter() - t0
             sound = sound_under(model, inputs, spec, seeds=range(3))
@@ -88,9 +90,10 @@ def main():
             varies = not torch.allclose(model(*inputs), model(torch.randint(0, 100, (2, 8))))
         keys = routers(model)
         experts = sum(1 for c in spec.classes if any(m.tensor in keys and m.axis == 0 for m in c.members))
+        per_expert = sum(1 for c in spec.classes if any(m.at for m in c.members))
         verdict = "yes" if sound and varies else ("**NO**" if not sound else "vacuous")
         print(f"| {fam} | {len(spec.classes)} | {spec.log_symmetry:.1f} | {experts} / {len(keys)} | "
-              f"{verdict} | {took:.1f} |", flush=True)
+              f"{per_expert} | {verdict} | {took:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

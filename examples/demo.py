@@ -7,7 +7,10 @@
    the straight line A -> B before and after alignment.
 3. Hugging Face folders: save two random Llama models (grouped-query attention) with
    ``save_pretrained`` in bf16, sharded; align B to A out of core with the CLI, verify the result
-   streamed, and check with ``from_pretrained`` that the aligned folder computes what B computes."""
+   streamed, and check with ``from_pretrained`` that the aligned folder computes what B computes.
+4. Mixture-of-experts folders: two random Mixtral models, whose files hold one tensor per expert
+   while the module stacks them (transformers' weight conversions): aligned out of core, each
+   expert with its hidden units, written back one tensor per expert."""
 
 import os
 import subprocess
@@ -110,6 +113,7 @@ def rebasin_demo():
         sys.exit("demo failed: alignment did not lower the barrier")
     print("part 2 OK\n")
     folders_demo()
+    moe_folders_demo()
     print("\ndemo OK")
 
 
@@ -144,6 +148,38 @@ def folders_demo():
     if err > 1e-4:
         sys.exit("demo failed: the aligned folder computes something else")
     print("part 3 OK")
+
+
+def moe_folders_demo():
+    import shutil
+
+    import transformers
+
+    from tests import hf_folders
+
+    transformers.utils.logging.disable_progress_bar()
+    print("\npart 4: mixture-of-experts folders (Mixtral: per-expert files, stacked module tensors)")
+    root = OUT / "hf"
+    for seed, name in ((0, "mixtral_A"), (1, "mixtral_B")):
+        shutil.rmtree(root / name, ignore_errors=True)
+        hf_folders.make_folder("mixtral", root / name, seed, shard="200KB", hidden=64, inter=96, experts=4)
+    shutil.rmtree(root / "mixtral_B_aligned", ignore_errors=True)
+    a, b, out = (str(root / n) for n in ("mixtral_A", "mixtral_B", "mixtral_B_aligned"))
+    if sh("align", a, b, "-o", out) != 0:
+        sys.exit("demo failed: align (Mixtral)")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for name in ("mixtral_B", "mixtral_B_aligned"):
+        m = transformers.AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32)
+        with torch.no_grad():
+            outs.append(m(ids).logits)
+    err = float((outs[0] - outs[1]).abs().max() / outs[0].abs().max())
+    same = sorted(os.listdir(root / "mixtral_B_aligned")) == sorted(os.listdir(root / "mixtral_B"))
+    print(f"from_pretrained: B and B_aligned give the same logits (max rel error {err:.1e}); "
+          f"files {same and 'laid out as B' or 'DIFFER'}")
+    if err > 1e-4 or not same:
+        sys.exit("demo failed: the aligned Mixtral folder computes something else or is laid out differently")
+    print("part 4 OK")
 
 
 if __name__ == "__main__":

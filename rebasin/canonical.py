@@ -27,6 +27,7 @@ import numpy as np
 
 from rebasin.errors import RebasinError
 from rebasin.graph.rewrite import apply_permutation, permute_arrays
+from rebasin.nesting import NestedView, has_nested
 from rebasin.spec import PermutationClass, Spec
 
 MAX_SWEEPS = 8
@@ -150,6 +151,11 @@ def canonicalize_arrays(arrays: dict, spec: Spec) -> Canonical:
     missing = sorted(names - set(arrays))
     if missing:
         raise RebasinError(f"canonical form: member tensors not in the model: {missing[:5]}")
+    if has_nested(spec):  # sorted on the plain view (rebasin.nesting): the same classes and steps
+        view = NestedView.build(spec, {k: np.shape(arrays[k]) for k in names})
+        res = canonicalize_arrays({k: view.view(k, np.asarray(arrays[k])) for k in names}, view.spec)
+        res.arrays = view.unview_all(res.arrays)
+        return res
     cur = {k: np.asarray(arrays[k]) for k in names}
     order = sorted(spec.classes, key=lambda c: -_coarseness(c))  # stable: ties keep spec order
     result = Canonical(cur)

@@ -200,6 +200,13 @@ def _log(progress, message: str) -> None:
         progress(0, None, message)
 
 
+def _log_layouts(progress, sources: list[HFFolderSource]) -> None:
+    """Say which folders are read through transformers' weight conversions, and how."""
+    for s in sources:
+        if s.layout.converted:
+            _log(progress, f"{s.label}: {s.layout.describe()}")
+
+
 def _spec_of(source: HFFolderSource, progress) -> Spec:
     from rebasin.graph.infer import infer_spec
 
@@ -261,6 +268,7 @@ def align_checkpoints(a, b, *, output: str | None = None, method: str = "weight"
     _check_method(method, options)
     sa, sb = open_checkpoint(a, model, example_inputs), open_checkpoint(b, model, example_inputs)
     check_compatible([sa, sb])
+    _log_layouts(progress, [sa, sb])
     spec = spec or _spec_of(sa, progress)
     res = _solve(spec, sa, sb, method, seed, progress, options)
     if verify:
@@ -285,6 +293,7 @@ def merge_checkpoints(paths, *, output: str | None = None, seed: int = 0, verify
     _check_method("weight", options)
     srcs = [open_checkpoint(p, model, example_inputs) for p in paths]
     check_compatible(srcs)
+    _log_layouts(progress, srcs)
     spec = _spec_of(srcs[0], progress)
     perms, solves, vers, aligned = [{}], [], [None], [srcs[0]]
     for i, s in enumerate(srcs[1:], 1):
@@ -309,6 +318,7 @@ def interpolate_checkpoints(a, b, t: float, *, output: str | None = None, model=
     """``(1 - t) A + t B`` per tensor (B as given: align it first), written with A's layout."""
     sa, sb = open_checkpoint(a, model), open_checkpoint(b, model)
     check_compatible([sa, sb])
+    _log_layouts(progress, [sa, sb])
     mixed = WeightedSource([sa, sb], [1 - t, t])
     if output is not None:
         mixed.save(output, progress)
@@ -316,15 +326,15 @@ def interpolate_checkpoints(a, b, t: float, *, output: str | None = None, model=
 
 
 def _writer(template: HFFolderSource, result: ModelSource):
-    """Checkpoint key -> tensor to store: the result's value for float weights, the template's
-    stored value for anything else (integer buffers)."""
+    """Key of the template's layout (the module's keys) -> tensor to store: the result's value
+    for float weights, the template's stored value for anything else (integer buffers)."""
     import torch
 
     floats = set(result.names())
 
     def tensor(key):
         if key not in floats:
-            return template.checkpoint.read(key)
+            return template.layout.read(key)
         value = result.read(key)
         if not bool(torch.isfinite(value).all()):
             raise SolverError(f"tensor {key} of {result.label} holds NaN or inf; nothing written")

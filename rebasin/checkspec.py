@@ -62,19 +62,17 @@ class SpecCheck:
 
 
 def atoms(c: PermutationClass) -> dict[tuple, str]:
-    """Atom -> the member it comes from (``tensor[axis]``, with offset/block when not plain).
+    """Atom -> the member it comes from (``tensor[axis]``, with offset/block/slice when not plain).
 
     Example:
         >>> from rebasin.spec import Member
         >>> sorted(atoms(PermutationClass("h", 2, (Member("w", 0, block=2),))))
-        [('w', 0, 0, 2, 2), ('w', 0, 1, 2, 2)]
+        [('w', 0, 0, 2, 2, ()), ('w', 0, 1, 2, 2, ())]
     """
     out = {}
     for m in c.members:
-        label = f"{m.tensor}[{m.axis}]" + (f"@{m.offset}" if m.offset else "") + \
-            (f"x{m.block}" if m.block > 1 else "")
         for j in range(m.block):
-            out[(m.tensor, m.axis, m.offset + j, m.stride, c.size)] = label
+            out[(m.tensor, m.axis, m.offset + j, m.stride, c.size, m.at)] = m.label()
     return out
 
 

@@ -38,6 +38,8 @@ def unexpressible(spec: Spec, axes_allowed=None) -> dict[str, str]:
             shape = spec.shapes.get(m.tensor)
             if shape is None:
                 out[c.name] = f"shape of {m.tensor} unknown"
+            elif m.at:
+                out[c.name] = f"{m.label()} moves items of one slice of the tensor (one expert's units)"
             elif m.offset or m.block != 1:
                 kind = f"block {m.block}" if m.block != 1 else f"offset {m.offset}"
                 out[c.name] = f"{m.tensor}[{m.axis}] moves items of a part of the axis ({kind})"

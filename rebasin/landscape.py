@@ -558,10 +558,11 @@ def _analyze_class(c, pa, pb, pc, top_k) -> ClassAnalysis:
         return float(np.sqrt(sum(np.sum((np.asarray(pa[t], np.float64) - p[t]) ** 2) for t in tensors)))
     per, before, after = [], [], []
     for m in c.members:
-        if np.ndim(pa[m.tensor]) < 2:
+        (wa, axis), (wb, _), (wc, _) = (m.select(np.asarray(p[m.tensor])) for p in (pa, pb, pc))
+        if wa.ndim < 2:
             continue
-        lb, rb = singular_alignment(pa[m.tensor], pb[m.tensor], m.axis, top_k)
-        la, ra = singular_alignment(pa[m.tensor], pc[m.tensor], m.axis, top_k)
+        lb, rb = singular_alignment(wa, wb, axis, top_k)
+        la, ra = singular_alignment(wa, wc, axis, top_k)
         per.append({"tensor": m.tensor, "axis": m.axis, "left_before": lb, "right_before": rb,
                     "left_after": la, "right_after": ra})
         before.append(np.mean(lb))  # the class permutes the member axis: its left singular vectors

@@ -2,8 +2,10 @@
 
 A :class:`Spec` lists permutation classes. Permuting a class by ``p`` means: for every member,
 new item ``i`` = old item ``p[i]``, where item ``i`` of a member occupies positions
-``offset + i*stride + j`` (``0 <= j < block``) along ``axis`` of ``tensor``. Classes are applied
-in list order. See ``docs/spec-format.md``.
+``offset + i*stride + j`` (``0 <= j < block``) along ``axis`` of ``tensor`` (of the slice
+``tensor[..., i_a, ...]`` with each ``(a, i_a)`` of ``at`` fixed, for a member nested in one index
+of another axis: the hidden units of one of several experts stacked in one tensor). Classes are
+applied in list order. See ``docs/spec-format.md``.
 """
 
 from __future__ import annotations
@@ -21,18 +23,28 @@ SPEC_VERSION = 1
 
 @dataclass(frozen=True)
 class Member:
-    """Where one permutation class acts on one tensor axis."""
+    """Where one permutation class acts on one tensor axis (or on one slice of it: ``at`` holds
+    ``(other axis, index)`` pairs fixing other axes, e.g. ``at=((0, 2),)`` for expert 2 of a
+    ``[experts, hidden, d]`` tensor)."""
 
     tensor: str
     axis: int
     offset: int = 0
     block: int = 1
     stride: int | None = None
+    at: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.stride is None:
             object.__setattr__(self, "stride", self.block)
-        if self.axis < 0 or self.offset < 0 or self.block < 1 or self.stride < self.block:
+        try:
+            at = tuple((int(a), int(i)) for a, i in self.at)
+        except (TypeError, ValueError) as e:
+            raise SpecMismatchError(f"invalid member {self}: at must be (axis, index) pairs") from e
+        object.__setattr__(self, "at", at)
+        axes = [a for a, _ in at]
+        if (self.axis < 0 or self.offset < 0 or self.block < 1 or self.stride < self.block
+                or any(a < 0 or i < 0 or a == self.axis for a, i in at) or len(set(axes)) != len(axes)):
             raise SpecMismatchError(f"invalid member {self}")
 
     def extent(self, size: int) -> int:
@@ -48,9 +60,39 @@ class Member:
         idx[new.ravel()] = old.ravel()
         return idx
 
+    def fits(self, size: int, shape: tuple) -> bool:
+        """Whether ``size`` items of this member fit a tensor of ``shape``."""
+        return (self.axis < len(shape) and self.extent(size) <= shape[self.axis]
+                and all(a < len(shape) and i < shape[a] for a, i in self.at))
+
+    def select(self, x):
+        """``(the slice of x this member acts in, the member's axis in that slice)``; a view.
+
+        Example:
+            >>> x = np.arange(12).reshape(2, 3, 2)
+            >>> part, axis = Member("w", 1, at=((0, 1),)).select(x)
+            >>> part.shape, axis
+            ((3, 2), 0)
+        """
+        if not self.at:
+            return x, self.axis
+        where = [slice(None)] * len(x.shape)
+        for a, i in self.at:
+            where[a] = i
+        return x[tuple(where)], self.axis - sum(a < self.axis for a, _ in self.at)
+
+    def label(self) -> str:
+        """``tensor[axis]`` with the offset, block and slice when not plain: ``w[1]@8x4{0=2}``."""
+        return (f"{self.tensor}[{self.axis}]" + (f"@{self.offset}" if self.offset else "")
+                + (f"x{self.block}" if self.block > 1 else "")
+                + ("{" + ",".join(f"{a}={i}" for a, i in self.at) + "}" if self.at else ""))
+
     def to_dict(self) -> dict:
-        return {"tensor": self.tensor, "axis": self.axis, "offset": self.offset,
-                "block": self.block, "stride": self.stride}
+        d = {"tensor": self.tensor, "axis": self.axis, "offset": self.offset,
+             "block": self.block, "stride": self.stride}
+        if self.at:
+            d["at"] = [list(p) for p in self.at]
+        return d
 
 
 @dataclass(frozen=True)
@@ -114,9 +156,9 @@ class Spec:
                 shape = self.shapes.get(m.tensor)
                 if shape is None:
                     continue
-                if m.axis >= len(shape) or m.extent(c.size) > shape[m.axis]:
+                if not m.fits(c.size, shape):
                     raise SpecMismatchError(
-                        f"class {c.name}: member {m.tensor} axis {m.axis} does not fit shape {shape}")
+                        f"class {c.name}: member {m.label()} does not fit shape {shape}")
 
     # ----------------------------------------------------------------- queries
     def __len__(self) -> int:
@@ -201,9 +243,7 @@ class Spec:
         lines = [f"{len(self.classes)} permutation classes, sum log(size!) = {self.log_symmetry:.1f}{src}",
                  f"{'class':<10} {'size':>5}  members"]
         for c in self.classes:
-            mem = ", ".join(
-                f"{m.tensor}[{m.axis}]" + (f"@{m.offset}" if m.offset else "")
-                + (f"x{m.block}" if m.block > 1 else "") for m in c.members[:4])
+            mem = ", ".join(m.label() for m in c.members[:4])
             more = f" (+{len(c.members) - 4} more)" if len(c.members) > 4 else ""
             lines.append(f"{c.name:<10} {c.size:>5}  {mem}{more}")
         if self.blocked:

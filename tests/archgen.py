@@ -313,12 +313,14 @@ def _attention(draw, s: _State):
 
 @st.composite
 def _moe(draw, s: _State):
-    """vec/seq: a mixture of experts (``nn.ModuleList`` of dense-act-dense experts), a linear router,
-    softmax, top-k, each expert's output weighted by its renormalized routing weight (zero where the
-    example did not pick it); optionally residual."""
+    """vec/seq: a mixture of experts (``nn.ModuleList`` of dense-act-dense experts, or the experts
+    stacked in 3-D tensors and run batched over the experts axis), a linear router, softmax, top-k,
+    each expert's output weighted by its renormalized routing weight (zero where the example did
+    not pick it); optionally residual."""
     experts = draw(st.integers(2, 4))
     block = {"op": "moe", "d": s.c, "experts": experts, "k": draw(st.integers(1, experts)),
-             "hidden": draw(SMALL), "kind": draw(st.sampled_from(ACTS)), "residual": draw(st.booleans())}
+             "hidden": draw(SMALL), "kind": draw(st.sampled_from(ACTS)), "residual": draw(st.booleans()),
+             "stacked": draw(st.booleans())}
     return block, s
 
 
@@ -710,17 +712,26 @@ class MoE(nn.Module):
 
     def __init__(self, b: dict):
         super().__init__()
-        d, self.k, self.residual = b["d"], b["k"], b["residual"]
-        self.router = nn.Linear(d, b["experts"], bias=False)
-        self.experts = nn.ModuleList(
-            nn.Sequential(nn.Linear(d, b["hidden"]), _activation(b["kind"]), nn.Linear(b["hidden"], d))
-            for _ in range(b["experts"]))
+        d, self.k, self.residual, e, h = b["d"], b["k"], b["residual"], b["experts"], b["hidden"]
+        self.router = nn.Linear(d, e, bias=False)
+        self.stacked = b.get("stacked", False)
+        if self.stacked:  # [E, H, D], [E, H], [E, D, H], [E, D]
+            self.w1, self.b1 = nn.Parameter(torch.randn(e, h, d) / d ** 0.5), nn.Parameter(torch.randn(e, h))
+            self.w2, self.b2 = nn.Parameter(torch.randn(e, d, h) / h ** 0.5), nn.Parameter(torch.randn(e, d))
+            self.act = _activation(b["kind"])
+        else:
+            self.experts = nn.ModuleList(
+                nn.Sequential(nn.Linear(d, h), _activation(b["kind"]), nn.Linear(h, d)) for _ in range(e))
 
     def forward(self, x):
         weights, picked = self.router(x).softmax(-1).topk(self.k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
-        gate = (weights.unsqueeze(-1) * F.one_hot(picked, len(self.experts)).to(x.dtype)).sum(-2)
-        y = sum(gate[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        gate = (weights.unsqueeze(-1) * F.one_hot(picked, self.router.out_features).to(x.dtype)).sum(-2)
+        if self.stacked:
+            inner = self.act(torch.einsum("...d,ehd->...eh", x, self.w1) + self.b1)
+            y = ((torch.einsum("...eh,edh->...ed", inner, self.w2) + self.b2) * gate.unsqueeze(-1)).sum(-2)
+        else:
+            y = sum(gate[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
         return x + y if self.residual else y
 
 

@@ -1,5 +1,6 @@
 """Tiny Hugging Face folders for the checkpoint tests: random-init Llama (grouped-query attention),
-GPT-2 (tied embeddings, Conv1D) and BERT, saved by ``save_pretrained`` in bf16 and sharded.
+GPT-2 (tied embeddings, Conv1D), BERT, Mixtral and Qwen2-MoE (stacked experts), saved by ``save_pretrained``
+in bf16 and sharded.
 
 Every parameter gets trained-like values (random, non-zero biases and norm weights), so that no
 two tensors are equal and a wrong permutation shows in the outputs.
@@ -33,7 +34,30 @@ def bert_config():
                                    architectures=["BertModel"])
 
 
+def mixtral_config(hidden=32, layers=2, heads=4, kv_heads=2, inter=24, vocab=96, experts=4, top_k=2):
+    import transformers
+
+    return transformers.MixtralConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      vocab_size=vocab, num_local_experts=experts, num_experts_per_tok=top_k,
+                                      max_position_embeddings=64, architectures=["MixtralForCausalLM"])
+
+
+def qwen2_moe_config(hidden=32, layers=2, heads=4, kv_heads=2, inter=40, moe_inter=16, shared_inter=24,
+                     vocab=96, experts=4, top_k=2):
+    """Qwen2-MoE: per-expert files stacked by the module as Mixtral's are, plus a shared expert
+    and its sigmoid gate, and biased q / k / v projections."""
+    import transformers
+
+    return transformers.Qwen2MoeConfig(
+        hidden_size=hidden, intermediate_size=inter, moe_intermediate_size=moe_inter,
+        shared_expert_intermediate_size=shared_inter, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, num_experts=experts, num_experts_per_tok=top_k,
+        max_position_embeddings=64, architectures=["Qwen2MoeForCausalLM"])
+
+
 CONFIGS = {"llama": llama_config, "gpt2": gpt2_config, "bert": bert_config}
+MORE_CONFIGS = {"mixtral": mixtral_config, "qwen2_moe": qwen2_moe_config}  # not in every checkpoint test
 
 
 def build(config, seed: int):
@@ -55,7 +79,7 @@ def save(model, path, dtype=torch.bfloat16, shard: str = "40KB") -> None:
 
 
 def make_folder(kind: str, path, seed: int, dtype=torch.bfloat16, shard: str = "40KB", **cfg):
-    config = CONFIGS[kind](**cfg)
+    config = {**CONFIGS, **MORE_CONFIGS}[kind](**cfg)
     model = build(config, seed)
     save(model, path, dtype, shard)
     return model

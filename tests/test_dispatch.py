@@ -91,15 +91,19 @@ def _experts_class(spec):
 @pytest.mark.parametrize("variant,tracer", [("sound", "fx"), ("sound", "export"), ("argsort", "fx"),
                                             ("bincount", "fx"), ("region_linear", "fx")])
 def test_sort_dispatch_frees_the_experts(variant, tracer):
-    """Classes: the 4 experts with their router rows, the experts' 8 hidden units, the stream of 8
-    (and the 8 units between ``down`` and ``mix`` where ``mix`` runs on the sorted rows)."""
+    """Classes: the 4 experts with their router rows, each expert's 8 hidden units (the dense form
+    keeps the experts axis through the region), the stream of 8 (and the 8 units between ``down``
+    and ``mix`` where ``mix`` runs on the sorted rows)."""
     model, x = _model(variant, tracer)
     spec = rebasin.infer_spec(model, x, tracer=tracer)
     assert spec.source == f"torch.{tracer}"
     (c,) = _experts_class(spec)
     assert {(m.tensor, m.axis) for m in c.members} == {("router.weight", 0), ("up", 0), ("down", 0)}
     extra = [8] if variant == "region_linear" else []
-    assert sorted(c.size for c in spec.classes) == [4, 8, 8] + extra, spec.table()
+    assert sorted(c.size for c in spec.classes) == [4] + [8] * 5 + extra, spec.table()
+    hidden = [c for c in spec.classes if any(m.tensor == "down" and m.axis == 1 for m in c.members)]
+    at = sorted(m.at for c in hidden for m in c.members if m.tensor == "down")
+    assert at == [((0, e),) for e in range(4)]
     assert_sound(model, x, spec)
 
 
@@ -155,3 +159,57 @@ def test_broken_dispatch_is_left_as_traced():
     model, (x,) = _model("row_cumsum", "fx")
     traced = make_fx(lambda x: model(x), pre_dispatch=True)(x)
     assert normalize_sort_dispatch(traced.graph) == (traced.graph, set())
+
+
+# --------------------------------------------------------------------------- weights picked by top-k index
+
+
+class PickedMoE(nn.Module):
+    """Each token's k experts' weights picked by top-k index (``up[labels]``, as transformers'
+    ``batched_mm`` experts), row products with ``bmm``, weighted and summed over the k picks.
+    ``variant``: "sound"; "row_cumsum" (an op across rows inside the region: it ends there);
+    "labels_argsort" (labels that are not top-k indices: no proof, the experts stay pinned)."""
+
+    def __init__(self, variant="sound", d=8, hidden=6, experts=4, k=2):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, d), nn.Linear(d, 3)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, d, 2 * hidden) * 0.3)
+        self.bias = nn.Parameter(torch.randn(experts, 2 * hidden) * 0.3)
+        self.down = nn.Parameter(torch.randn(experts, hidden, d) * 0.3)
+        self.k, self.variant = k, variant
+
+    def forward(self, x):
+        h = self.embed(x)
+        w, idx = self.router(h).softmax(-1).topk(self.k, -1)
+        labels = idx.reshape(-1)
+        if self.variant == "labels_argsort":
+            labels = self.router(h).argsort(-1)[:, :self.k].reshape(-1)
+        rows = h.repeat_interleave(self.k, 0)
+        g = torch.bmm(rows[:, None], self.up[labels]).squeeze(1) + self.bias[labels]
+        gate, up = g.chunk(2, -1)
+        y = torch.bmm((F.silu(gate) * up)[:, None], self.down[labels]).squeeze(1)
+        if self.variant == "row_cumsum":
+            y = y.cumsum(0)
+        y = y * w.reshape(-1, 1)
+        return self.head(h + y.view(-1, self.k, y.shape[-1]).sum(1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+@pytest.mark.parametrize("variant", ["sound", "row_cumsum", "labels_argsort"])
+def test_picked_experts_in_dense_form(variant, tracer):
+    """Classes: the 4 experts with their router rows, each expert's 6 hidden units (4 classes), the
+    stream of 8. The cumsum across rows is outside the region (it reads the rows' own experts'
+    results): the same classes. Labels not from a top-k keep everything about the experts pinned."""
+    torch.manual_seed(0)
+    model, x = randomize_bn(PickedMoE(variant)), (torch.randn(6, 4),)
+    spec = rebasin.infer_spec(model, x, tracer=tracer)
+    assert_sound(model, x, spec)
+    sizes = sorted(c.size for c in spec.classes)
+    if variant == "labels_argsort":
+        assert not _experts_class(spec) and not any(m.at for c in spec.classes for m in c.members)
+        return
+    assert sizes == [4, 6, 6, 6, 6, 8], spec.table()
+    hidden = [c for c in spec.classes if any(m.tensor == "down" and m.axis == 1 for m in c.members)]
+    at = sorted(m.at for c in hidden for m in c.members if m.tensor == "down")
+    assert at == [((0, e),) for e in range(4)]

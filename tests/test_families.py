@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import rebasin
+from rebasin import Member
 from tests.corpus import build
 from tests.test_torch_frontend import Ops, assert_sound
 
@@ -51,9 +52,9 @@ HAND = {
     # residual stream 16; each expert's 8 hidden units (experts are separate tensors: the router
     # rows cannot move, a spec permutes along axes, not among tensors)
     "moe": {16: 1, 8: 4},
-    # stream 16; the 4 stacked experts with their router rows; the experts' 8 hidden units (one
-    # class shared by the stacked experts: the spec format's limit)
-    "moe_stacked": {16: 1, 4: 1, 8: 1},
+    # stream 16; the 4 stacked experts with their router rows; each expert's 8 hidden units on
+    # their own (members nested in one index of the experts axis, ``Member.at``)
+    "moe_stacked": {16: 1, 4: 1, 8: 4},
     # stream 16; 2 kv heads; the 4 query heads of each kv head (2 classes); q/k dims and v/o dims
     # of each kv head (4 classes of 4)
     "gqa": {16: 1, 2: 1, 4: 6},
@@ -63,10 +64,22 @@ HAND = {
     "unet": {2: 4, 4: 4, 8: 6},
     # per layer: 2 kv heads, 2 query heads per kv head (2 classes), value/output dims per kv head
     # (2 classes of 8; rotary embeddings pin query/key dims), the 4 stacked experts with their
-    # router rows (grouped_mm after a sort: rebasin/graph/sort_dispatch.py), the experts' 16
-    # hidden units (one class shared by the 4 stacked experts: a member cannot hold "axis 1 of
-    # slice [e]"); plus the 32-wide stream
-    "mixtral": {32: 1, 2: 6, 8: 4, 4: 2, 16: 2},
+    # router rows (grouped_mm after a sort: rebasin/graph/sort_dispatch.py), each expert's 16
+    # hidden units on their own (4 classes); plus the 32-wide stream
+    "mixtral": {32: 1, 2: 6, 8: 4, 4: 2, 16: 8},
+    # stream 16; 4 heads; per head its 4 query/key dims and its 4 value/output dims (3-D weights
+    # [d, heads, head_dim]: the dims nest under the heads axis, 8 classes); the MLP's 32
+    "einsum_attention": {16: 1, 4: 9, 32: 1},
+    # as Mixtral's attention: 2 kv heads, 2 query heads per kv head (2 classes), value/output dims
+    # per kv head (2 classes of 8, query/key dims pinned by rotary embeddings), per layer; the
+    # packed gate_up_proj's 16 hidden units (gate and up halves together) per layer; the stream
+    "phi3": {32: 1, 2: 6, 8: 4, 16: 2},
+    # the shared embedding's 32 (encoder and decoder streams); the 4 heads of the encoder's
+    # self-attention and of the decoder's (each one class over both layers: one relative position
+    # bias table serves every layer of a stack), of each cross-attention (2 classes); per layer and
+    # head its 8 query/key dims and 8 value/output dims (6 attention blocks x 4 heads x 2); the
+    # feed-forward's 64 units in each of the 4 layers
+    "t5": {32: 1, 4: 4, 8: 48, 64: 4},
 }
 
 
@@ -89,18 +102,23 @@ def test_hand_counted_symmetry(name, specs):
 
 
 def test_mixtral_expert_hidden_class_members(specs):
-    """gate and up halves of gate_up_proj (axis 1, offsets 0 and I) move with down_proj's axis 2."""
+    """Expert e's hidden units: the gate and up halves of gate_up_proj[e] (axis 1, offsets 0 and I)
+    move with down_proj[e]'s axis 2, one class per expert."""
     spec = specs("mixtral")
     key = "m.model.layers.0.mlp.experts."
-    c = next(c for c in spec.classes if any(m.tensor == key + "down_proj" and m.axis == 2 for m in c.members))
-    assert c.size == 16
-    assert {(m.tensor, m.axis, m.offset) for m in c.members} == \
-        {(key + "gate_up_proj", 1, 0), (key + "gate_up_proj", 1, 16), (key + "down_proj", 2, 0)}
+    for e in range(4):
+        c = next(c for c in spec.classes
+                 if Member(key + "down_proj", 2, at=((0, e),)) in c.members)
+        assert c.size == 16
+        assert {(m.tensor, m.axis, m.offset, m.at) for m in c.members} == \
+            {(key + "gate_up_proj", 1, 0, ((0, e),)), (key + "gate_up_proj", 1, 16, ((0, e),)),
+             (key + "down_proj", 2, 0, ((0, e),))}
 
 
 def test_mixtral_batched_experts_class():
     """transformers' ``batched_mm`` experts pick each token's expert weights by top-k index
-    (``gate_up_proj[expert_ids]``): the 4 stacked experts move with their router rows."""
+    (``gate_up_proj[expert_ids]``): the 4 stacked experts move with their router rows, and each
+    expert's hidden units are a class (rebasin/graph/pick_dispatch.py: the dense form)."""
     model, inputs = build("mixtral")
     for m in model.modules():
         if hasattr(m, "config"):

@@ -271,11 +271,12 @@ def test_matmul_nbits_rows_move_with_scales_and_zero_points(symmetric):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_matmul_nbits_input_axis_moves_in_blocks_and_bytes(symmetric):
     """mm2 quantized with K=32 in 2 blocks of 16 (8 bytes of 2 codes each): hidden 1 = blocks (2)
-    x bytes (8) x codes in a byte (pinned); blocks are pinned by packed 4-bit zero points (2
-    blocks share a byte) in the asymmetric case."""
+    x bytes (8, on their own in each block: the blob's bytes axis nests under its blocks axis)
+    x codes in a byte (pinned); blocks are pinned by packed 4-bit zero points (2 blocks share a
+    byte) in the asymmetric case, so there one permutation of the bytes serves both blocks."""
     m = _quantize(_mlp3(), exclude=["mm1", "mm3"], symmetric=symmetric)
     spec = assert_sound(m)
-    assert sizes(spec) == ([2, 8, 32] if symmetric else [8, 32])
+    assert sizes(spec) == ([2, 8, 8, 32] if symmetric else [8, 32])
     w1 = sorted((mb.block, mb.stride) for c in spec.classes for mb in c.members if mb.tensor == "w1")
     assert w1 == ([(2, 2), (2, 2), (16, 16)] if symmetric else [(2, 2), (2, 2)])  # bytes: 2 codes
 
@@ -443,14 +444,30 @@ def test_einsum_diagonal_and_bad_equation():
 
 
 def test_strided_slice_moves_whole_strides():
-    """x[1::2] of 7 features: blocks (1,2), (3,4), (5,6) move together: a class of 3, block 2."""
+    """x[1::2] of 7 features: strides (0,1), (2,3), (4,5) move together (item 1 of each is read):
+    a class of 3, block 2."""
     nodes = [node("Slice", ["h", "st", "en", "ax", "sp"], ["o"])]
     m = mlp_around(nodes, [I("st", [1]), I("en", [7]), I("ax", [-1]), I("sp", [2])], d=7)
     m.graph.initializer[1].CopyFrom(W("w_out", 3, 3))
     spec = assert_sound(m)
     assert sizes(spec) == [3]
     w_in = [mb for mb in spec.classes[0].members if mb.tensor == "w_in"][0]
-    assert (w_in.offset, w_in.block, w_in.stride) == (1, 2, 2)
+    assert (w_in.offset, w_in.block, w_in.stride) == (0, 2, 2)
+
+
+def test_interleaved_halves_move_in_pairs():
+    """x[0::2] * sigmoid(x[1::2]) (gpt-oss's interleaved gate and up): the pairs (2i, 2i+1) move
+    together, so the 4 pairs of 8 features are a class (before, the two slices cut the axis in
+    different places and pinned it)."""
+    nodes = [node("Slice", ["h", "s0", "en", "ax", "sp"], ["a"]),
+             node("Slice", ["h", "s1", "en", "ax", "sp"], ["b"]),
+             node("Sigmoid", ["b"], ["g"]), node("Mul", ["a", "g"], ["o"])]
+    m = mlp_around(nodes, [I("s0", [0]), I("s1", [1]), I("en", [8]), I("ax", [-1]), I("sp", [2])], d=8)
+    m.graph.initializer[1].CopyFrom(W("w_out", 4, 3))
+    spec = assert_sound(m)
+    assert sizes(spec) == [4]
+    w_in = [mb for mb in spec.classes[0].members if mb.tensor == "w_in"][0]
+    assert (w_in.offset, w_in.block, w_in.stride) == (0, 2, 2)
 
 
 @pytest.mark.parametrize("start,n", [(0, 7), (2, 8), (1, 6)])
@@ -570,13 +587,13 @@ def _variant(kind):
         nodes += [node("GroupQueryAttention", ins, ["a"], MS, num_heads=4, kv_num_heads=2, do_rotary=1), *mm]
         return model(nodes, inits + [W("wo", 64, 3), *_seqlens(), _init("cos", 8, 8), _init("sin", 8, 8)],
                      [2, 3, 8], [2, 3, 3]), [2, 2, 2, 16, 16]
-    assert kind == "gqa-past"  # caches (B, kvN, P, H): head dims not nested under kv heads there
+    assert kind == "gqa-past"  # caches (B, kvN, P, H): head dims nest under kv heads across axes
     nodes, inits = _qkv(32, 16, 16)
     ins = ["q", "k", "v", "pk", "pv", "seqlens", "total"]
     nodes += [node("GroupQueryAttention", ins, ["a", "prk", "prv"], MS, num_heads=4, kv_num_heads=2), *mm]
     return model(nodes, inits + [W("wo", 32, 3), _init("pk", 1, 2, 2, 8), _init("pv", 1, 2, 2, 8),
                                  I("seqlens", [4], "int32"), I("total", 5, "int32")], [1, 3, 8], [1, 3, 3]), \
-        [2, 2, 2, 8, 8]
+        [2, 2, 2, 8, 8, 8, 8]
 
 
 @pytest.mark.parametrize("kind", ["ms-attention-past", "mha-4d-kv", "onnx-attention-4d",
@@ -701,6 +718,7 @@ def test_dynamo_stacked_moe_finds_the_experts_class():
         m = onnx.load(f"{d}/moe.onnx")
     assert "Equal" in {n.op_type for n in m.graph.node} and "OneHot" not in {n.op_type for n in m.graph.node}
     spec = assert_sound(m)
-    assert sizes(spec) == sorted(c.size for c in rebasin.infer_spec(module, inputs).classes) == [4, 8, 16]
+    assert sizes(spec) == sorted(c.size for c in rebasin.infer_spec(module, inputs).classes) == \
+        [4, 8, 8, 8, 8, 16]
     experts = next(c for c in spec.classes if c.size == 4)
     assert {"w1", "w2", "b1"} <= {mb.tensor for mb in experts.members}

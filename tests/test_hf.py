@@ -134,10 +134,10 @@ def test_plain_module_as_complete_as_a_wrapper(hf_case):
     assert spec.source == "torch.export (use_cache=False)" and wrapped.source == "torch.export"
     assert len(spec.classes) == len(wrapped.classes)
     assert spec.log_symmetry == pytest.approx(wrapped.log_symmetry)
-    strip = {c.name: sorted((m.tensor[2:], m.axis, m.offset, m.block, m.stride) for m in c.members)
+    strip = {c.name: sorted((m.tensor[2:], m.axis, m.offset, m.block, m.stride, m.at) for m in c.members)
              for c in wrapped.classes}
     assert sorted(map(str, strip.values())) == sorted(
-        str(sorted((m.tensor, m.axis, m.offset, m.block, m.stride) for m in c.members))
+        str(sorted((m.tensor, m.axis, m.offset, m.block, m.stride, m.at) for m in c.members))
         for c in spec.classes)
 
 

@@ -16,7 +16,7 @@ import rebasin
 PACKAGE = Path(rebasin.__file__).parent
 
 LAYERS = [
-    ("rebasin.errors", "rebasin.spec", "rebasin.limits", "rebasin.exchange"),
+    ("rebasin.errors", "rebasin.spec", "rebasin.limits", "rebasin.exchange", "rebasin.nesting"),
     ("rebasin.sources",),
     ("rebasin.execute",),
     ("rebasin.graph",),

@@ -156,7 +156,7 @@ def class_sets(spec: rebasin.Spec) -> collections.Counter:
     out, and the TorchScript exporter names initializers by their state_dict keys."""
     out: collections.Counter = collections.Counter()
     for c in spec.classes:
-        mem = frozenset((m.tensor, m.axis, m.offset, m.block, m.stride) for m in c.members
+        mem = frozenset((m.tensor, m.axis, m.offset, m.block, m.stride, m.at) for m in c.members
                         if not m.tensor.startswith("/"))
         if mem:
             out[(c.size, mem)] += 1
@@ -239,6 +239,11 @@ FOUND = {
     "channel-pad": (_after_linear({"op": "pad", "before": 1, "after": 2}, 10), {2: 1, 7: 1}),
     # a strided slice (start 1, step 2) of 6 features: whole strides move together (3, block 2)
     "strided-slice": (_after_linear({"op": "slice", "start": 1, "step": 2}, 3), {3: 1}),
+    # experts stacked in 3-D tensors, batched: the linear's 6 (the experts' input), the 3 experts
+    # with their router rows, each expert's 4 hidden units on its own, the experts' output 6
+    "stacked-moe": (Arch("vec", (5,), (_linear(5, 6), {
+        "op": "moe", "d": 6, "experts": 3, "k": 2, "hidden": 4, "kind": "relu", "residual": False,
+        "stacked": True}), _head(6)), {6: 2, 3: 1, 4: 3}),
 }
 
 

@@ -27,7 +27,7 @@ def signature(spec, keep):
     """Classes as (size, member set) restricted to tensors both specs know, as a multiset."""
     out = collections.Counter()
     for c in spec.classes:
-        mem = frozenset((m.tensor, m.axis, m.offset, m.block, m.stride)
+        mem = frozenset((m.tensor, m.axis, m.offset, m.block, m.stride, m.at)
                         for m in c.members if m.tensor in keep)
         if mem:
             out[(c.size, mem)] += 1

@@ -336,6 +336,10 @@ class AxisAlgebra:
         self._down(v, out)
         return out
 
+    def instances(self) -> dict:
+        """Root of a family's inner variable -> its groups' instances."""
+        return self._indexed()[1]
+
     def combined(self, v: int) -> set:
         """Roots whose items an op combining items of ``v`` combines: ``v``'s :meth:`tree` and
         every sum or product holding any of them, to the top (two items of a factor lie in two

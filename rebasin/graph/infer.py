@@ -468,7 +468,7 @@ def _with_aliases(spec: Spec, aliases: dict, weights: dict) -> Spec:
         members = dict.fromkeys(c.members)
         for m in c.members:
             for other in aliases.get(m.tensor, ()):
-                members[Member(other, m.axis, m.offset, m.block, m.stride)] = None
+                members[dataclasses.replace(m, tensor=other)] = None
         classes.append(PermutationClass(c.name, c.size, tuple(members), c.activations))
     blocked = list(spec.blocked) + [BlockedAxis(o, b.axis, b.reason) for b in spec.blocked
                                     for o in aliases.get(b.tensor, ())]
@@ -512,14 +512,133 @@ def _decompose_at(alg, factors, k, above, i, out: list) -> None:
     _decompose(alg, part, i, out)
 
 
+def _held(alg, axes) -> collections.Counter:
+    """How many times each root occurs in the structure of the axis variables ``axes``."""
+    out: collections.Counter = collections.Counter()
+    instances = alg.instances()
+
+    def walk(v, above):
+        r = alg.find(v)
+        if r in above:
+            return
+        out[r] += 1
+        for c in (*alg.vars[r].children, *instances.get(r, ())):  # a family's instances: inside it
+            walk(c, above | {r})
+    for v in axes:
+        walk(v, frozenset())
+    return out
+
+
+def _cross_candidates(cx: _Context, weights: dict) -> dict:
+    """(weight, axis) -> ``[(root, other axis)]``: the plain, free variables on the weight's other
+    axes, under which the leaves of ``axis`` may nest (one permutation per index of the other axis).
+    Weights that no op reads get none: every permutation of their entries keeps the output, which
+    no spec can list, and one class per axis says enough."""
+    alg, out = cx.alg, {}
+    for name in weights:
+        if not cx.consumers(name):  # a weight no op reads (an unused head): nothing to nest under
+            continue
+        roots = [alg.find(v) for v in cx.axes.get(name, ())]
+        free = [(r, k) for k, r in enumerate(roots)
+                if alg.vars[r].kind is None and alg.vars[r].pinned is None and alg.size(r) > 1]
+        for axis in range(len(roots)):
+            out[(name, axis)] = [(r, k) for r, k in free if k != axis and r != roots[axis]]
+    return out
+
+
+def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict]:
+    """Which outer variables each leaf may nest under (an independent permutation of the leaf per
+    index of the outer variable), and the cross candidates of :func:`_cross_candidates`.
+
+    A leaf ``d`` nests under ``h`` when ``h`` is an outer factor of ``d`` on every weight axis
+    holding ``d``, or a variable of another axis of every weight holding ``d``, and:
+
+    1. every tensor holding ``d`` also holds ``h``;
+    2. no op that keeps ``d`` in its output combines different indices of ``h`` (softmax, norms,
+       contractions), unless ``d`` lies inside the combined axis (the op then commutes with any
+       permutation of it).
+
+    Nesting across axes also needs each index of ``h`` to meet only itself where ``d`` is combined:
+
+    3. every tensor holding ``d`` holds ``h`` exactly once (so element-wise ops align it);
+    4. an op that combines the items of ``d`` from two or more operands (a contraction over the
+       experts' hidden units) combines no index of ``h``, and holds ``h`` exactly once in each
+       output: the operands' ``h`` axes are one batch axis, so each index of ``h`` meets only
+       itself. Or ``d`` and ``h`` lie in one combined axis (a contraction over heads x head dims):
+       a per-``h`` permutation of ``d`` is a permutation of that axis, which the operands share
+       position by position. (Items of ``d`` combined inside one operand are combined for each
+       index of the ``h`` it holds once: any per-``h`` permutation commutes with that.)
+    """
+    alg = cx.alg
+    candidates_of = _cross_candidates(cx, weights)
+    nest: dict[int, set] = {}
+    cross: dict[int, set] = {}
+    for r, tensor, axis, _, _, path in occurrences:
+        across = {h for h, _ in candidates_of.get((tensor, axis), ())}
+        seen = collections.Counter(o for o, _ in set(path))
+        roots = {o for o, n in seen.items() if n == 1} | across  # a place in two items of o is neither
+        nest[r] = nest[r] & roots if r in nest else roots
+        cross.setdefault(r, set()).update(across)
+    candidates = {r for r, n in nest.items() if n}
+    if not candidates:
+        return nest, {}
+    holds = {name: _held(alg, axes) for name, axes in cx.axes.items()}
+    for count in holds.values():
+        for r in candidates & set(count):
+            nest[r] &= set(count)
+            nest[r] -= {h for h in cross[r] & nest[r] if count[h] != 1}
+    mixed_by: dict[str, list] = {}
+    for v, y in cx.mixing:
+        mixed = alg.combined(v)
+        mixed_by.setdefault(y, []).append(_tree_roots(alg, v, set()))
+        held: set = set()
+        for w in cx.axes.get(y, ()):
+            if alg.find(w) != alg.find(v):
+                _tree_roots(alg, w, held)
+        for r in candidates & held:
+            nest[r] -= mixed
+    for y, trees in mixed_by.items():
+        count = holds.get(y, collections.Counter())
+        node = cx.producer(y)
+        inputs = list(dict.fromkeys(x for x in (node.input if node is not None else ()) if x))
+        for r in candidates:
+            mine = [t for t in trees if r in t]
+            if not mine or sum(r in holds.get(x, ()) for x in inputs) < 2:
+                continue  # d combined inside one operand, for each index of h it holds once
+            for h in cross[r] & nest[r]:
+                if all(h in t for t in mine):
+                    continue  # d and h inside one combined axis: its positions pair exactly
+                if any(h in t for t in trees) or count[h] != 1:
+                    nest[r].discard(h)
+    return nest, _one_outer_axis(nest, candidates_of, occurrences)
+
+
+def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> dict:
+    """The cross candidates each leaf nests under, at most one per leaf and one outer axis per
+    weight (``Member.at`` fixes one axis): a leaf whose choice conflicts keeps one permutation for
+    every index instead (always sound)."""
+    across_all = {h for hs in candidates_of.values() for h, _ in hs}
+    while True:
+        chosen: dict[str, dict[int, set]] = {}
+        for r, tensor, axis, _, _, _ in occurrences:
+            for h, k in candidates_of.get((tensor, axis), ()):
+                if h in nest.get(r, ()):
+                    chosen.setdefault(tensor, {}).setdefault(k, set()).add(r)
+        bad = {r for t in chosen.values() if len(t) > 1 for k in sorted(t)[1:] for r in t[k]}
+        bad |= {r for r, n in nest.items() if len(n & across_all) > 1}
+        if not bad:
+            return candidates_of
+        for r in bad:
+            nest[r] -= across_all
+
+
 def _extract(cx: _Context, weights: dict) -> Spec:
     """Expand every weight axis into class members.
 
     A leaf factor ``d`` inside a product (head dims inside heads) gets an independent permutation
-    per index of an outer factor ``h`` when that is sound: ``h`` is an outer factor of ``d`` on
-    every weight axis holding ``d``, every tensor holding ``d`` also holds ``h``, and no op that
-    keeps ``d`` in its output combines different indices of ``h`` (softmax, norms, contractions),
-    unless ``d`` lies inside the combined axis (the op then commutes with any permutation of it).
+    per index of an outer factor ``h`` when that is sound (:func:`_nesting`); so does a leaf ``d``
+    whose weights all hold ``h`` on another axis (the hidden units of experts stacked in one
+    tensor): its members then fix the index of that axis (``Member.at``).
     """
     alg = cx.alg
     alg.settle(list(cx.axes.values()),
@@ -580,38 +699,21 @@ def _extract(cx: _Context, weights: dict) -> Spec:
         alg.dissolve(stray)
         return _extract(cx, weights)
 
-    # which outer factors each leaf may nest under
-    nest: dict[int, set] = {}
-    for r, _, _, _, _, path in occurrences:
-        seen = collections.Counter(o for o, _ in set(path))
-        roots = {o for o, n in seen.items() if n == 1}  # a place in two items of o (cat(x, x)) is neither
-        nest[r] = nest[r] & roots if r in nest else roots
-    candidates = {r for r, n in nest.items() if n}
-    if candidates:
-        for axes in cx.axes.values():
-            present: set = set()
-            for v in axes:
-                _tree_roots(alg, v, present)
-            for r in candidates & present:
-                nest[r] &= present
-        for v, y in cx.mixing:
-            mixed = alg.combined(v)
-            held: set = set()
-            for w in cx.axes.get(y, ()):
-                if alg.find(w) != alg.find(v):
-                    _tree_roots(alg, w, held)
-            # a leaf inside the mixed axis is combined over the whole axis at once (a contraction,
-            # a normalization, a softmax: any permutation of the axis commutes with the op), so
-            # an independent permutation per index of a factor of the axis is one of those
-            for r in candidates & held:
-                nest[r] -= mixed
+    nest, cross = _nesting(cx, weights, occurrences)
 
     def key(r, path):
         return r, tuple(sorted({(o, i) for o, i in path if o in nest.get(r, ())}))
 
     classes: dict[tuple, dict[Member, None]] = {}  # insertion-ordered sets of members
     for r, tensor, axis, offset, unit, path in occurrences:
-        classes.setdefault(key(r, path), {})[Member(tensor, axis, offset, unit, unit)] = None
+        outer = [(h, k) for h, k in cross.get((tensor, axis), ()) if h in nest.get(r, ())]
+        if not outer:
+            classes.setdefault(key(r, path), {})[Member(tensor, axis, offset, unit, unit)] = None
+            continue
+        (h, k), = outer  # nested in one index of another axis of the tensor: one member per index
+        for e in range(alg.size(h)):
+            classes.setdefault(key(r, [*path, (h, e)]), {})[
+                Member(tensor, axis, offset, unit, unit, at=((k, e),))] = None
     # where each class shows in activations the frontend can capture (for activation matching)
     sink = []
     for name in cx.g.capturable:

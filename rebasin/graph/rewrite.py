@@ -35,10 +35,35 @@ def permute_arrays(arrays: dict, spec: Spec, perms: dict) -> dict:
             if m.tensor not in out:
                 raise SpecMismatchError(f"class {c.name}: tensor {m.tensor} not in the model")
             a = out[m.tensor]
-            if m.axis >= a.ndim or m.extent(c.size) > a.shape[m.axis]:
+            if not m.fits(c.size, tuple(a.shape)):
                 raise SpecMismatchError(
-                    f"class {c.name}: member {m.tensor}[{m.axis}] does not fit shape {tuple(a.shape)}")
-            out[m.tensor] = np.take(a, m.index(p, a.shape[m.axis]), axis=m.axis)
+                    f"class {c.name}: member {m.label()} does not fit shape {tuple(a.shape)}")
+            out[m.tensor] = gather_member(a, m, m.index(p, a.shape[m.axis]))
+    return out
+
+
+def gather_member(tensor, member, index: np.ndarray):
+    """``tensor`` (numpy array or torch tensor) gathered by ``index`` along ``member.axis``, only in
+    the slice ``member.at`` fixes (the whole tensor when it fixes nothing); a new tensor.
+
+    Example:
+        >>> from rebasin import Member
+        >>> w = np.arange(6).reshape(2, 3)
+        >>> gather_member(w, Member("w", 1, at=((0, 1),)), np.array([2, 1, 0])).tolist()
+        [[0, 1, 2], [5, 4, 3]]
+    """
+    if isinstance(tensor, np.ndarray):
+        take = lambda x, ax: np.take(x, index, axis=ax)  # noqa: E731
+    else:
+        import torch
+
+        idx = torch.from_numpy(index).to(tensor.device)
+        take = lambda x, ax: torch.index_select(x, ax, idx)  # noqa: E731
+    if not member.at:
+        return take(tensor, member.axis)
+    out = tensor.copy() if isinstance(tensor, np.ndarray) else tensor.clone()
+    part, axis = member.select(out)
+    part[...] = take(part, axis)  # part is a view of out: this writes the slice
     return out
 
 
@@ -60,16 +85,9 @@ def permute_tensor(name: str, tensor, spec: Spec, perms: dict):
             if m.tensor != name:
                 continue
             shape = tuple(tensor.shape)
-            if m.axis >= len(shape) or m.extent(c.size) > shape[m.axis]:
-                raise SpecMismatchError(
-                    f"class {c.name}: member {name}[{m.axis}] does not fit shape {shape}")
-            index = m.index(p, shape[m.axis])
-            if isinstance(tensor, np.ndarray):
-                tensor = np.take(tensor, index, axis=m.axis)
-            else:
-                import torch
-
-                tensor = torch.index_select(tensor, m.axis, torch.from_numpy(index).to(tensor.device))
+            if not m.fits(c.size, shape):
+                raise SpecMismatchError(f"class {c.name}: member {m.label()} does not fit shape {shape}")
+            tensor = gather_member(tensor, m, m.index(p, shape[m.axis]))
     return tensor
 
 

@@ -945,21 +945,24 @@ def pad(cx, node):
 
 
 def _strided(cx, xv, yv, n, s, e, st):
-    """y = x[s:e:st] with st > 1: x = [s items] ++ blocks of st items ++ rest, y's item i is the
-    first item of block i. Permuting whole blocks permutes y alike; positions inside a block are
-    pinned (they decide which item is selected)."""
+    """y = x[s:e:st] with st > 1: x = [lead] ++ blocks of st items ++ rest, y's item i is item
+    ``s - lead`` of block i, where the blocks start at 0 when ``s < st`` (lead 0: ``x[0::2]`` and
+    ``x[1::2]`` read the same pairs, the two halves of an interleaved layout) and at ``s`` otherwise.
+    Permuting whole blocks permutes y alike; positions inside a block are pinned (they decide which
+    item is selected)."""
     alg = cx.alg
     count = len(range(s, e, st))
     if count == 0:
         return
-    full = count if s + count * st <= n else count - 1
+    lead = 0 if s < st else s
+    full = count if lead + count * st <= n else count - 1
     inner = alg.new(st)
     cx.pin(inner, "positions inside the stride of a strided slice")
     blocks = alg.new(full)
-    rest = alg.new(n - s - full * st)
-    if count > full:  # the last selected item starts the rest, which is shorter than a block
+    rest = alg.new(n - lead - full * st)
+    if count > full:  # the last selected item lies in the rest, which is shorter than a block
         cx.pin(rest, "the tail of a strided slice holds its last selected item")
-    cx.tie(xv, alg.sum([alg.new(s), alg.prod([blocks, inner]), rest]))
+    cx.tie(xv, alg.sum([alg.new(lead), alg.prod([blocks, inner]), rest]))
     cx.tie(yv, alg.sum([blocks, alg.new(count - full)]))
 
 
@@ -1007,7 +1010,8 @@ def einsum(cx, node):
 
     Every letter is one index running over all the axes that carry it (in any operand, the
     output, or twice in one operand: a diagonal): permuting that index on all of them at once
-    commutes with the product and the sum. A summed letter is a contraction (it mixes).
+    commutes with the product and the sum. A summed letter is a contraction (it mixes); letters
+    summed in the same operands are one sum over their pairs of indices (as over one merged axis).
     """
     eq = cx.attr("equation")
     eq = eq.decode() if isinstance(eq, bytes) else str(eq)
@@ -1024,13 +1028,18 @@ def einsum(cx, node):
             where.setdefault(ch, []).append((cx.ax(name)[k], cx.shape(name)[k]))
     for k, ch in enumerate(rhs):
         where.setdefault(ch, []).append((cx.ax(y)[k], cx.shape(y)[k]))
+    summed: dict[frozenset, list] = {}  # summed letters by the operands that carry them in full
     for ch, occ in where.items():
         size = max(n for _, n in occ)
         full = [v for v, n in occ if n == size]
         for v in full[1:]:
             cx.tie(full[0], v)
         if ch not in rhs:
-            cx.mixes(full[0])
+            carriers = frozenset(i for i, t in enumerate(subs)
+                                 for k, c in enumerate(t) if c == ch and cx.shape(ins[i])[k] == size)
+            summed.setdefault(carriers, []).append(full[0])
+    for vs in summed.values():  # letters summed in the same operands: one sum over their pairs
+        cx.mixes(vs[0] if len(vs) == 1 else cx.alg.prod(vs))
 
 
 # --------------------------------------------------------------------------- fused ops

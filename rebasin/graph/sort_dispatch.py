@@ -76,6 +76,7 @@ class _Plan:
     machinery: set = field(default_factory=set)  # nodes that become dead (sort, counts, Inv ...)
     indexes: set = field(default_factory=set)  # P and element-wise functions of it
     region: set = field(default_factory=set)  # region tensors (rows in label order)
+    aligned: bool = False  # other tensors with rows may join row-wise ops (rows in the same order)
 
     def nodes(self) -> set:
         return {self.sort, *self.grouped, *self.exits, *self.label_picks} | self.machinery | self.indexes \
@@ -113,18 +114,20 @@ def normalize_sort_dispatch(graph):
         return graph, set()
     import torch.fx
 
-    new = torch.fx.Graph()
-    env: dict = {}
-    new.output(new.graph_copy(graph, env), type_expr=getattr(graph, "_output_type", None))
-    reordered: set = set()
-    try:
-        for plan in plans:
-            reordered |= {n.name for n in plan.region} | _rewrite(new, plan, env)
-        new.lint()
-    except (RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError):
-        # a rewrite that fails (fx's lint, an unexpected argument form) leaves the traced graph
-        return graph, set()
-    return new, reordered
+    for lift in (True, False):  # the dense form when every region op has one, else row products
+        new = torch.fx.Graph()
+        env: dict = {}
+        new.output(new.graph_copy(graph, env), type_expr=getattr(graph, "_output_type", None))
+        reordered: set = set()
+        try:
+            for plan in plans:
+                reordered |= {n.name for n in plan.region} | _rewrite(new, plan, env, lift)
+            new.lint()
+        except (_Reject, RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError,
+                NotImplementedError):
+            continue  # a rewrite that fails (fx's lint, an unexpected argument form)
+        return new, reordered
+    return graph, set()  # neither rewrite applies: the traced graph
 
 
 # --------------------------------------------------------------------------- matching
@@ -476,13 +479,15 @@ def _row_wise(n, x, plan) -> bool:
 
 def _others_broadcast(n, plan, allowed=()) -> bool:
     """Every tensor input of ``n`` is in the region or has no row axis in ``n``'s output
-    (lower rank, or size 1 on axis 0), and none is dispatch machinery."""
+    (lower rank, or size 1 on axis 0), or, where the plan allows it, rows in the region's order;
+    and none is dispatch machinery."""
     rank = len(_shape(n) or ())
     for a in _nodes((n.args, n.kwargs)):
         if a in plan.region or a in allowed:
             continue
         s = _shape(a)
-        if a in plan.machinery or s is None or (len(s) == rank and s[0] != 1) or len(s) > rank:
+        rows = s is not None and len(s) == rank and s[0] == plan.size and plan.aligned
+        if a in plan.machinery or s is None or (len(s) == rank and s[0] != 1 and not rows) or len(s) > rank:
             return False
     return True
 
@@ -558,9 +563,9 @@ _ROW_WISE = {
 # --------------------------------------------------------------------------- rewriting
 
 
-def _rewrite(graph, plan, env) -> set:
-    """Apply ``plan`` to ``graph`` (a copy; ``env`` maps the original nodes to it); returns the
-    names of the nodes it made."""
+def _rewrite(graph, plan, env, lift: bool) -> set:
+    """Apply ``plan`` to ``graph`` (a copy; ``env`` maps the original nodes to it), in the dense
+    form (:func:`_lift`) or with row products; returns the names of the nodes it made."""
     import torch
 
     aten = torch.ops.aten
@@ -571,13 +576,16 @@ def _rewrite(graph, plan, env) -> set:
     perm.replace_all_uses_with(ident)
     for pick in plan.label_picks:
         env[pick].replace_input_with(env[pick].args[1][0], labels)
-    for e in plan.exits:
-        node = env[e]
-        node.replace_all_uses_with(node.args[0])
-        graph.erase_node(node)
     made = {ident.name}
-    for g in plan.grouped:
-        made |= _row_product(graph, env[g], labels)
+    if lift:
+        made |= _lift(graph, plan, env, labels)
+    else:
+        for e in plan.exits:
+            node = env[e]
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        for g in plan.grouped:
+            made |= _row_product(graph, env[g], labels)
     order = {m: i for i, m in enumerate(graph.nodes)}
     for node in sorted((env[n] for n in plan.machinery | plan.indexes), key=lambda m: -order[m]):
         if not node.users:
@@ -607,3 +615,156 @@ def _row_product(graph, n, labels) -> set:
     n.replace_all_uses_with(out)
     graph.erase_node(n)
     return {picked.name, col.name, prod.name, out.name}
+
+
+# --------------------------------------------------------------------------- the dense form
+
+_DIM_ARGS = {"split": "dim", "split_with_sizes": "dim", "chunk": "dim", "slice": "dim", "narrow": "dim",
+             "select": "dim", "cat": "dim", "softmax": "dim", "_softmax": "dim", "log_softmax": "dim",
+             "_log_softmax": "dim", "sum": "dim", "mean": "dim", "amax": "dim", "amin": "dim",
+             "transpose": ("dim0", "dim1"), "flatten": ("start_dim", "end_dim"), "unflatten": "dim",
+             "squeeze": "dim", "unsqueeze": "dim"}
+_SHAPE_VIEWS = {"view", "reshape", "_unsafe_view", "view_copy"}
+_AS_IS = {"layer_norm", "rms_norm", "linear", "matmul"} | _VIEWS | _CASTS
+
+
+def _lift(graph, plan, env, labels) -> set:
+    """The region in dense form: every tensor computed from a grouped product gets a leading
+    experts axis, its slice ``e`` computed as if every row had picked expert ``e``
+    (``grouped_mm(X, W, offs)`` -> ``X @ W``, a label pick ``T[L]`` -> ``T[e]``), and each exit
+    keeps row ``r``'s slice ``L[r]``: ``sum_e one_hot(L)[r, e] * Y[e, r]``.
+
+    Every region op is row-wise (checked by the plan), so slice ``L[r]`` of row ``r`` is what the
+    row-product form computes: the output is the same. But the experts axis now stays a tensor
+    axis up to the exits, so the experts' hidden units are seen per expert (each expert's are
+    combined only with its own), as in a batched product. Raises :class:`_Reject` (the caller then
+    uses row products) at an op without a dense form here."""
+    import torch
+
+    aten = torch.ops.aten
+    region = {env[n] for n in plan.region} | {env[g] for g in plan.grouped}
+    grouped = {env[g] for g in plan.grouped}
+    picks = {env[p] for p in plan.label_picks}
+    lifted, wide, made = set(), {}, set()
+    width = None
+    for u in [n for n in graph.nodes if n in region]:
+        if u in grouped:
+            p = _args(u)
+            x, w = (p["self"], p["mat2"]) if "self" in p else (p["input"], p["weight"])
+            width = _shape(w)[0]
+            with graph.inserting_before(u):
+                out = graph.call_function(aten.bmm.default if x in lifted else aten.matmul.default, (x, w))
+            _meta(out)
+            u.replace_all_uses_with(out)
+            graph.erase_node(u)
+            lifted.add(out)
+            made.add(out.name)
+            continue
+        if not any(a in lifted for a in _nodes((u.args, u.kwargs))):
+            continue
+        for a in [a for a in _nodes((u.args, u.kwargs)) if a in picks]:
+            if a not in wide:  # T[L] -> T[e]: T viewed as [E, 1, ..]
+                with graph.inserting_after(a):
+                    wide[a] = graph.call_function(aten.unsqueeze.default, (_args(a)["self"], 1))
+                _meta(wide[a])
+                made.add(wide[a].name)
+            u.replace_input_with(a, wide[a])
+        _lift_node(graph, u, width, made)
+        lifted.add(u)
+    for e in plan.exits:
+        node = env[e]
+        y = node.args[0]
+        if y in lifted:
+            with graph.inserting_before(node):
+                out = _pick_slices(graph, y, labels, width, made)
+        else:
+            out = y
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    if any(a in lifted for n in graph.nodes if n.op == "output" for a in _nodes(n.args)):
+        raise _Reject("a dense tensor reaches the output")
+    for a in picks:  # T[L] read by dense ops only: replaced by T[e], so dead
+        if not a.users:
+            graph.erase_node(a)
+    return made | {u.name for u in lifted}
+
+
+def _lift_node(graph, u, width: int, made: set) -> None:
+    """Rewrite ``u`` for inputs with a leading experts axis (dims shift by one) and recompute its
+    value's shape; raises :class:`_Reject` for an op without such a form here."""
+    import torch
+
+    if u.target is operator.getitem:
+        u.meta["val"] = _val(u.args[0])[u.args[1]]
+        return
+    op = _op(u)
+    p = _args(u)
+    if op in _DIM_ARGS:
+        for key in (_DIM_ARGS[op],) if isinstance(_DIM_ARGS[op], str) else _DIM_ARGS[op]:
+            d = p[key]
+            p[key] = [int(x) + (int(x) >= 0) for x in d] if isinstance(d, (list, tuple)) else \
+                int(d) + (int(d) >= 0)
+        if op == "cat" and not all(_val(t) is not None and len(_shape(t)) == len(_shape(p["tensors"][0]))
+                                   for t in p["tensors"]):
+            raise _Reject("cat of tensors of different ranks")
+    elif op == "permute":
+        rank = len(p["dims"])
+        p["dims"] = [0] + [int(d) % rank + 1 for d in p["dims"]]
+    elif op in _SHAPE_VIEWS:
+        key = u.target._schema.arguments[1].name  # size / shape
+        p[key] = [width] + list(p[key])
+    elif op == "mm":
+        u.target = torch.ops.aten.matmul.default
+        p = {"self": p["self"], "other": p["mat2"]}
+    elif op == "addmm" and p["beta"] == 1 and p["alpha"] == 1:  # bias + x @ W -> x @ W + bias
+        with graph.inserting_before(u):
+            prod = graph.call_function(torch.ops.aten.matmul.default, (p["mat1"], p["mat2"]))
+        _meta(prod)
+        made.add(prod.name)
+        u.target = torch.ops.aten.add.Tensor
+        p = {"self": prod, "other": p["self"], "alpha": 1}
+    elif op not in _AS_IS and torch.Tag.pointwise not in u.target.tags:
+        raise _Reject(f"{u.name} ({op}) has no dense form here")
+    schema = u.target._schema.arguments
+    u.args = tuple(p[a.name] for a in schema if not a.kwarg_only)
+    u.kwargs = {a.name: p[a.name] for a in schema if a.kwarg_only}
+    _meta(u)
+
+
+def _meta(u) -> None:
+    """``u``'s value recomputed on the meta device from its inputs' values (shapes and dtypes)."""
+    import torch
+
+    def fresh(a):
+        v = _val(a)
+        if isinstance(v, torch.Tensor):
+            return torch.empty(v.shape, dtype=v.dtype, device="meta")
+        if isinstance(v, (list, tuple)):
+            return type(v)(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in v)
+        raise _Reject(f"{a.name} has no value")
+    args = torch.fx.node.map_arg(u.args, fresh)
+    kwargs = torch.fx.node.map_arg(u.kwargs, fresh)
+    with torch.no_grad():
+        u.meta["val"] = u.target(*args, **kwargs)
+
+
+def _pick_slices(graph, y, labels, width: int, made: set):
+    """``sum_e one_hot(L)[r, e] * y[e, r, ...]``: row r's slice ``L[r]`` of the dense ``y``."""
+    import torch
+
+    aten = torch.ops.aten
+    shape = _shape(y)
+    hot = graph.call_function(aten.one_hot.default, (labels, width))
+    hot.meta["val"] = torch.empty((shape[1], width), dtype=torch.int64, device="meta")
+    steps = [hot]
+    for target, args, kwargs in [(aten._to_copy.default, (), {"dtype": _val(y).dtype}),
+                                 (aten.permute.default, ([1, 0],), {}),
+                                 (aten.view.default, ([width, shape[1]] + [1] * (len(shape) - 2),), {})]:
+        steps.append(graph.call_function(target, (steps[-1], *args), kwargs))
+        _meta(steps[-1])
+    mixed = graph.call_function(aten.mul.Tensor, (y, steps[-1]))
+    _meta(mixed)
+    out = graph.call_function(aten.sum.dim_IntList, (mixed, [0]))
+    _meta(out)
+    made |= {n.name for n in (*steps, mixed, out)}
+    return out

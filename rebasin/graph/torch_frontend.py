@@ -42,6 +42,7 @@ import numpy as np
 from rebasin.errors import ModelLoadError, SpecMismatchError, UnsupportedModelError
 from rebasin.execute import call_kwargs
 from rebasin.graph.ir import Graph, Node, to_networkx
+from rebasin.graph.pick_dispatch import normalize_label_picks
 from rebasin.graph.sort_dispatch import normalize_sort_dispatch
 from rebasin.sources.torch import load_state
 
@@ -1362,11 +1363,14 @@ _IGNORED = {"_assert_tensor_metadata", "_assert_async", "_assert_scalar", "sym_c
 def lower(tr: Traced, model) -> Graph:
     """Lower a traced graph to the IR, naming parameters and buffers by their state_dict keys.
 
-    Sort-dispatched grouped products are analysed in their normalized form
-    (:mod:`rebasin.graph.sort_dispatch`); their reordered tensors are not offered for capture."""
+    Sort-dispatched grouped products and rows computed with expert weights picked by top-k index
+    are analysed in their normalized forms (:mod:`rebasin.graph.sort_dispatch`,
+    :mod:`rebasin.graph.pick_dispatch`); their rewritten tensors are not offered for capture."""
     import torch
 
     graph, reordered = normalize_sort_dispatch(tr.graph)
+    graph, picked = normalize_label_picks(graph)
+    reordered |= picked
 
     names: dict[str, str] = {}
     first: dict[tuple, str] = {}  # storage -> the key that names it (tied weights share one name)

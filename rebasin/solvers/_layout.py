@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rebasin.graph.rewrite import gather_member
+
 
 def item_positions(member, size: int) -> np.ndarray:
     """Positions of item ``i`` of ``member`` along its axis, as a ``(size, block)`` array."""
@@ -108,8 +110,8 @@ def apply_perms(spec, params: dict, perms: dict) -> dict:
         if c.name in perms:
             for m in c.members:
                 a = np.asarray(out[m.tensor])
-                out[m.tensor] = np.take(a, member_gather(m, np.asarray(perms[c.name]), a.shape[m.axis]),
-                                        axis=m.axis)
+                index = member_gather(m, np.asarray(perms[c.name]), a.shape[m.axis])
+                out[m.tensor] = gather_member(a, m, index)
     return out
 
 

@@ -25,6 +25,13 @@ import numpy as np
 
 from rebasin.solvers._layout import Layout
 
+# The joint step holds ``n^2 s^2`` float64 costs per inner type (n outer items of s inner ones) and
+# solves ``n^2`` assignments of ``s`` items. Up to 2**24 (128 MiB: Llama-7B's 32 heads of 128 dims)
+# it runs; beyond, the outer and inner classes take plain steps (8 stacked experts of 14336 hidden
+# units would need 105 GB and 64 assignments of 14336 items per step). Their sorted-value start
+# matches the outer items on values no inner permutation changes.
+JOINT_LIMIT = 2 ** 24
+
 
 @dataclass(frozen=True)
 class InnerType:
@@ -137,6 +144,8 @@ def find_family(spec, layout: Layout, h: int) -> Family | None:
         types.append(InnerType(classes, places, size, sides.pop()))
     if not types or not _disjoint_inside(types, fixed_places, outer.members):
         return None
+    if any(outer.size ** 2 * t.size ** 2 > JOINT_LIMIT for t in types):
+        return None  # too large for a joint step: plain steps (see JOINT_LIMIT)
     return Family(h, tuple(types), frozenset(fixed))
 
 

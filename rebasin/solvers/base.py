@@ -7,6 +7,7 @@ that returns a :class:`SolveResult` whose ``perms`` align model B to model A:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rebasin.errors import SolverError, SpecMismatchError
+from rebasin.nesting import NestedView, has_nested
 
 Progress = Callable[[int, "float | None", str], None]
 """``progress(step, objective, message)``: the one progress callback of the project. Solvers call
@@ -25,15 +27,46 @@ REGISTRY: dict[str, Callable[..., SolveResult]] = {}
 
 
 def register(name: str):
-    """Decorator adding a solver to :data:`REGISTRY` under ``name``."""
+    """Decorator adding a solver to :data:`REGISTRY` under ``name``.
+
+    The registered solver takes specs with nested members (``Member.at``: the hidden units of
+    stacked experts) by solving on their plain view (:mod:`rebasin.nesting`): the solver itself
+    only meets whole-axis members, and ``loss_fn`` still receives tensors of the model's shapes.
+    """
 
     def add(fn):
         if name in REGISTRY:
             raise SolverError(f"solver {name!r} registered twice")
-        REGISTRY[name] = fn
-        return fn
+
+        @functools.wraps(fn)
+        def solve(spec, params_a=None, params_b=None, *args, **options):
+            if not has_nested(spec):
+                return fn(spec, params_a, params_b, *args, **options)
+            view = nested_view(spec, params_a, params_b)
+            loss_fn = options.get("loss_fn")
+            if callable(loss_fn):
+                options["loss_fn"] = lambda params: loss_fn(view.unview_all(params))
+            return fn(view.spec, view.params(params_a), view.params(params_b), *args, **options)
+
+        REGISTRY[name] = solve
+        return solve
 
     return add
+
+
+def nested_view(spec, *models: Mapping | None) -> NestedView:
+    """The plain view of a spec with nested members, for tensors of the shapes ``models`` hold
+    (each tensor's shape is read from the first model that has it; none may lack it)."""
+    names = {m.tensor for c in spec.classes for m in c.members if m.at}
+    shapes = {}
+    for label, params in zip("ABCDEFGH", models):
+        for t in sorted(names):
+            if params is None or t not in params:
+                raise SpecMismatchError(f"tensor {t!r} missing from model {label}")
+            if t not in shapes:  # a lazy mapping tells shapes without reading (LazyWeights.shape)
+                shapes[t] = tuple(params.shape(t)) if callable(getattr(params, "shape", None)) \
+                    else _shape(params[t])
+    return NestedView.build(spec, shapes)
 
 
 def get(name: str) -> Callable[..., SolveResult]:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from rebasin.errors import SolverError, SpecMismatchError
+from rebasin.nesting import has_nested
 from rebasin.solvers._layout import apply_perms
-from rebasin.solvers.base import Progress, check_params, member_tensors
+from rebasin.solvers.base import Progress, check_params, member_tensors, nested_view
 from rebasin.solvers.weight_matching import WeightMatcher, as_float, coordinate_descent, weight_matching
 
 
@@ -80,21 +81,24 @@ def merge_many(spec, models: Sequence[Mapping], *, seed: int = 0, max_iter: int 
             check_params(spec, models[0], m)
         except (SpecMismatchError, SolverError) as e:
             raise type(e)(f"model {i} vs model 0: {e}") from e
-    names = member_tensors(spec)
+    # the rounds run on the plain view of nested members (rebasin.nesting); the result on the models
+    view = nested_view(spec, *models) if has_nested(spec) else None
+    work = view.spec if view else spec
+    names = member_tensors(work)
     rng = np.random.default_rng(seed)
-    raw = [as_float(m, names) for m in models]
-    perms = _align_to_first(spec, raw, seed, max_iter)
-    aligned = [apply_perms(spec, m, p) for m, p in zip(raw, perms)]
+    raw = [as_float(view.params(m) if view else m, names) for m in models]
+    perms = _align_to_first(work, raw, seed, max_iter)
+    aligned = [apply_perms(work, m, p) for m, p in zip(raw, perms)]
     objective, converged = [], False
     for rnd in range(1, max_iter + 1):
         changed = 0
         for i in rng.permutation(len(models)):
             target = _mean([aligned[j] for j in range(len(models)) if j != i], names)
-            matcher = WeightMatcher(spec, target, raw[i], perms[i])
-            coordinate_descent(matcher, list(range(len(spec.classes))), rng, max_iter, None)
+            matcher = WeightMatcher(work, target, raw[i], perms[i])
+            coordinate_descent(matcher, list(range(len(work.classes))), rng, max_iter, None)
             new = matcher.perms_dict()
             changed += any(not np.array_equal(new[k], perms[i][k]) for k in new)
-            perms[i], aligned[i] = new, apply_perms(spec, raw[i], new)
+            perms[i], aligned[i] = new, apply_perms(work, raw[i], new)
         objective.append(_round_objective(aligned, names))
         if progress is not None:
             progress(rnd, objective[-1], f"round {rnd}: {changed} of {len(models)} models re-permuted")

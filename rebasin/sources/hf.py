@@ -28,10 +28,10 @@ from collections.abc import Callable
 
 from rebasin.errors import ModelLoadError, RebasinError, SpecMismatchError
 from rebasin.sources import ModelSource
+from rebasin.sources.conversions import FLOAT_DTYPES, ModuleLayout, view_shape
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # weights in other formats are not copied into an output: they would hold the old values
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".safetensors")
 
@@ -104,6 +104,29 @@ class Checkpoint:
                                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
         return self._files[shard]
 
+    def read_view(self, name: str, steps: tuple = ()):
+        """``name`` seen through ``select`` / ``narrow`` steps
+        (:func:`rebasin.sources.conversions.apply_view`), read from the memory map as that slice
+        only (a new tensor)."""
+        if not steps:
+            return self.read(name)
+        index, dims = [slice(None)] * len(self.info[name][0]), list(range(len(self.info[name][0])))
+        for step in steps:
+            if step[0] == "select":
+                d = dims.pop(step[1])
+                index[d] = _shift(index[d], step[2], 1)
+            elif step[0] == "narrow":
+                d = dims[step[1]]
+                index[d] = _shift(index[d], step[2], step[3])
+            else:
+                raise ModelLoadError(f"{self.path}: a file tensor is read through {step[0]}")
+        try:
+            value = self._open(self.shard_of[name]).get_slice(name)[tuple(index)]
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"{self.path}: cannot read tensor {name} "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        return value.reshape(view_shape(self.info[name][0], steps))
+
     def read(self, name: str):
         """The tensor ``name`` as stored (a torch tensor; bf16 stays bf16)."""
         try:
@@ -115,6 +138,12 @@ class Checkpoint:
     def files(self) -> list[str]:
         """The weight files (shards) in the order they are written."""
         return list(self.shards)
+
+
+def _shift(current: slice, start: int, length: int) -> slice:
+    """``current`` narrowed to ``length`` elements from ``start`` (relative to ``current``)."""
+    begin = (current.start or 0) + start
+    return slice(begin, begin + length)
 
 
 class HFFolderSource(ModelSource):
@@ -145,6 +174,7 @@ class HFFolderSource(ModelSource):
         self._module = module
         self._example_inputs = example_inputs
         self._aliases: dict[str, str] | None = None
+        self._layout = None
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -180,12 +210,22 @@ class HFFolderSource(ModelSource):
         return self._example_inputs
 
     @property
+    def layout(self):
+        """The checkpoint's tensors under the module's keys
+        (:class:`~rebasin.sources.conversions.ModuleLayout`): a folder whose files transformers
+        loads through weight conversions (Mixtral's per-expert ``w1`` / ``w2`` / ``w3``) reads as
+        the module's stacked tensors, composed one at a time; any other as stored."""
+        if self._layout is None:
+            self._layout = ModuleLayout.of(self.checkpoint, self.module, self.path)
+        return self._layout
+
+    @property
     def aliases(self) -> dict[str, str]:
-        """Module key -> checkpoint key, for every float weight, checked against the checkpoint:
-        a key the architecture has and the checkpoint lacks (untied), one the checkpoint has and
-        the architecture lacks, or a shape that differs, is one clear error."""
+        """Module key -> key of :attr:`layout`, for every float weight, checked against the
+        checkpoint: a key the architecture has and the checkpoint lacks (untied), one the
+        checkpoint has and the architecture lacks, or a shape that differs, is one clear error."""
         if self._aliases is None:
-            self._aliases = _match_keys(self.module, self.checkpoint, self.path)
+            self._aliases = _match_keys(self.module, self.layout.info, self.path)
         return self._aliases
 
     # ------------------------------------------------------------------ weights
@@ -193,18 +233,20 @@ class HFFolderSource(ModelSource):
         return list(self.aliases)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.checkpoint.info[self.aliases[name]][0]
+        return self.layout.info[self.aliases[name]][0]
 
     def dtype(self, name: str) -> str:
-        return FLOAT_DTYPES[self.checkpoint.info[self.aliases[name]][1]]
+        return FLOAT_DTYPES[self.layout.info[self.aliases[name]][1]]
 
     def read(self, name: str):
-        return self.checkpoint.read(self.aliases[name])
+        """The module tensor ``name`` (stored dtype): read as stored, or composed from the files
+        through the folder's conversions (memory: that tensor plus one file piece)."""
+        return self.layout.read(self.aliases[name])
 
     def buffers(self) -> dict:
         """Non-float or non-parameter tensors the checkpoint stores (e.g. BatchNorm counters)."""
         floats = set(self.aliases.values())
-        return {n: self.checkpoint.read(n) for n in self.checkpoint.info if n not in floats}
+        return {n: self.layout.read(n) for n in self.layout.info if n not in floats}
 
 
 @contextlib.contextmanager
@@ -228,10 +270,11 @@ def tied_groups(module) -> dict[str, list[str]]:
     return {k: [o for o in ks if o != k] for ks in by_id.values() if len(ks) > 1 for k in ks}
 
 
-def _match_keys(module, ckpt: Checkpoint, where: str) -> dict[str, str]:
+def _match_keys(module, stored: dict, where: str) -> dict[str, str]:
+    """Module key -> stored key (``stored``: key -> (shape, safetensors dtype), the module-side
+    view of the checkpoint) for every float weight, or one error naming the first difference."""
     arch = type(module).__name__
     state = module.state_dict(keep_vars=True)
-    stored = ckpt.info
     floats = [k for k, v in state.items() if v.is_floating_point()]
     out: dict[str, str] = {}
     groups = tied_groups(module)
@@ -284,7 +327,11 @@ def write_like(template: HFFolderSource, out: str, tensor: Callable[[str], objec
     index and every other file of the folder (config, tokenizer, generation config ...) are
     copied; weights in other formats are not (they would hold the old values).
 
-    ``tensor`` is called with checkpoint keys; it must return a tensor of the stored shape.
+    ``tensor`` is called with the keys of ``template.layout`` (the module's keys); it must return
+    a tensor of that key's shape. A folder read through weight conversions (Mixtral's experts) is
+    written back in its files' layout: each file tensor is the matching slice of the module tensor
+    (:meth:`~rebasin.sources.conversions.ModuleLayout.file_tensors`), so memory is one shard's
+    tensors plus one module tensor.
     """
     import torch
     from safetensors.torch import save_file
@@ -303,8 +350,7 @@ def write_like(template: HFFolderSource, out: str, tensor: Callable[[str], objec
         files = ckpt.files()
         for i, shard in enumerate(files):
             tensors = {}
-            for name in ckpt.shards[shard]:
-                value = tensor(name)
+            for name, value in template.layout.file_tensors(ckpt.shards[shard], tensor).items():
                 want = ckpt.info[name]
                 if tuple(value.shape) != want[0]:
                     raise SpecMismatchError(f"tensor {name}: shape {tuple(value.shape)}, expected {want[0]}")
