@@ -636,6 +636,19 @@ def test_top_k_indices_that_only_choose_move_with_the_scores():
     assert {("wr", 1), ("w1", 0)} in _members(spec)
 
 
+def test_top_k_rows_picked_by_gather_nd_move_with_the_scores():
+    """The dynamo exporter writes ``w1[idx]`` as GatherND with ``idx[..., None]``: the same choice."""
+    m = _routed()
+    gather = next(n for n in m.graph.node if n.op_type == "Gather")
+    gather.op_type, gather.input[1] = "GatherND", "idx1"
+    del gather.attribute[:]
+    m.graph.node.insert(list(m.graph.node).index(gather),
+                        node("Unsqueeze", ["idx", "ax_1"], ["idx1"]))
+    spec = assert_sound(m)
+    assert sizes(spec) == [4, 5, 6]
+    assert {("wr", 1), ("w1", 0)} in _members(spec)
+
+
 def test_top_k_one_hot_moves_with_the_scores():
     """OneHot (depth = the scores' width) of reshaped top-k indices is a choice, through views."""
     hot = [node("Reshape", ["idx", "flat"], ["idf"]), node("Cast", ["idf"], ["idc"], to=TensorProto.FLOAT),

@@ -540,7 +540,15 @@ def _chooses(cx, reader, via, width: int) -> bool:
     if reader.op_type == "Gather" and reader.input[0] != via and list(reader.input[1:]) == [via]:
         shape = cx.shape(reader.input[0])
         return shape[_norm(int(attr(reader, "axis", 0)), len(shape))] == width
+    if reader.op_type == "GatherND" and _gathers_rows(cx, reader) and reader.input[1] == via:
+        return reader.input[0] != via and cx.shape(reader.input[0])[0] == width
     return False
+
+
+def _gathers_rows(cx, node) -> bool:
+    """GatherND with one-component index tuples and no batch axes: ``x[idx[..., 0]]``, a Gather
+    along axis 0 (as the dynamo exporter writes ``x[idx]``)."""
+    return int(attr(node, "batch_dims", 0)) == 0 and cx.shape(node.input[1])[-1] == 1
 
 
 def topk_select_only(cx, node) -> bool:
@@ -883,7 +891,8 @@ def gather_nd(cx, node):
     """y[b.., i.., rest..] = x[b.., idx[b.., i.., :], rest..]: batch axes, index positions and trailing
     axes of x carry through.
 
-    Pins: the m indexed axes of x and the last axis of the index tuple.
+    Pins: the m indexed axes of x and the last axis of the index tuple; but rows of x picked by
+    top-k indices that only choose (``x[idx[..., 0]]``, see ``Gather``) move with the scores.
     """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     b = int(cx.attr("batch_dims", 0))
@@ -892,7 +901,11 @@ def gather_nd(cx, node):
     for k in range(b):
         cx.tie(da[k], ia[k])
         cx.tie(da[k], ya[k])
-    for k in range(b, b + m):
+    scores = _choosing_topk_axis(cx, idx) if _gathers_rows(cx, node) else None
+    chosen = scores is not None and cx.alg.size(scores) == cx.shape(data)[0]
+    if chosen:
+        cx.tie(da[0], scores)
+    for k in range(b + chosen, b + m):
         cx.pin(da[k], "indexed by GatherND")
     cx.pin(ia[-1], "GatherND index tuple")
     for k in range(b, len(ia) - 1):
