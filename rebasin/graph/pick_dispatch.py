@@ -37,6 +37,7 @@ from rebasin.graph.sort_dispatch import (
     _Reject,
     _row_wise,
     _shape,
+    rewritten,
 )
 
 
@@ -62,20 +63,8 @@ def normalize_label_picks(graph):
     plans = [p for p in plans if not (p.region & claimed) and not claimed.update(p.region)]
     if not plans:
         return graph, set()
-    import torch.fx
-
-    new = torch.fx.Graph()
-    env: dict = {}
-    new.output(new.graph_copy(graph, env), type_expr=getattr(graph, "_output_type", None))
-    made: set = set()
-    try:
-        for plan in plans:
-            made |= _lift(new, plan, env)
-        new.lint()
-    except (_Reject, RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError,
-            NotImplementedError):
-        return graph, set()
-    return new, made
+    done = rewritten(graph, lambda new, env: set().union(*(_lift(new, plan, env) for plan in plans)))
+    return done if done is not None else (graph, set())
 
 
 def _flat_views(indices) -> list:

@@ -112,22 +112,30 @@ def normalize_sort_dispatch(graph):
             claimed |= nodes
     if not plans:
         return graph, set()
+    for lift in (True, False):  # the dense form when every region op has one, else row products
+        done = rewritten(graph, lambda new, env, lift=lift: set().union(*(
+            {n.name for n in plan.region} | _rewrite(new, plan, env, lift) for plan in plans)))
+        if done is not None:
+            return done
+    return graph, set()  # neither rewrite applies: the traced graph
+
+
+def rewritten(graph, rewrite):
+    """``(copy, names)``: ``rewrite(copy, env)`` applied to a copy of ``graph`` (``env`` maps its
+    nodes to the copy's) returns the names of the nodes it made or changed; None when the rewrite
+    fails (an unexpected argument form, fx's lint), leaving ``graph`` as it is."""
     import torch.fx
 
-    for lift in (True, False):  # the dense form when every region op has one, else row products
-        new = torch.fx.Graph()
-        env: dict = {}
-        new.output(new.graph_copy(graph, env), type_expr=getattr(graph, "_output_type", None))
-        reordered: set = set()
-        try:
-            for plan in plans:
-                reordered |= {n.name for n in plan.region} | _rewrite(new, plan, env, lift)
-            new.lint()
-        except (_Reject, RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError,
-                NotImplementedError):
-            continue  # a rewrite that fails (fx's lint, an unexpected argument form)
-        return new, reordered
-    return graph, set()  # neither rewrite applies: the traced graph
+    new = torch.fx.Graph()
+    env: dict = {}
+    new.output(new.graph_copy(graph, env), type_expr=getattr(graph, "_output_type", None))
+    try:
+        names = rewrite(new, env)
+        new.lint()
+    except (_Reject, RuntimeError, KeyError, IndexError, TypeError, ValueError, AttributeError,
+            NotImplementedError):
+        return None
+    return new, names
 
 
 # --------------------------------------------------------------------------- matching
