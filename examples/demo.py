@@ -136,18 +136,28 @@ def folders_demo():
           files)
     if sh("align", str(root / "A"), str(root / "B"), "-o", str(root / "B_aligned")) != 0:
         sys.exit("demo failed: align")
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    outs = []
-    for name in ("B", "B_aligned"):
-        m = transformers.AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32)
-        with torch.no_grad():
-            outs.append(m(ids).logits)
-    err = float((outs[0] - outs[1]).abs().max() / outs[0].abs().max())
-    print(f"from_pretrained: B and B_aligned give the same logits (max rel error {err:.1e}); "
-          f"files {sorted(os.listdir(root / 'B_aligned')) == files and 'laid out as B' or 'DIFFER'}")
+    err, _ = _same_logits(root / "B", root / "B_aligned", vocab=256)
     if err > 1e-4:
         sys.exit("demo failed: the aligned folder computes something else")
     print("part 3 OK")
+
+
+def _same_logits(b, aligned, vocab: int) -> tuple[float, bool]:
+    """``from_pretrained`` of folders ``b`` and ``aligned`` on one batch of token ids: the max
+    relative difference of their logits, and whether their files are the same; both printed."""
+    import transformers
+
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for folder in (b, aligned):
+        m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            outs.append(m(ids).logits)
+    err = float((outs[0] - outs[1]).abs().max() / outs[0].abs().max())
+    same = sorted(os.listdir(aligned)) == sorted(os.listdir(b))
+    print(f"from_pretrained: B and B_aligned give the same logits (max rel error {err:.1e}); "
+          f"files {same and 'laid out as B' or 'DIFFER'}")
+    return err, same
 
 
 def moe_folders_demo():
@@ -167,16 +177,7 @@ def moe_folders_demo():
     a, b, out = (str(root / n) for n in ("mixtral_A", "mixtral_B", "mixtral_B_aligned"))
     if sh("align", a, b, "-o", out) != 0:
         sys.exit("demo failed: align (Mixtral)")
-    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-    outs = []
-    for name in ("mixtral_B", "mixtral_B_aligned"):
-        m = transformers.AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float32)
-        with torch.no_grad():
-            outs.append(m(ids).logits)
-    err = float((outs[0] - outs[1]).abs().max() / outs[0].abs().max())
-    same = sorted(os.listdir(root / "mixtral_B_aligned")) == sorted(os.listdir(root / "mixtral_B"))
-    print(f"from_pretrained: B and B_aligned give the same logits (max rel error {err:.1e}); "
-          f"files {same and 'laid out as B' or 'DIFFER'}")
+    err, same = _same_logits(root / "mixtral_B", root / "mixtral_B_aligned", vocab=96)
     if err > 1e-4 or not same:
         sys.exit("demo failed: the aligned Mixtral folder computes something else or is laid out differently")
     print("part 4 OK")

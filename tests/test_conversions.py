@@ -74,10 +74,12 @@ def test_experts_stack_in_numeric_order(tmp_path):
         assert src.shape(name)[0] == 11 and torch.equal(src.read(name), state[name])
 
 
-def test_align_qwen2_moe_folders(moe, tmp_path):
-    """Qwen2-MoE (stacked experts, a shared expert, biased q / k / v) aligned out of core: B aligned
-    computes B's logits, lies closer to A, keeps B's files, and each expert's units moved."""
-    a, b = moe["qwen2_moe"]
+@pytest.mark.parametrize("kind,units", [("mixtral", 24), ("qwen2_moe", 16)])
+def test_align_moe_folders(moe, kind, units, tmp_path):
+    """Mixtral and Qwen2-MoE (stacked experts; Qwen2-MoE also a shared expert and biased q / k / v)
+    aligned out of core by the CLI: B aligned computes B's logits, lies closer to A, keeps B's
+    files, and each expert's hidden units (``units`` of them) have a class of their own that moved."""
+    a, b = moe[kind]
     out = tmp_path / "aligned"
     code, so, se = run("align", a, b, "-o", out, "--save-perms", tmp_path / "perms.json")
     assert code == 0, se
@@ -92,6 +94,7 @@ def test_align_qwen2_moe_folders(moe, tmp_path):
     spec = Spec.from_json(run("infer-spec", b, "--json")[1])
     nested = [c.name for c in spec.classes if any(m.at for m in c.members)]
     assert len(nested) == 8  # 2 layers x 4 experts, each with its own hidden units
+    assert all(c.size == units for c in spec.classes if c.name in nested)
     assert sum(perms[n] != sorted(perms[n]) for n in nested) >= 6
 
 

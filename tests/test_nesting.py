@@ -249,32 +249,6 @@ def test_the_documented_example_is_the_analysis_and_sound():
     assert_sound(model, x, doc)
 
 
-def test_align_mixtral_folders_per_expert(tmp_path):
-    """Two Mixtral checkpoints (bf16, sharded) aligned out of core by the CLI: each expert's hidden
-    units get their own permutation, B aligned computes B's logits and lies closer to A."""
-    import json
-
-    from tests import hf_folders
-    from tests.test_checkpoints import distance, outputs, run
-
-    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "aligned"
-    for seed, path in enumerate((a, b)):
-        hf_folders.make_folder("mixtral", path, seed)
-    code, so, se = run("align", a, b, "-o", out, "--save-perms", tmp_path / "perms.json")
-    assert code == 0, se
-    assert "EQUAL" in so
-    ids = torch.randint(0, 90, (2, 12), generator=torch.Generator().manual_seed(5))
-    yb, yo = outputs(b, ids), outputs(out, ids)
-    assert float(yb.std()) > 0.1
-    assert float((yb - yo).abs().max()) <= 1e-4 * float(yb.abs().max())
-    assert distance(a, out) < distance(a, b)
-    perms = json.loads((tmp_path / "perms.json").read_text())
-    spec = Spec.from_json(run("infer-spec", b, "--json")[1])
-    nested = [c.name for c in spec.classes if any(m.at for m in c.members)]
-    assert len(nested) == 8 and all(c.size == 24 for c in spec.classes if c.name in nested)
-    assert sum(perms[n] != sorted(perms[n]) for n in nested) >= 6
-
-
 def test_unused_weights_do_not_nest():
     """A parameter no op reads (an auxiliary head in eval mode): any permutation of its entries
     keeps the output; it keeps one class per axis rather than one per row."""
