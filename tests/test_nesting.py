@@ -74,9 +74,11 @@ def test_view_applies_exactly_what_the_spec_applies(experts_first):
     view = NestedView.build(spec, _shapes())
     assert not any(m.at for c in view.spec.classes for m in c.members)
     assert [c.name for c in view.spec.classes] == [c.name for c in spec.classes]
+    before = {k: v.copy() for k, v in p.items()}
     for seed in range(3):
         perms = spec.random_permutations(seed)
         real = permute_arrays(p, spec, perms)
+        assert all(np.array_equal(p[k], before[k]) for k in p)  # the slices are written into copies
         flat = permute_arrays({k: view.view(k, v) for k, v in p.items()}, view.spec, perms)
         for k in p:
             assert np.array_equal(view.unview(k, flat[k]), real[k]), k

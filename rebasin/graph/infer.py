@@ -610,13 +610,14 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
                     continue  # d and h inside one combined axis: its positions pair exactly
                 if any(h in t for t in trees) or count[h] != 1:
                     nest[r].discard(h)
-    return nest, _one_outer_axis(nest, candidates_of, occurrences)
+    _one_outer_axis(nest, candidates_of, occurrences)
+    return nest, candidates_of
 
 
-def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> dict:
-    """The cross candidates each leaf nests under, at most one per leaf and one outer axis per
-    weight (``Member.at`` fixes one axis): a leaf whose choice conflicts keeps one permutation for
-    every index instead (always sound)."""
+def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> None:
+    """Narrow ``nest`` so each leaf nests under at most one cross candidate and each weight under
+    one outer axis (``Member.at`` fixes one axis): a leaf whose choice conflicts keeps one
+    permutation for every index instead (always sound)."""
     across_all = {h for hs in candidates_of.values() for h, _ in hs}
     while True:
         chosen: dict[str, dict[int, set]] = {}
@@ -627,7 +628,7 @@ def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> dict:
         bad = {r for t in chosen.values() if len(t) > 1 for k in sorted(t)[1:] for r in t[k]}
         bad |= {r for r, n in nest.items() if len(n & across_all) > 1}
         if not bad:
-            return candidates_of
+            return
         for r in bad:
             nest[r] -= across_all
 

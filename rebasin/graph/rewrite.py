@@ -26,7 +26,7 @@ def check_permutations(spec: Spec, perms: dict) -> None:
 def permute_arrays(arrays: dict, spec: Spec, perms: dict) -> dict:
     """Return a new dict of arrays with every class permutation applied (classes in list order)."""
     check_permutations(spec, perms)
-    out = dict(arrays)
+    out, owned = dict(arrays), set()  # tensors made here: a slice is written into them in place
     for c in spec.classes:
         if c.name not in perms:
             continue
@@ -38,13 +38,16 @@ def permute_arrays(arrays: dict, spec: Spec, perms: dict) -> dict:
             if not m.fits(c.size, tuple(a.shape)):
                 raise SpecMismatchError(
                     f"class {c.name}: member {m.label()} does not fit shape {tuple(a.shape)}")
-            out[m.tensor] = gather_member(a, m, m.index(p, a.shape[m.axis]))
+            out[m.tensor] = gather_member(a, m, m.index(p, a.shape[m.axis]), copy=m.tensor not in owned)
+            owned.add(m.tensor)
     return out
 
 
-def gather_member(tensor, member, index: np.ndarray):
+def gather_member(tensor, member, index: np.ndarray, copy: bool = True):
     """``tensor`` (numpy array or torch tensor) gathered by ``index`` along ``member.axis``, only in
-    the slice ``member.at`` fixes (the whole tensor when it fixes nothing); a new tensor.
+    the slice ``member.at`` fixes (the whole tensor when it fixes nothing); a new tensor, except that
+    with ``copy=False`` a slice is written into ``tensor`` itself (one the caller made: each of a
+    stacked tensor's experts then costs no copy of the whole tensor).
 
     Example:
         >>> from rebasin import Member
@@ -61,7 +64,7 @@ def gather_member(tensor, member, index: np.ndarray):
         take = lambda x, ax: torch.index_select(x, ax, idx)  # noqa: E731
     if not member.at:
         return take(tensor, member.axis)
-    out = tensor.copy() if isinstance(tensor, np.ndarray) else tensor.clone()
+    out = tensor if not copy else tensor.copy() if isinstance(tensor, np.ndarray) else tensor.clone()
     part, axis = member.select(out)
     part[...] = take(part, axis)  # part is a view of out: this writes the slice
     return out
@@ -77,6 +80,7 @@ def permute_tensor(name: str, tensor, spec: Spec, perms: dict):
         >>> permute_tensor("w", np.array([10, 11, 12]), spec, {"h": np.array([2, 0, 1])}).tolist()
         [12, 10, 11]
     """
+    owned = False
     for c in spec.classes:
         if c.name not in perms:
             continue
@@ -87,7 +91,8 @@ def permute_tensor(name: str, tensor, spec: Spec, perms: dict):
             shape = tuple(tensor.shape)
             if not m.fits(c.size, shape):
                 raise SpecMismatchError(f"class {c.name}: member {m.label()} does not fit shape {shape}")
-            tensor = gather_member(tensor, m, m.index(p, shape[m.axis]))
+            tensor = gather_member(tensor, m, m.index(p, shape[m.axis]), copy=not owned)
+            owned = True  # every gather made a new tensor: later slices are written into it
     return tensor
 
 

@@ -105,13 +105,14 @@ def inverse(g: np.ndarray) -> np.ndarray:
 
 def apply_perms(spec, params: dict, perms: dict) -> dict:
     """``params`` with every class in ``perms`` applied in list order (as ``permute_arrays``)."""
-    out = dict(params)
+    out, owned = dict(params), set()
     for c in spec.classes:
         if c.name in perms:
             for m in c.members:
                 a = np.asarray(out[m.tensor])
                 index = member_gather(m, np.asarray(perms[c.name]), a.shape[m.axis])
-                out[m.tensor] = gather_member(a, m, index)
+                out[m.tensor] = gather_member(a, m, index, copy=m.tensor not in owned)
+                owned.add(m.tensor)
     return out
 
 
