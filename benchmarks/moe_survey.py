@@ -37,7 +37,8 @@ FAMILIES = {  # model class, and keywords its config needs besides SMALL
     "qwen3_moe": ("Qwen3MoeForCausalLM", {}),
     "olmoe": ("OlmoeForCausalLM", {}),
     "gpt_oss": ("GptOssForCausalLM", {"sliding_window": 4}),
-    "deepseek_v3": ("DeepseekV3ForCausalLM", {"head_dim": 4}),  # rotary dims: qk_rope_head_dim
+    # rotary dims: qk_rope_head_dim; multi-head latent attention has as many key/value heads as heads
+    "deepseek_v3": ("DeepseekV3ForCausalLM", {"head_dim": 4, "num_key_value_heads": 4}),
     "granitemoe": ("GraniteMoeForCausalLM", {}),
     "phimoe": ("PhimoeForCausalLM", {}),
     "glm4_moe": ("Glm4MoeForCausalLM", {}),

@@ -420,6 +420,11 @@ def _mask_times_first_index(idx, h):
     return h + F.one_hot(idx, 8).sum(1).to(h.dtype) * idx[:, :1].to(h.dtype)
 
 
+def _against_mean(v):
+    """Each row's picks times the picks' mean over rows: the order along k is read across rows."""
+    return (v * v.mean(0)).sum(-1, keepdim=True)
+
+
 ROUTING = {
     # values of a top-k / sort are invariant to a permutation of the selected axis: class kept
     "topk_values": (lambda m, h: h * h.topk(3, -1).values.sum(-1, keepdim=True), True),
@@ -437,6 +442,15 @@ ROUTING = {
     "topk_unsorted_first": (lambda m, h: h * h.topk(3, -1, sorted=False).values[:, :1], False),
     "topk_unsorted_mask": (lambda m, h: h + F.one_hot(h.topk(2, -1, sorted=False).indices, 8)[:, 0]
                            .to(h.dtype), False),
+    # ... unless nothing reads that order: summed per row, or a mask of all k picks (kept)
+    "topk_unsorted_sum": (lambda m, h: h * h.topk(3, -1, sorted=False).values.sum(-1, keepdim=True), True),
+    "topk_unsorted_all": (lambda m, h: h + F.one_hot(h.topk(2, -1, sorted=False).indices, 8).sum(1)
+                          .to(h.dtype), True),
+    # two unsorted orders meet (each reorders its own picks), or one is read across rows: pinned
+    "topk_unsorted_two": (lambda m, h: h * (h.topk(3, -1, sorted=False).values
+                                            * (-h).topk(3, -1, sorted=False).values).sum(-1, keepdim=True),
+                          False),
+    "topk_unsorted_across": (lambda m, h: h * _against_mean(h.topk(3, -1, sorted=False).values), False),
     # scatters along the batch axis keep the features' class
     "index_add": (lambda m, h: h.index_add(0, torch.tensor([1, 0, 1, 2]), 2 * h), True),
     "index_put": (lambda m, h: h.index_put((torch.tensor([2, 0]),), h[:2] * 3), True),

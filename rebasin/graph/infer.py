@@ -32,6 +32,7 @@ class _Context:
         self.node = None
         self.node_name = ""
         self.mixing: list[tuple[int, str]] = []  # (axis variable, output tensor)
+        self.orders: list[tuple] = []  # (order axis, row axes, selected axis, where): see unordered
         self.sequences: dict[str, tuple] = {}  # sequence tensor -> (axis, keepdims, pieces)
         self.packed: set[str] = set()  # integer initializers holding weights (quantized blobs)
         self._by_name = dict(g.nodes)
@@ -117,6 +118,13 @@ class _Context:
         for y in self.node.output:
             if y:
                 self.mixing.append((v, y))
+
+    def unordered(self, order, rows, selected):
+        """An op returns items of ``selected`` along a new axis ``order`` in an order it does not
+        specify (an unsorted top-k), separately for each index of the ``rows`` axes. ``selected``
+        may move only if every reader is indifferent to that order within each row
+        (:func:`_settle_orders`); else it is pinned."""
+        self.orders.append((order, tuple(rows), selected, self.where("unsorted top-k")))
 
     def block(self, node, why):
         for n in list(node.input) + list(node.output) + sorted(self.g.subgraph_reads.get(
@@ -219,6 +227,7 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     cx.alg.propagate_pins()
     weights = {k: v for k, v in g.weights.items() if k not in set(frozen)}
     weights.update({k: g.values[k] for k in sorted(cx.packed)})
+    _settle_orders(cx, weights)
     spec = _extract(cx, weights)
     if g.aliases:
         spec = _with_aliases(spec, g.aliases, g.weights)
@@ -530,7 +539,7 @@ def _held(alg, axes) -> collections.Counter:
 
 
 def _cross_candidates(cx: _Context, weights: dict) -> dict:
-    """(weight, axis) -> ``[(root, other axis)]``: the plain, free variables on the weight's other
+    """(weight, axis) -> ``[(root, other axis)]``: the free plain or product variables on the weight's other
     axes, under which the leaves of ``axis`` may nest (one permutation per index of the other axis).
     Weights that no op reads get none: every permutation of their entries keeps the output, which
     no spec can list, and one class per axis says enough."""
@@ -540,7 +549,7 @@ def _cross_candidates(cx: _Context, weights: dict) -> dict:
             continue
         roots = [alg.find(v) for v in cx.axes.get(name, ())]
         free = [(r, k) for k, r in enumerate(roots)
-                if alg.vars[r].kind is None and alg.vars[r].pinned is None and alg.size(r) > 1]
+                if alg.vars[r].kind in (None, "prod") and alg.vars[r].pinned is None and alg.size(r) > 1]
         for axis in range(len(roots)):
             out[(name, axis)] = [(r, k) for r, k in free if k != axis and r != roots[axis]]
     return out
@@ -582,7 +591,17 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
     candidates = {r for r, n in nest.items() if n}
     if not candidates:
         return nest, {}
-    holds = {name: _held(alg, axes) for name, axes in cx.axes.items()}
+    _narrow(cx, {name: _held(alg, axes) for name, axes in cx.axes.items()}, nest, cross)
+    _one_outer_axis(nest, candidates_of, occurrences)
+    return nest, candidates_of
+
+
+def _narrow(cx: _Context, holds: dict, nest: dict, cross: dict) -> None:
+    """Narrow ``nest`` (leaf root -> outer roots) to the outer roots that conditions 1-4 of
+    :func:`_nesting` allow; ``cross`` (leaf root -> outer roots on other axes) says which are held
+    beside the leaf rather than above it. ``holds``: tensor -> :func:`_held` of its axes."""
+    alg = cx.alg
+    candidates = {r for r, n in nest.items() if n}
     for count in holds.values():
         for r in candidates & set(count):
             nest[r] &= set(count)
@@ -610,8 +629,52 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
                     continue  # d and h inside one combined axis: its positions pair exactly
                 if any(h in t for t in trees) or count[h] != 1:
                     nest[r].discard(h)
-    _one_outer_axis(nest, candidates_of, occurrences)
-    return nest, candidates_of
+
+
+def _settle_orders(cx: _Context, weights: dict) -> None:
+    """Decide the unsorted top-ks (:meth:`_Context.unordered`). Such an op returns, in each row, its
+    k items in an order that a permutation of the selected axis may change. That is harmless when
+    every permutation of the order axis, chosen separately for each row, leaves the outputs as they
+    are: the order axis is free as a whole (no op reads a part of it: a slice would make it a sum
+    of pieces, free only piece by piece), no weight holds it, and it nests under every row axis (the
+    conditions of :func:`_nesting`: each tensor holding it holds each row axis once, no op keeping
+    it combines rows, and ops combining its items from several operands pair the rows). Else the
+    selected axis is pinned, which may pin other order axes in turn (to a fixed point). Two
+    unsorted top-ks whose orders meet (``v1 * v2``) are both pinned: each reorders its own rows. The order
+    axes are pinned at the end: no class may permute them on their own, as the op fixes them."""
+    alg = cx.alg
+    todo = list(cx.orders)
+    roots = collections.Counter(alg.find(o) for o, _, _, _ in todo)
+    while todo:
+        holds = {name: _held(alg, axes) for name, axes in cx.axes.items()}
+        why = ["meets the order of another unsorted top-k" if roots[alg.find(o)] > 1 else
+               _order_reaches(cx, holds, weights, o, rows) for o, rows, _, _ in todo]
+        for (_, _, sel, where), reason in zip(todo, why):
+            if reason:
+                alg.pin(sel, f"{where}: the order along k {reason}")
+        alg.propagate_pins()
+        todo = [t for t, reason in zip(todo, why) if not reason] if any(why) else []
+    for o, _, _, where in cx.orders:
+        alg.pin(o, f"{where}: the op fixes the order along k")
+    alg.propagate_pins()
+
+
+def _order_reaches(cx: _Context, holds: dict, weights: dict, order: int, rows) -> str | None:
+    """Why per-row permutations of ``order`` may change the outputs (see :func:`_settle_orders`),
+    or None when they cannot."""
+    alg = cx.alg
+    r = alg.find(order)
+    if alg.vars[r].pinned:
+        return f"reaches {alg.vars[r].pinned}"
+    if alg.vars[r].kind is not None:  # only some permutations of it keep the outputs
+        return f"is read in parts ({alg.vars[r].kind} of {[alg.size(c) for c in alg.vars[r].children]})"
+    held = [name for name in weights if r in holds.get(name, ())]
+    if held:
+        return f"is an axis of weight {held[0]}"
+    leaves = {x for v in rows for x in alg.tree(v) if alg.vars[x].kind is None and alg.size(x) > 1}
+    nest = {r: set(leaves)}
+    _narrow(cx, holds, nest, {r: set(leaves)})
+    return None if nest[r] == leaves else "is read across rows"
 
 
 def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> None:

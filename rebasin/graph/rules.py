@@ -306,8 +306,8 @@ def _reduce_axes(cx, node):
 def reduce(cx, node):
     """Kept axes carry to the output; reduced axes mix (sum, mean, max ... are permutation invariant).
 
-    Pins: the reduced axis of ArgMax / ArgMin (it returns positions); non-constant reduction axes
-    block the node.
+    Pins: the reduced axis of ArgMax / ArgMin (it returns positions), unless the positions are
+    only used to choose (see ``TopK``); non-constant reduction axes block the node.
     """
     x, y = node.input[0], node.output[0]
     cx.invariant(node.input[1:])
@@ -324,7 +324,7 @@ def reduce(cx, node):
     for k, v in enumerate(xa):
         if k in axes:
             cx.mixes(v)
-            if node.op_type in ("ArgMax", "ArgMin"):
+            if node.op_type in ("ArgMax", "ArgMin") and not select_only(cx, node):
                 cx.pin(v, "arg-reduction returns positions")
             if keep:
                 j += 1
@@ -457,8 +457,8 @@ def slice_(cx, node):
 @rule("Gather")
 def gather(cx, node):
     """Axes before and after the indexed axis carry to the output; the index tensor's axes carry to the
-    output's. Indices of a TopK that only choose (see ``TopK``) pick items that move with the
-    scores: the indexed axis is the scores' selected axis.
+    output's. Indices of choice ops (TopK, ArgMax) that only choose (see ``TopK``) pick items that
+    move with the scores: the indexed axis is the scores' selected axis.
 
     Pins: the indexed axis of the data (positions), unless picked by such top-k indices.
     """
@@ -466,11 +466,7 @@ def gather(cx, node):
     rank = len(cx.shape(data))
     axis = _norm(int(cx.attr("axis", 0)), rank)
     da, ia, ya = cx.ax(data), cx.ax(idx), cx.ax(y)
-    scores = _choosing_topk_axis(cx, idx)
-    if scores is not None and cx.alg.size(scores) == cx.shape(data)[axis]:
-        cx.tie(da[axis], scores)
-    else:
-        cx.pin(da[axis], "indexed by Gather")
+    _choose(cx, idx, da[axis], "indexed by Gather")
     for k in range(axis):
         cx.tie(da[k], ya[k])
     for k, v in enumerate(ia):
@@ -525,7 +521,8 @@ def _arange_axis(cx, node, via):
 def _chooses(cx, reader, via, width: int) -> bool:
     """Whether ``reader`` uses the index tensor ``via`` only to choose among ``width`` items:
     ``OneHot`` of depth ``width``, ``Equal`` with positions ``0 .. width-1`` along a new axis (a
-    one-hot written out), or ``Gather`` of an axis ``width`` long."""
+    one-hot written out), ``Gather`` of an axis ``width`` long, or ``GatherElements`` /
+    ``ScatterElements`` along an axis ``width`` long (reading or writing the chosen items)."""
     if reader.domain not in ("", "ai.onnx"):
         return False
     if reader.op_type == "Equal":
@@ -537,6 +534,10 @@ def _chooses(cx, reader, via, width: int) -> bool:
             depth = cx.g.weights.get(reader.input[1])
         return reader.input[0] == via and via not in reader.input[1:] and depth is not None and \
             np.size(depth) == 1 and int(np.ravel(depth)[0]) == width
+    if reader.op_type in ("GatherElements", "ScatterElements") and len(reader.input) >= 2 and \
+            reader.input[1] == via and via not in (reader.input[0], *reader.input[2:]):
+        shape = cx.shape(reader.input[0])
+        return shape[_norm(int(attr(reader, "axis", 0)), len(shape))] == width
     if reader.op_type == "Gather" and reader.input[0] != via and list(reader.input[1:]) == [via]:
         shape = cx.shape(reader.input[0])
         return shape[_norm(int(attr(reader, "axis", 0)), len(shape))] == width
@@ -551,22 +552,27 @@ def _gathers_rows(cx, node) -> bool:
     return int(attr(node, "batch_dims", 0)) == 0 and cx.shape(node.input[1])[-1] == 1
 
 
-def topk_select_only(cx, node) -> bool:
-    """Whether the indices of TopK ``node`` are only used to choose among the items of the selected
-    axis (``OneHot`` of as many classes, ``Gather`` of an axis as long, through views and exact
-    casts). A permutation of the scores' selected axis then relabels the indices, and the choice
-    moves with it: the chosen axis is the selected one, not pinned."""
-    if len(node.output) < 2 or not node.output[1]:
+def select_only(cx, node) -> bool:
+    """Whether the indices a choice op returns (``TopK``'s second output, ``ArgMax`` / ``ArgMin``;
+    :func:`_chosen`) are only used to choose among the items of the selected axis: ``OneHot`` of
+    as many classes, ``Gather`` of an axis as long, ... (:func:`_chooses`), through views, exact
+    casts and concatenations with other such indices (``Shape`` reads no value). A permutation of
+    the selected axis then relabels the indices, and the choice moves with it: the chosen axis is
+    the selected one, not pinned."""
+    chosen = _chosen(cx, node)
+    if chosen is None:
         return False
-    width = cx.shape(node.input[0])[_norm(int(attr(node, "axis", -1)), len(cx.shape(node.input[0])))]
-    todo, found = [node.output[1]], False
+    todo, found = [chosen[0]], False
+    width = cx.alg.size(chosen[1])
     hidden = set().union(*cx.g.subgraph_reads.values())  # read inside sub-graphs: uses unseen
     while todo:
         via = todo.pop()
         if via in cx.g.outputs or via in hidden:
             return False
         for r in cx.consumers(via):
-            if _index_view(cx, r, via):
+            if r.op_type in ("Shape", "Size") and r.domain in ("", "ai.onnx"):
+                continue  # reads the shape only
+            if _index_view(cx, r, via) or _joins_choices(cx, r):
                 todo.append(r.output[0])
             elif _chooses(cx, r, via, width):
                 found = True
@@ -575,21 +581,55 @@ def topk_select_only(cx, node) -> bool:
     return found
 
 
-def _choosing_topk_axis(cx, idx):
-    """The scores' selected-axis variable of the TopK whose indices ``idx`` are (through views and
-    exact casts), when they only choose (:func:`topk_select_only`); else None."""
-    while True:
-        p = cx.producer(idx)
-        if p is None or p.domain not in ("", "ai.onnx"):
-            return None
-        if p.op_type == "TopK":
-            if len(p.output) < 2 or p.output[1] != idx or not topk_select_only(cx, p):
-                return None
-            x = p.input[0]
-            return cx.axes[x][_norm(int(attr(p, "axis", -1)), len(cx.shape(x)))]
-        if not _index_view(cx, p, p.input[0] if p.input else ""):
-            return None
-        idx = p.input[0]
+def _chosen(cx, node):
+    """``(indices, selected axis variable)`` of a choice op: ``TopK`` (its second output), ``ArgMax``
+    or ``ArgMin`` (first index of the largest or smallest: ties aside, decided by values); else None."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "TopK" and len(node.output) > 1 and node.output[1]:
+        x = node.input[0]
+        return node.output[1], cx.axes[x][_norm(int(attr(node, "axis", -1)), len(cx.shape(x)))]
+    if node.op_type in ("ArgMax", "ArgMin") and not attr(node, "select_last_index", 0):
+        x = node.input[0]
+        return node.output[0], cx.axes[x][_norm(int(attr(node, "axis", 0)), len(cx.shape(x)))]
+    return None
+
+
+def _joins_choices(cx, node) -> bool:
+    """A ``Concat`` of indices that each come from choice ops (the values pass through)."""
+    return node.op_type == "Concat" and node.domain in ("", "ai.onnx") and \
+        choice_axes(cx, node.output[0]) is not None
+
+
+def choice_axes(cx, idx):
+    """The selected-axis variables of the choice ops whose indices ``idx`` holds (through views,
+    exact casts and concatenations), or None when some of its values come from elsewhere. A rule
+    that reads ``idx`` to choose ties the chosen axis to all of them; each choice op pins its own
+    axis when its indices are also used otherwise (:func:`select_only`), so the tie is sound."""
+    p = cx.producer(idx)
+    if p is None or p.domain not in ("", "ai.onnx"):
+        return None
+    chosen = _chosen(cx, p)
+    if chosen is not None:
+        return [chosen[1]] if chosen[0] == idx else None
+    if p.op_type == "Concat":
+        parts = [choice_axes(cx, x) for x in p.input if x]
+        return None if any(a is None for a in parts) else [v for a in parts for v in a]
+    if _index_view(cx, p, p.input[0] if p.input else ""):
+        return choice_axes(cx, p.input[0])
+    return None
+
+
+def _choose(cx, idx, axis, why) -> bool:
+    """Tie ``axis`` (the one ``idx`` indexes) to the selected axes of the choice ops ``idx`` comes
+    from, when every one of them is as long; else pin it with ``why``. Whether it was tied."""
+    axes = choice_axes(cx, idx)
+    if axes and all(cx.alg.size(a) == cx.alg.size(axis) for a in axes):
+        for a in axes:
+            cx.tie(axis, a)
+        return True
+    cx.pin(axis, why)
+    return False
 
 
 @rule("Equal")
@@ -602,10 +642,10 @@ def equal(cx, node):
     """
     for via in node.input:
         axis = _arange_axis(cx, node, via)
-        scores = _choosing_topk_axis(cx, via) if axis is not None else None
-        if scores is not None and cx.alg.size(scores) == cx.shape(node.output[0])[axis]:
+        axes = choice_axes(cx, via) if axis is not None else None
+        if axes and all(cx.alg.size(a) == cx.shape(node.output[0])[axis] for a in axes):
             broadcast(cx, [via], node.output[0])
-            cx.tie(cx.ax(node.output[0])[axis], scores)
+            _choose(cx, via, cx.ax(node.output[0])[axis], "one-hot position")
             return
     broadcast(cx, list(node.input), node.output[0])
 
@@ -614,11 +654,18 @@ def equal(cx, node):
 def top_k(cx, node):
     """The k largest along ``axis`` (values and their positions) are invariant to a permutation of
     that axis and come in a fixed order along it; other axes carry to both outputs. Indices only
-    used to choose (``OneHot`` of as many classes, ``Equal`` with as many positions, ``Gather`` of
-    an axis as long, through views) are relabelled by such a permutation and the choice moves with it.
+    used to choose (``OneHot`` of as many classes, ``Equal`` with as many positions, ``Gather``,
+    ``GatherElements`` or ``ScatterElements`` along an axis as long, through views and
+    concatenations with other choices; ``ArgMax`` / ``ArgMin`` likewise) are relabelled by such a
+    permutation and the choice moves with it.
 
-    Pins: the k axis of both outputs; the selected axis when the indices are used otherwise or the
-    outputs are unsorted (their order may then follow positions).
+    Unsorted (``sorted=0``), the k come in an order that may follow positions: a permutation of
+    the selected axis reorders them within each row. Both outputs then share one k axis, and the
+    selected axis may move only if every reader of that axis is indifferent to its order within
+    each row (checked once all rules ran: :meth:`~rebasin.graph.infer._Context.unordered`).
+
+    Pins: the k axis of sorted outputs; the selected axis when the indices are used otherwise, or
+    when an unsorted order reaches anything that reads it.
     """
     x = node.input[0]
     rank = len(cx.shape(x))
@@ -626,19 +673,23 @@ def top_k(cx, node):
     cx.invariant(node.input[1:])
     xa = cx.ax(x)
     cx.mixes(xa[axis])
-    if not cx.attr("sorted", 1):
-        cx.pin(xa[axis], "unsorted top-k: the order along k may follow positions")
-    for y in node.output:
-        if not y:
-            continue
-        for k, (v, w) in enumerate(zip(xa, cx.ax(y))):
-            if k == axis:
-                cx.pin(w, "top-k values and indices come in a fixed order")
-            else:
+    outs = [y for y in node.output if y]
+    k = cx.shape(outs[0])[axis] if outs else 1
+    order = None
+    if not cx.attr("sorted", 1) and k > 1:
+        order = cx.alg.new(k)
+        cx.unordered(order, [v for j, v in enumerate(xa) if j != axis], xa[axis])
+    for y in outs:
+        for j, (v, w) in enumerate(zip(xa, cx.ax(y))):
+            if j != axis:
                 cx.tie(v, w)
+            elif order is not None:
+                cx.tie(w, order)
+            else:
+                cx.pin(w, "top-k values and indices come in a fixed order")
     ind = node.output[1] if len(node.output) > 1 else ""
     used = ind and (cx.consumers(ind) or ind in cx.g.outputs)
-    if used and not topk_select_only(cx, node):
+    if used and not select_only(cx, node):
         cx.pin(xa[axis], "top-k indices are positions along it")
 
 
@@ -657,25 +708,53 @@ def one_hot(cx, node):
     rest = ya[:axis] + ya[axis + 1:]
     for v, w in zip(cx.ax(idx), rest):
         cx.tie(v, w)
-    scores = _choosing_topk_axis(cx, idx)
-    if scores is not None and cx.alg.size(scores) == cx.shape(y)[axis]:
-        cx.tie(ya[axis], scores)
-    else:
-        cx.pin(ya[axis], "one-hot position")
+    _choose(cx, idx, ya[axis], "one-hot position")
 
 
 @rule("GatherElements")
 def gather_elements(cx, node):
     """y[.., i, ..] = x[.., idx[.., i, ..], ..] along ``axis``; other axes index x, idx, y alike.
+    Top-k indices that only choose (see ``TopK``) are relabelled by a permutation of the scores'
+    selected axis: x's indexed axis then moves with it, and y does not change.
 
-    Pins: the indexed axis; an axis of x longer than idx's.
+    Pins: the indexed axis, unless the indices only choose; an axis of x longer than idx's.
     """
     data, idx, y = node.input[0], node.input[1], node.output[0]
+    axis = _elements(cx, node, data, idx, y, "GatherElements reads")
+    cx.tie(cx.ax(idx)[axis], cx.ax(y)[axis])
+
+
+@rule("ScatterElements")
+def scatter_elements(cx, node):
+    """y = x, then y[.., idx[.., i, ..], ..] = updates[.., i, ..] along ``axis`` (or combined with
+    it, ``reduction``); other axes index x, idx, updates, y alike. Indices of choice ops that only
+    choose (see ``TopK``) are relabelled by a permutation of the scores' selected axis: x's and y's
+    axis then move with it, each update with its index (a top-k's indices are distinct in a row;
+    repeated ones, from concatenated choices, are written in their fixed order along k).
+
+    Pins: the scattered axis of x and y, and the indices' axis, unless the indices only choose; an
+    axis of x longer than idx's.
+    """
+    data, idx, upd, y = node.input[0], node.input[1], node.input[2], node.output[0]
+    axis = _elements(cx, node, data, idx, upd, "ScatterElements writes")
+    da, ia, ua, ya = cx.ax(data), cx.ax(idx), cx.ax(upd), cx.ax(y)
+    for k in range(len(da)):
+        cx.tie(da[k], ya[k])
+    cx.tie(ia[axis], ua[axis])
+    cx.mixes(ia[axis])
+    if choice_axes(cx, idx) is None:
+        cx.pin(ia[axis], "ScatterElements writes in the order of its indices")
+
+
+def _elements(cx, node, data, idx, y, verb) -> int:
+    """The shared part of ``GatherElements`` and ``ScatterElements`` (``y``: their output or
+    updates, shaped as ``idx``): off the indexed axis, ``data``, ``idx`` and ``y`` index alike
+    (a prefix of a longer ``data`` axis is pinned); along it, ``data`` moves with the scores of
+    top-k indices that only choose, else it is pinned. Returns the axis."""
     rank = len(cx.shape(data))
     axis = _norm(int(cx.attr("axis", 0)), rank)
     da, ia, ya = cx.ax(data), cx.ax(idx), cx.ax(y)
-    cx.pin(da[axis], "indexed by GatherElements")
-    cx.tie(ia[axis], ya[axis])
+    _choose(cx, idx, da[axis], f"indexed by {node.op_type}")
     for k in range(rank):
         if k == axis:
             continue
@@ -683,8 +762,9 @@ def gather_elements(cx, node):
         if cx.shape(data)[k] == cx.shape(idx)[k]:
             cx.tie(da[k], ya[k])
         else:
-            cx.pin(da[k], "GatherElements reads a prefix of this axis")
-            cx.pin(ya[k], "GatherElements reads a prefix of this axis")
+            cx.pin(da[k], f"{verb} a prefix of this axis")
+            cx.pin(ya[k], f"{verb} a prefix of this axis")
+    return axis
 
 
 @rule("Transpose")
@@ -901,10 +981,7 @@ def gather_nd(cx, node):
     for k in range(b):
         cx.tie(da[k], ia[k])
         cx.tie(da[k], ya[k])
-    scores = _choosing_topk_axis(cx, idx) if _gathers_rows(cx, node) else None
-    chosen = scores is not None and cx.alg.size(scores) == cx.shape(data)[0]
-    if chosen:
-        cx.tie(da[0], scores)
+    chosen = _gathers_rows(cx, node) and _choose(cx, idx, da[0], "indexed by GatherND")
     for k in range(b + chosen, b + m):
         cx.pin(da[k], "indexed by GatherND")
     cx.pin(ia[-1], "GatherND index tuple")

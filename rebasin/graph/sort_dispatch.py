@@ -30,7 +30,10 @@ each ``grouped_mm(X, W, offs)`` by the row-wise product ``X[r] @ W[L[r]]`` (``Ls
 
 Hence the output does not depend on ``P`` at all and equals the graph with ``P = Inv = arange(S)``,
 where the labels only choose rows of ``W``: the lowering then ties ``W``'s experts axis to the
-scores the labels come from (router rows move with the experts), as for a batched product.
+scores the labels come from (router rows move with the experts), as for a batched product. The
+gathers at ``arange(S)`` are ``x`` itself, and those at ``arange(S) // k`` each row of ``x``
+repeated k times (a broadcast), so no gather at positions is left to pin the rows (nor the k picks
+of a row: the order of an unsorted top-k's picks then stays free where nothing else reads it).
 
 Every condition is checked on the ATen op names and schemas; the region is closed: every use of
 ``P``, ``Ls``, the counts, the offsets, ``Inv`` and every region tensor must be one of the forms
@@ -198,15 +201,20 @@ def _item(n, i):
 
 
 def _label_width(n) -> int | None:
-    """E when ``n`` holds indices along an axis of size E (a ``topk`` or ``argmax``/``argmin``'s,
-    through views only): its values are then integers in ``[0, E)``."""
+    """E when ``n`` holds indices along an axis of size E (a ``topk``'s, ``max`` / ``min``'s along
+    a dim, ``argmax`` / ``argmin``'s, through views and concatenations of such): its values are
+    then integers in ``[0, E)``."""
     while _op(n) in _VIEWS:
         n = n.args[0]
     if _op(n) in ("argmax", "argmin"):
         p = _args(n)
         shape = _shape(p["self"])
         return None if p["dim"] is None or not shape else shape[int(p["dim"])]
-    if n.target is operator.getitem and n.args[1] == 1 and _op(n.args[0]) == "topk":
+    if _op(n) in ("cat", "concat", "concatenate"):
+        widths = {_label_width(t) for t in _args(n)["tensors"]}
+        return widths.pop() if len(widths) == 1 else None
+    if n.target is operator.getitem and n.args[1] == 1 and _op(n.args[0]) in ("topk", "max", "min") \
+            and "dim" in _args(n.args[0]):
         p = _args(n.args[0])
         shape = _shape(p["self"])
         return shape[int(p["dim"])] if shape else None
@@ -355,8 +363,9 @@ def _index_op(n, x, size) -> bool:
     return _nodes((n.args, n.kwargs)) == [x] and _shape(n) == (size,) and _is_int(n)
 
 
-def _gathers_rows(n, index, plan) -> bool:
-    """``x[index]`` on axis 0 (``index`` / ``index_select``), ``x`` not made from the dispatch."""
+def _gathers_rows(n, index, plan, size=None) -> bool:
+    """``x[index]`` on axis 0 (``index`` / ``index_select``), ``x`` not made from the dispatch, with
+    ``size`` rows (``plan.size`` by default)."""
     p = _args(n)
     if _op(n) == "index":
         idx = list(p["indices"])
@@ -364,7 +373,8 @@ def _gathers_rows(n, index, plan) -> bool:
             return False
     elif int(p["dim"]) != 0 or p["index"] is not index:
         return False
-    return p["self"] is not index and _shape(n) is not None and _shape(n)[0] == plan.size
+    return p["self"] is not index and _shape(n) is not None and \
+        _shape(n)[0] == (plan.size if size is None else size)
 
 
 def _inverts(n, perm, plan) -> bool:
@@ -582,9 +592,10 @@ def _rewrite(graph, plan, env, lift: bool) -> set:
         ident = graph.call_function(aten.arange.default, (plan.size,), {"dtype": torch.int64})
     ident.meta["val"] = _val(perm)
     perm.replace_all_uses_with(ident)
+    made = _unpermuted(graph, ident, plan.size)
     for pick in plan.label_picks:
         env[pick].replace_input_with(env[pick].args[1][0], labels)
-    made = {ident.name}
+    made.add(ident.name)
     if lift:
         made |= _lift(graph, plan, env, labels)
     else:
@@ -598,6 +609,43 @@ def _rewrite(graph, plan, env, lift: bool) -> set:
     for node in sorted((env[n] for n in plan.machinery | plan.indexes), key=lambda m: -order[m]):
         if not node.users:
             graph.erase_node(node)
+    return made
+
+
+def _unpermuted(graph, ident, size: int) -> set:
+    """With ``P = arange(S)``, the region's first gathers read rows in their own order: ``x[arange(S)]``
+    is ``x``, and ``x[arange(S) // k]`` (``S = k * rows``) is each row of ``x`` repeated k times,
+    a broadcast. Both are written as such, so no gather at positions is left to pin the rows (the
+    k copies of a row are equal: any order of them is the same tensor). Returns the nodes made."""
+    import torch
+
+    aten = torch.ops.aten
+    made = set()
+    for u in list(ident.users):
+        if _op(u) in ("index", "index_select") and _gathers_rows(u, ident, None, size) \
+                and (_shape(_args(u)["self"]) or (0,))[0] == size:
+            u.replace_all_uses_with(_args(u)["self"])
+            graph.erase_node(u)
+        elif _op(u) == "floor_divide" and u.args[0] is ident and isinstance(u.args[1], int) \
+                and u.args[1] > 0 and size % u.args[1] == 0:
+            k = u.args[1]
+            for g in list(u.users):
+                x = _args(g).get("self")
+                shape = _shape(x) if x is not None else None
+                if _op(g) not in ("index", "index_select") or not _gathers_rows(g, u, None, size) \
+                        or not shape or shape[0] * k != size:
+                    continue
+                steps = [x]
+                with graph.inserting_before(g):
+                    for target, args in [(aten.unsqueeze.default, (1,)),
+                                         (aten.expand.default, ([shape[0], k, *shape[1:]],)),
+                                         (aten.clone.default, ()),
+                                         (aten.view.default, ([size, *shape[1:]],))]:
+                        steps.append(graph.call_function(target, (steps[-1], *args)))
+                        _meta(steps[-1])
+                g.replace_all_uses_with(steps[-1])
+                graph.erase_node(g)
+                made |= {n.name for n in steps[1:]}
     return made
 
 

@@ -1052,9 +1052,12 @@ def _spread(b, x, shape, axis, out) -> None:
 @lowering("topk", "sort", "argsort", "msort")
 def _topk(b, n, p, name):
     """Values (the k largest, or all sorted) are invariant to a permutation of the selected axis
-    and come in a fixed order along it; indices are positions along it, which pins it. An
-    unsorted top-k returns its k in an order that may follow positions (it does on the CPU): it
-    is the ONNX ``TopK`` with ``sorted=0``, whose rule pins the selected axis."""
+    and come in a fixed order along it; indices are positions along it, which pins it, unless they
+    only choose. A top-k whose indices are read (other than as a one-hot or picked rows, which
+    read the top-k mask of the scores) is the ONNX ``TopK``, whose rule frees the selected axis
+    where the indices only choose (gathered scores, scattered masks). So is an unsorted top-k,
+    whose k come in an order that may follow positions (they do on the CPU): the rule frees the
+    selected axis only where no reader depends on that order."""
     x, xs = b.t(p["self"]), b.shape(p["self"])
     dim = _norm(int(p.get("dim", -1) if p.get("dim") is not None else -1), len(xs)) if name != "msort" else 0
     ys = b.shapes[b.out(0) if name in ("topk", "sort") else b.out()]
@@ -1063,12 +1066,15 @@ def _topk(b, n, p, name):
         outs = {i: b.out(i) for i in _used_items(n) & {0, 1}}
     else:  # one output: the indices (argsort) or the values (msort)
         outs = {1 if name == "argsort" else 0: b.out()}
-    if name == "topk" and not p.get("sorted", True):  # k largest in an order that may follow positions
-        b.emit("TopK", [x, b.const([int(p["k"])])], [b.out(0), b.out(1)], axis=dim, sorted=0,
-               largest=int(bool(p.get("largest", True))))
-        return
     if name == "topk" and 1 in outs and _topk_indices_select_only(n):
         del outs[1]  # only used to choose: readers use the top-k mask of the scores instead
+    elif name == "topk" and (1 in outs or not p.get("sorted", True)):
+        # indices read otherwise (the TopK rule frees the axis where they only choose: gathered
+        # scores, scattered masks), or k in an order that may follow positions (the rule decides
+        # whether anything reads it)
+        b.emit("TopK", [x, b.const([int(p["k"])])], [b.out(0), b.out(1)], axis=dim,
+               sorted=int(bool(p.get("sorted", True))), largest=int(bool(p.get("largest", True))))
+        return
     for i in sorted(outs):
         red = b.tmp(kept)
         if i == 0:
@@ -1209,10 +1215,8 @@ def _one_hot(b, n, p, name):
     if topk is not None and _topk_indices_select_only(topk):
         b.emit("Identity", [_topk_mask(b, topk, b.shapes[b.out()])], [b.out()])
         return
-    x, xs, ys = b.t(p["self"]), b.shape(p["self"]), b.shapes[b.out()]
-    col = b.tmp(tuple(xs) + (1,))
-    b.emit("Reshape", [x], [col])
-    b.emit("Equal", [col, _positions(b, ys[-1])], [b.out()])
+    depth = b.shapes[b.out()][-1]
+    b.emit("OneHot", [b.t(p["self"]), b.const([depth]), b.const([0, 1])], [b.out()], axis=-1)
 
 
 @lowering("nonzero", "argwhere", "nonzero_static")
@@ -1254,11 +1258,10 @@ def _index_scatter(b, n, p, name):
 
 @lowering("scatter", "scatter_add", "scatter_reduce")
 def _scatter(b, n, p, name):
-    """``out[.., index[.., i, ..], ..] = src[.., i, ..]`` along ``dim``: that axis of ``self`` is
-    pinned (the index is data); the index, the source and ``self`` keep their other axes aligned,
-    as ``GatherElements`` does (an index expanded along an axis ties nothing there). Lowered as
-    ``self + Gather(Where(src, index), positions, dim)``; a source or index that covers only part
-    of ``self`` off ``dim`` makes the op unknown."""
+    """``out[.., index[.., i, ..], ..] = src[.., i, ..]`` along ``dim`` (or combined with ``self``
+    there): the ONNX ``ScatterElements``, whose rule pins that axis unless the index holds top-k
+    indices that only choose. A scalar ``value`` is written as a tensor constant along every axis;
+    a source or index that covers only part of ``self`` off ``dim`` makes the op unknown."""
     x, xs = b.t(p["self"]), b.shape(p["self"])
     dim = _norm(int(p["dim"]), len(xs))
     idx, src = p["index"], p.get("src", p.get("value"))
@@ -1266,11 +1269,16 @@ def _scatter(b, n, p, name):
     if any(s is None or len(s) != len(xs) or s != shapes[0] or any(
             a != c for k, (a, c) in enumerate(zip(s, xs)) if k != dim) for s in shapes):
         return _unknown(b, n, "scatter index or source does not match self off the scattered axis")
-    aligned = b.tmp(shapes[0])
-    b.emit("Where", [b.t(src), b.t(idx)] if b.t(src) is not None else [b.t(idx)], [aligned])
-    moved = b.tmp(xs)
-    b.emit("Gather", [aligned, _positions(b, xs[dim])], [moved], axis=dim)
-    b.emit("Add", [x, moved], [b.out()])
+    updates = b.t(src)
+    if updates is None:  # a scalar: the same value at every index
+        updates = b.tmp(shapes[0])
+        b.emit("ConstantOfShape", [], [updates])
+    reduce = "add" if name == "scatter_add" else _SCATTER_REDUCE.get(p.get("reduce"), "none")
+    b.emit("ScatterElements", [x, b.t(idx), updates], [b.out()], axis=dim, reduction=reduce)
+
+
+_SCATTER_REDUCE = {"sum": "add", "add": "add", "prod": "mul", "multiply": "mul", "amax": "max",
+                   "amin": "min", "mean": "mean"}  # ``mean`` has no ONNX reduction: analysis only
 
 
 @lowering("_grouped_mm", "grouped_mm", "grouped_mm_fallback")
