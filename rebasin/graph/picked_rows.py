@@ -13,7 +13,7 @@ Dense form: every region tensor ``t`` (``S`` rows) becomes ``t::dense`` with a l
 axis, slice ``e`` computed as if every row had picked expert ``e``: a pick ``W[L]`` becomes ``W``
 viewed as ``[E, 1, ..]`` and expanded to ``[E, S, ..]``; every other region op runs as it is on
 the dense inputs (its axis attributes shifted by one). A region tensor read outside the region
-(or a model output) is recomputed under its own name as row ``r``'s slice ``L[r]``:
+is recomputed under its own name as row ``r``'s slice ``L[r]``:
 ``ReduceSum_e(OneHot(L, E, axis=0)[e, r] * t::dense[e, r, ..])``.
 
 Why this is the same function: the labels are top-k indices along an axis of size ``E``, so
@@ -24,14 +24,19 @@ axis 0, the others broadcast along the rows), so row ``r`` of slice ``L[r]`` of 
 is row ``r`` of the tensor the graph computes. Row-wise ops: element-wise ops (inputs with a row
 axis span the output), ``MatMul`` with axis 0 a batch axis (or a rank-2 region tensor times a
 matrix outside the region), views keeping ``S`` leading rows, and ``Split``, ``Concat``,
-``Softmax``, ``Transpose``, reductions and ``LayerNormalization`` along axes other than 0. The
-experts axis then stays a tensor axis up to the exits (the pick itself, analysed as written,
-contracts it away), so the rules see each expert's units combined only with its own.
+``Slice``, ``Softmax``, ``Transpose``, reductions and ``LayerNormalization`` along axes other
+than 0. ``Shape`` reads the dense tensor with its experts axis left out (not an exit). The
+experts axis then stays a tensor axis up to the exits, so the rules see each expert's units
+combined only with its own (analysed as written, every expert's units are one axis of the picked
+rows, so one class serves all experts).
 
 Nothing is keyed to names; a pick whose labels are not such indices (an arithmetic on them, a
-slice of an argsort), an op of another domain, or a shape not known leaves the graph as it is.
-The rewritten graph is for the analysis only: weights, their names and axes are the model's, and
-the region's tensors that no longer exist are not offered for capture.
+slice of an argsort), an op of another domain, or a shape not known leaves the graph as it is. So
+does a region reaching a model output: the dense form would be exact there, but the torch path's
+rewrite (:mod:`rebasin.graph.pick_dispatch`) leaves such a region as traced, and both frontends
+must find the same classes. The rewritten graph is for the analysis only: weights, their names
+and axes are the model's, and the region's tensors that no longer exist are not offered for
+capture.
 """
 
 from __future__ import annotations
@@ -87,7 +92,9 @@ def dense_label_picks(g: Graph) -> Graph:
         except (KeyError, IndexError, TypeError, ValueError):  # shapes or attributes missing
             continue
         ops = set(plan.dense) - set(plan.picks)
-        if ops and not ops & claimed:  # regions sharing ops: the first one only
+        # regions sharing ops: the first one only; a region reaching a model output is left as
+        # traced, as the ATen rewrite leaves it (pick_dispatch), so both frontends agree
+        if ops and not ops & claimed and not plan.region & set(g.outputs):
             claimed |= set(plan.dense)
             done.append(plan)
     return _rewrite(g, done) if done else g
@@ -96,7 +103,8 @@ def dense_label_picks(g: Graph) -> Graph:
 def _pick_key(g, n, producer):
     """``(TopK indices, S, E)`` when ``n`` picks rows of a tensor of E rows by S top-k labels of an
     axis of size E; else None."""
-    if n.domain not in ("", "ai.onnx") or len(n.input) != 2 or n.input[0] == n.input[1]:
+    if n.op_type not in ("Gather", "GatherND") or n.domain not in ("", "ai.onnx") or len(n.input) != 2 \
+            or n.input[0] == n.input[1]:
         return None
     data, idx = n.input
     if data not in g.shapes or idx not in g.shapes or n.output[0] not in g.shapes:
@@ -104,10 +112,8 @@ def _pick_key(g, n, producer):
     ishape = g.shapes[idx]
     if n.op_type == "Gather":
         ok = int(attr(n, "axis", 0)) in (0, -len(g.shapes[data])) and len(ishape) == 1
-    elif n.op_type == "GatherND":
-        ok = int(attr(n, "batch_dims", 0)) == 0 and len(ishape) == 2 and ishape[1] == 1
     else:
-        return None
+        ok = int(attr(n, "batch_dims", 0)) == 0 and len(ishape) == 2 and ishape[1] == 1
     origin = _topk_indices(idx, producer) if ok else None
     if origin is None or origin not in g.shapes:
         return None
@@ -151,12 +157,15 @@ def _grow(g, plan) -> None:
         reads = set(n.input) | g.subgraph_reads.get(name, set())
         if not reads & plan.region:
             continue
+        if n.op_type == "Shape" and n.domain in ("", "ai.onnx") and n.input[0] in plan.region:
+            plan.dense[name] = _dense_shape(g, name, n, plan)  # reads the shape only: no exit
+            continue
         dense = None if name in g.subgraph_reads else _dense_op(g, name, n, plan, new)
         if dense is None:
             continue
         plan.dense[name] = dense
         plan.region.update(y for y in n.output if y)
-    outside = set(g.outputs)
+    outside = set()
     for name, n in g.nodes:
         if name not in plan.dense:
             outside |= set(n.input) | g.subgraph_reads.get(name, set())
@@ -189,6 +198,15 @@ def _dense_pick(g, name, n, plan, new):
     new.shapes[mid] = (plan.width, 1, *rest)
     return [(f"{name}::dense/view", Node("Reshape", [w, one], [mid])),
             (f"{name}::dense", Node("Expand", [mid, rows], [f"{y}::dense"]))]
+
+
+def _dense_shape(g, name, n, plan):
+    """``Shape(t)`` read from ``t::dense``, without its experts axis: the same values."""
+    rank = len(g.shapes[n.input[0]])
+    start = min(max(_norm(int(attr(n, "start", 0)), rank), 0), rank)
+    end = min(max(_norm(int(attr(n, "end", rank)), rank), 0), rank)
+    return [(f"{name}::dense", Node("Shape", [f"{n.input[0]}::dense"], list(n.output),
+                                    {"start": start + 1, "end": end + 1}))]
 
 
 def _dense_op(g, name, n, plan, new):
@@ -228,6 +246,8 @@ def _dense_op(g, name, n, plan, new):
         attrs["axis"] = axis + 1
     elif n.op_type in REDUCE:
         ok, attrs, inputs = _dense_reduce(g, name, n, plan, new, attrs, inputs)
+    elif n.op_type == "Slice":
+        ok, inputs = _dense_slice(g, name, n, plan, new, inputs)
     else:
         return None
     if not ok:
@@ -256,6 +276,21 @@ def _dense_reduce(g, name, n, plan, new, attrs, inputs):
     else:
         inputs = [inputs[0], new.add(f"{name}::dense/axes", shifted), *inputs[2:]]
     return True, attrs, inputs
+
+
+def _dense_slice(g, name, n, plan, new, inputs):
+    """A slice along constant axes other than 0 (any bounds: they read the same values in the
+    dense form), its axes shifted."""
+    rank = len(g.shapes[n.input[0]])
+    if [k for k, x in enumerate(n.input) if x in plan.region] != [0] or len(n.input) < 4 or \
+            not n.input[3] or n.input[3] not in g.values or not _fixed(g, n.input[3]):
+        return False, inputs
+    axes = [_norm(int(a), rank) for a in np.ravel(g.values[n.input[3]])]
+    if 0 in axes:
+        return False, inputs
+    inputs = list(inputs)
+    inputs[3] = new.add(f"{name}::dense/axes", [a + 1 for a in axes])
+    return True, inputs
 
 
 def _fixed(g, name) -> bool:
@@ -312,7 +347,7 @@ def _rewrite(g, plans) -> Graph:
             started.add(plan.indices)
             nodes += _one_hot(plan, plan.new)
         nodes += plan.dense[name]
-        for y in (y for y in n.output if y):
+        for y in (y for y in n.output if y in plan.region):
             plan.new.shapes[f"{y}::dense"] = (plan.width, *g.shapes[y])
             if y in plan.restored:
                 nodes += _restore(plan, plan.new, y, g.shapes[y])

@@ -1,0 +1,201 @@
+"""Expert weights picked by top-k index, read from ONNX (rebasin/graph/picked_rows.py): the
+exported ``PickedMoE`` gets the torch path's classes (each expert's hidden units a class of their
+own), the rewritten graph computes what the model computes, and every variant where the dense form
+must not apply (an op across rows inside the region, labels that are not top-k indices, rows of a
+table the scores do not index, a picked row that is a model output) is left as it is and stays
+sound."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+
+import rebasin
+from rebasin.execute import make_inputs, run_model
+from rebasin.graph.ir import Node
+from rebasin.graph.onnx_frontend import build_graph
+from rebasin.graph.picked_rows import dense_label_picks
+from tests.corpus import CACHE, randomize_bn
+from tests.test_dispatch import PickedMoE
+from tests.test_torch_frontend import signature
+
+
+class PickVariants(PickedMoE):
+    """``PickedMoE`` and variants that break one condition of the dense form: "inner_cumsum" (an op
+    across rows between the two picked products), "labels_shifted" (labels computed from the top-k
+    indices: not indices of the scores), "wider_table" (rows picked from a table of E + 2 rows,
+    which the scores do not index), "picked_output" (a picked product is also a model output)."""
+
+    def __init__(self, variant="sound"):
+        super().__init__(variant if variant in ("sound", "row_cumsum", "labels_argsort") else "sound")
+        self.kind = variant
+        if variant == "wider_table":
+            self.up = torch.nn.Parameter(torch.randn(self.up.shape[0] + 2, *self.up.shape[1:]) * 0.3)
+
+    def forward(self, x):
+        if self.kind in ("sound", "row_cumsum", "labels_argsort"):
+            return super().forward(x)
+        h = self.embed(x)
+        w, idx = self.router(h).softmax(-1).topk(self.k, -1)
+        labels = idx.reshape(-1)
+        if self.kind == "labels_shifted":
+            labels = (labels + 1) % self.router.out_features
+        rows = h.repeat_interleave(self.k, 0)
+        g = torch.bmm(rows[:, None], self.up[labels]).squeeze(1) + self.bias[labels]
+        if self.kind == "inner_cumsum":
+            g = g.cumsum(0)
+        gate, up = g.chunk(2, -1)
+        y = torch.bmm((F.silu(gate) * up)[:, None], self.down[labels]).squeeze(1)
+        out = self.head(h + (y * w.reshape(-1, 1)).view(-1, self.k, y.shape[-1]).sum(1))
+        return (out, y) if self.kind == "picked_output" else out
+
+
+PROVEN = ["sound", "row_cumsum"]  # the dense form applies
+ADVERSARIAL = ["labels_argsort", "inner_cumsum", "labels_shifted", "wider_table", "picked_output"]
+
+
+def _model(variant):
+    torch.manual_seed(0)
+    return randomize_bn(PickVariants(variant)), (torch.randn(6, 4),)
+
+
+def _export(variant, dynamo=True) -> str:
+    """The variant exported to ONNX (cached under ``REBASIN_CACHE`` as tests/corpus.py does)."""
+    import transformers
+
+    tag = f"{torch.__version__}-{transformers.__version__}".replace("+", "_")
+    path = CACHE / f"picked-{variant}-{'dynamo' if dynamo else 'script'}-{tag}.onnx"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        model, x = _model(variant)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                torch.onnx.export(model, x, str(tmp), dynamo=True, verbose=False)
+            else:
+                torch.onnx.export(model, x, str(tmp), dynamo=False, opset_version=17,
+                                  do_constant_folding=False)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _torch_names(path, model) -> dict:
+    """ONNX initializer name -> the state_dict key holding the same values (exporters rename)."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    out = {}
+    for t in onnx.load(path).graph.initializer:
+        a = numpy_helper.to_array(t)
+        same = [k for k, v in sd.items() if v.shape == a.shape and np.array_equal(v, a)]
+        if len(same) == 1:
+            out[t.name] = same[0]
+    return out
+
+
+def _renamed(spec, names):
+    """``spec`` with its members' tensors renamed through ``names``."""
+    def member(m):
+        return dataclasses.replace(m, tensor=names.get(m.tensor, m.tensor))
+    classes = tuple(dataclasses.replace(c, members=tuple(map(member, c.members))) for c in spec.classes)
+    return dataclasses.replace(spec, classes=classes)
+
+
+def _assert_onnx_sound(path, spec, seeds=(0, 1, 2)):
+    """Every class permuted at random: onnxruntime outputs unchanged, weights changed, and the
+    reference output varies with the input (the check is not vacuous)."""
+    m = onnx.load(path)
+    before = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    for seed in seeds:
+        permuted = rebasin.apply_permutation(m, spec, spec.random_permutations(seed))
+        res = rebasin.verify(m, permuted, seeds=(0, 1))
+        assert res.equal, f"seed {seed}: {res}"
+        after = {t.name: numpy_helper.to_array(t) for t in permuted.graph.initializer}
+        assert any(not np.array_equal(before[k], after[k]) for k in before)
+    a, b = (run_model(m, make_inputs(m, seed=s)) for s in (0, 1))
+    assert all(np.std(v) > 1e-3 for v in a.values())
+    assert any(not np.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)
+
+
+def _both(variant, dynamo=True):
+    model, x = _model(variant)
+    path = _export(variant, dynamo)
+    onnx_spec = rebasin.infer_spec(path)
+    torch_spec = rebasin.infer_spec(model, x, tracer="export")
+    names = _torch_names(path, model)
+    return path, torch_spec, _renamed(onnx_spec, names), onnx_spec, set(names.values())
+
+
+def _per_expert(spec, tensor="down"):
+    return sorted(m.at for c in spec.classes for m in c.members if m.tensor == tensor and m.axis == 1)
+
+
+@pytest.mark.parametrize("variant", PROVEN + ADVERSARIAL)
+def test_onnx_finds_the_torch_classes_and_is_sound(variant):
+    """Classes of the exported module equal the torch path's, by structure (sizes, members with
+    offset, block, stride and expert index), the ONNX names mapped through the weights' values."""
+    path, torch_spec, onnx_spec, raw, keep = _both(variant)
+    assert signature(onnx_spec, keep) == signature(torch_spec, keep), \
+        f"torch:\n{torch_spec.table()}\nonnx:\n{onnx_spec.table()}"
+    _assert_onnx_sound(path, raw)
+    sizes = sorted(c.size for c in onnx_spec.classes)
+    if variant in PROVEN:
+        assert sizes == [4, 6, 6, 6, 6, 8], onnx_spec.table()
+        assert _per_expert(onnx_spec) == [((0, e),) for e in range(4)]
+    else:
+        assert _per_expert(onnx_spec) == [()], onnx_spec.table()  # one class for every expert's units
+
+
+def test_torchscript_export_gathers_the_same():
+    """The TorchScript exporter writes ``up[labels]`` another way (Gather): the same classes."""
+    path, torch_spec, onnx_spec, raw, keep = _both("sound", dynamo=False)
+    assert signature(onnx_spec, keep) == signature(torch_spec, keep), onnx_spec.table()
+    _assert_onnx_sound(path, raw, seeds=(0,))
+
+
+def _as_onnx(g, model):
+    """The rewritten graph as an ONNX model (new constants as initializers), to run it."""
+    nodes = [helper.make_node(n.op_type, n.input, n.output, name=name, domain=n.domain, **n.attrs)
+             if isinstance(n, Node) else n for name, n in g.nodes]
+    known = {t.name for t in model.graph.initializer} | {y for n in model.graph.node for y in n.output}
+    inits = list(model.graph.initializer) + [numpy_helper.from_array(np.asarray(v), k)
+                                             for k, v in g.values.items() if k not in known]
+    graph = helper.make_graph(nodes, "dense", list(model.graph.input), list(model.graph.output), inits)
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+@pytest.mark.parametrize("variant,dynamo", [("sound", True), ("row_cumsum", True), ("inner_cumsum", True),
+                                            ("wider_table", True), ("sound", False)])
+def test_dense_form_computes_what_the_model_computes(variant, dynamo):
+    """The rewritten graph, run by onnxruntime, gives the model's outputs, and each restored tensor
+    holds every row's own expert's result. Every pick is gone but the wider table's (its rows are
+    not the scores' items)."""
+    path = _export(variant, dynamo)
+    m = onnx.load(path)
+    g = build_graph(m)
+    dense = dense_label_picks(g)
+    left = [g.shapes[n.input[0]][0] for _, n in dense.nodes if n.op_type in ("Gather", "GatherND")
+            and n.input[0] in g.weights]  # rows of the tables still picked
+    assert left == ([6] if variant == "wider_table" else []), left
+    rewritten = _as_onnx(dense, m)
+    for seed in (0, 1):
+        feeds = make_inputs(m, seed=seed)
+        a, b = run_model(m, feeds), run_model(rewritten, feeds)
+        assert all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    restored = [y for name, n in dense.nodes if name.endswith("::dense/sum") for y in n.output]
+    assert restored
+    a, b = run_model(m, feeds, restored), run_model(rewritten, feeds, restored)
+    assert all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in restored)
+
+
+@pytest.mark.parametrize("variant", ["labels_argsort", "labels_shifted", "picked_output"])
+def test_unproven_picks_are_left_as_they_are(variant):
+    g = build_graph(_export(variant))
+    assert dense_label_picks(g) is g
