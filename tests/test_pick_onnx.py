@@ -199,3 +199,120 @@ def test_dense_form_computes_what_the_model_computes(variant, dynamo):
 def test_unproven_picks_are_left_as_they_are(variant):
     g = build_graph(_export(variant))
     assert dense_label_picks(g) is g
+
+
+# --------------------------------------------------------------------------- hand-built graphs
+
+T, K, E, D, H = 3, 2, 4, 5, 6  # tokens, picks per token, experts, stream, hidden
+S = T * K  # rows
+
+
+def _mid_ops(kind):
+    """Nodes from ``z`` (S, H) to ``m`` (S, H) between the two picked products, and their
+    initializers."""
+    from tests.test_fused_rules import I, W
+    from tests.test_fused_rules import node as nd
+
+    ones = numpy_helper.from_array(np.ones(1, "f"))
+    mean = {a: nd("ReduceMean", ["z"], ["mu"], axes=[a], keepdims=1) for a in (0, 1)}
+    return {
+        "layernorm": ([nd("LayerNormalization", ["z", "ln_s", "ln_b"], ["m"], axis=-1)],
+                      [W("ln_s", H), W("ln_b", H)]),
+        "softmax": ([nd("Softmax", ["z"], ["m"], axis=1)], []),
+        "transpose": ([nd("Reshape", ["z", "s23"], ["z23"]),
+                       nd("Transpose", ["z23"], ["z32"], perm=[0, 2, 1]),
+                       nd("Reshape", ["z32", "sh"], ["m"])],
+                      [I("s23", [S, 2, 3])]),
+        "split_concat": ([nd("Split", ["z", "halves"], ["za", "zb"], axis=1),
+                          nd("Concat", ["zb", "za"], ["m"], axis=1)],
+                         [I("halves", [2, 4])]),
+        "slice": ([nd("Slice", ["z", "s0", "s3", "ax1"], ["zs"]), nd("Concat", ["zs", "zs"], ["m"], axis=1)],
+                  [I("s0", [0]), I("s3", [3])]),
+        "center": ([mean[1], nd("Sub", ["z", "mu"], ["m"])], []),
+        "fixed_matmul": ([nd("MatMul", ["z", "w_mid"], ["m"])], [W("w_mid", H, H)]),
+        "shape": ([nd("Shape", ["z"], ["zsh"]), nd("ConstantOfShape", ["zsh"], ["ones"], value=ones),
+                   nd("Mul", ["z", "ones"], ["m"])], []),
+        # across rows: the region must end at them
+        "softmax_rows": ([nd("Softmax", ["z"], ["m"], axis=0)], []),
+        "cumsum_rows": ([nd("CumSum", ["z", "zero"], ["m"])], [I("zero", 0)]),
+        "reduce_rows": ([mean[0], nd("Sub", ["z", "mu"], ["m"])], []),
+        "reverse_rows": ([nd("Slice", ["z", "last", "before", "zero1", "minus"], ["m"])],
+                         [I("last", [-1]), I("before", [-S - 1]), I("zero1", [0]), I("minus", [-1])]),
+        "transpose_rows": ([nd("Transpose", ["z"], ["zt"], perm=[1, 0]), nd("Relu", ["zt"], ["zr"]),
+                            nd("Transpose", ["zr"], ["m"], perm=[1, 0])], []),
+        "gather_rows": ([nd("Gather", ["z", "order"], ["m"], axis=0)], [I("order", [1, 0, 3, 2, 5, 4])]),
+        "matmul_rows": ([nd("MatMul", ["mix", "z"], ["m"])], [W("mix", S, S)]),
+        "labels_as_numbers": ([nd("Cast", ["L"], ["lf"], to=onnx.TensorProto.FLOAT),
+                               nd("Unsqueeze", ["lf", "ax1"], ["lf2"]), nd("Add", ["z", "lf2"], ["m"])], []),
+    }[kind]
+
+
+def _hand_model(kind, pick="Gather"):
+    """x (T, 4) -> hh (T, D); TopK of router scores (T, E); labels L (S,); rows (S, D); picks
+    w1[L] (S, D, H), b1[L] (S, H), w2[L] (S, H, D) by ``pick`` (GatherND with ``L[:, None]``);
+    ``kind``'s ops between the two products; rows regrouped (T, K, D), weighted by the top-k
+    values and summed into the stream."""
+    from tests.test_fused_rules import I, W, model
+    from tests.test_fused_rules import node as nd
+
+    def picked(w, out):
+        if pick == "Gather":
+            return nd("Gather", [w, "L"], [out], axis=0)
+        return nd("GatherND", [w, "L1"], [out])
+
+    mid, inits = _mid_ops(kind)
+    nodes = [nd("MatMul", ["x", "w_in"], ["hh"]), nd("MatMul", ["hh", "wr"], ["s"]),
+             nd("TopK", ["s", "kk"], ["val", "idx"], axis=-1), nd("Reshape", ["idx", "flat"], ["L"]),
+             nd("Unsqueeze", ["L", "ax1"], ["L1"]),
+             nd("Unsqueeze", ["hh", "ax1"], ["h3"]), nd("Expand", ["h3", "tkd"], ["h4"]),
+             nd("Reshape", ["h4", "sd"], ["rows"]), nd("Unsqueeze", ["rows", "ax1"], ["r3"]),
+             picked("w1", "p1"), nd("MatMul", ["r3", "p1"], ["z3"]), nd("Reshape", ["z3", "sh"], ["z0"]),
+             picked("b1", "pb"), nd("Add", ["z0", "pb"], ["z"]), *mid,
+             nd("Relu", ["m"], ["a"]), nd("Unsqueeze", ["a", "ax1"], ["a3"]), picked("w2", "p2"),
+             nd("MatMul", ["a3", "p2"], ["o3"]), nd("Reshape", ["o3", "tkd"], ["o"]),
+             nd("Unsqueeze", ["val", "ax_1"], ["v3"]), nd("Mul", ["o", "v3"], ["ov"]),
+             nd("ReduceSum", ["ov", "ax1"], ["os"], keepdims=0), nd("Add", ["hh", "os"], ["res"]),
+             nd("MatMul", ["res", "w_out"], ["y"])]
+    inits += [W("w_in", 4, D), W("wr", D, E, scale=2.0), W("w1", E, D, H), W("b1", E, H), W("w2", E, H, D),
+              W("w_out", D, 3), I("kk", [K]), I("flat", [-1]), I("ax1", [1]), I("ax_1", [-1]),
+              I("tkd", [T, K, D]), I("sd", [S, D]), I("sh", [S, H])]
+    return model(nodes, inits, [T, 4], [T, 3])
+
+
+PROVEN_MIDS = ["layernorm", "softmax", "transpose", "split_concat", "slice", "center", "fixed_matmul",
+               "shape"]
+# the hidden units meet a tensor without an experts axis (a LayerNorm's scale, a matrix shared by
+# every expert, a ConstantOfShape of the rows): one class serves every expert, by the nesting rules
+SHARED_MIDS = ["layernorm", "fixed_matmul", "shape"]
+ROW_MIDS = ["softmax_rows", "cumsum_rows", "reduce_rows", "reverse_rows", "transpose_rows", "gather_rows",
+            "matmul_rows", "labels_as_numbers"]
+
+
+@pytest.mark.parametrize("kind,pick", [(k, "Gather") for k in PROVEN_MIDS + ROW_MIDS] +
+                         [("softmax", "GatherND"), ("cumsum_rows", "GatherND")])
+def test_hand_built_regions(kind, pick, tmp_path):
+    """Every pick is rewritten (the labels are top-k indices); the rewritten graph computes the
+    model's outputs; the spec is sound. Ops between the two products that are row-wise keep one
+    region, so each expert's hidden units are a class (unless a tensor without an experts axis
+    holds them); an op across rows ends the region there (the rows' own experts' results are
+    summed back), so the hidden units stay one class; labels also used as numbers pin the
+    experts."""
+    m = _hand_model(kind, pick)
+    g = build_graph(m)
+    dense = dense_label_picks(g)
+    picks = {n.input[0] for _, n in dense.nodes if n.op_type in ("Gather", "GatherND")}
+    assert not {"w1", "b1", "w2"} & picks
+    rewritten = _as_onnx(dense, m)
+    for seed in (0, 1):
+        feeds = make_inputs(m, seed=seed)
+        a, b = run_model(m, feeds), run_model(rewritten, feeds)
+        assert all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    spec = rebasin.infer_spec(path)
+    _assert_onnx_sound(path, spec)
+    experts = {("wr", 1), ("w1", 0), ("b1", 0), ("w2", 0)}
+    assert (experts in [{(mb.tensor, mb.axis) for mb in c.members} for c in spec.classes]) == \
+        (kind != "labels_as_numbers"), spec.table()
+    nested = kind in PROVEN_MIDS and kind not in SHARED_MIDS
+    assert any(mb.at for c in spec.classes for mb in c.members if mb.tensor == "w2") == nested, spec.table()
