@@ -316,3 +316,18 @@ def test_hand_built_regions(kind, pick, tmp_path):
         (kind != "labels_as_numbers"), spec.table()
     nested = kind in PROVEN_MIDS and kind not in SHARED_MIDS
     assert any(mb.at for c in spec.classes for mb in c.members if mb.tensor == "w2") == nested, spec.table()
+
+
+def test_weight_matching_undoes_a_permutation_of_every_expert():
+    """On the exported model (the corpus's moe_picked), weight matching with the per-expert classes
+    finds the random permutation that made B from A: the aligned B is A, weight for weight."""
+    m = onnx.load(_export("sound", dynamo=False))
+    spec = rebasin.infer_spec(m)
+    b = rebasin.apply_permutation(m, spec, spec.random_permutations(3))
+    a = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    moved = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert any(not np.array_equal(a[k], moved[k]) for k in ("up", "bias", "down"))
+    res = rebasin.align(m, b)
+    assert res.verification.equal
+    aligned = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert all(np.array_equal(a[k], aligned[k]) for k in a)

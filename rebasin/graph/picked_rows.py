@@ -107,7 +107,8 @@ def _pick_key(g, n, producer):
             or n.input[0] == n.input[1]:
         return None
     data, idx = n.input
-    if data not in g.shapes or idx not in g.shapes or n.output[0] not in g.shapes:
+    if data not in g.shapes or idx not in g.shapes or n.output[0] not in g.shapes or data in g.values \
+            or n.output[0] in g.values:  # rows of numbers (an index table): not a weight's rows
         return None
     ishape = g.shapes[idx]
     if n.op_type == "Gather":
