@@ -331,3 +331,46 @@ def test_weight_matching_undoes_a_permutation_of_every_expert():
     assert res.verification.equal
     aligned = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
     assert all(np.array_equal(a[k], aligned[k]) for k in a)
+
+
+def mixtral_batched_mm():
+    """The corpus Mixtral with transformers' ``batched_mm`` experts, its inputs, and its dynamo
+    export (cached under ``REBASIN_CACHE``)."""
+    import transformers
+
+    from tests.corpus import build
+
+    model, inputs = build("mixtral")
+    for m in model.modules():
+        if hasattr(m, "config"):
+            m.config._experts_implementation = "batched_mm"
+    tag = f"{torch.__version__}-{transformers.__version__}".replace("+", "_")
+    path = CACHE / f"mixtral-batched_mm-dynamo-{tag}.onnx"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, inputs, str(tmp), dynamo=True, opset_version=18, verbose=False,
+                              input_names=["input"], output_names=["output"])
+        os.replace(tmp, path)
+    return model, inputs, str(path)
+
+
+def test_mixtral_batched_mm_export_gets_each_experts_units():
+    """transformers' ``batched_mm`` experts (``gate_up_proj[expert_ids]``) of the corpus Mixtral,
+    exported by the dynamo exporter (GatherND): on the ONNX path each layer's 4 experts' 16 hidden
+    units are 4 classes, as on the torch path (8 classes of 16 where one per layer served all 4),
+    and both paths agree on every tensor the export keeps as it is (mapped by value)."""
+    model, inputs, path = mixtral_batched_mm()
+    onnx_spec = rebasin.infer_spec(path)
+    torch_spec = rebasin.infer_spec(model, inputs)
+    names = _torch_names(path, model)
+    keep = set(names.values())
+    stacked = {f"m.model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in ("gate_up_proj", "down_proj")}
+    assert stacked <= keep
+    assert signature(_renamed(onnx_spec, names), keep) == signature(torch_spec, keep)
+    units = [c for c in onnx_spec.classes if any(m.at and names.get(m.tensor, "").endswith("down_proj")
+                                                 for m in c.members)]
+    assert sorted(c.size for c in units) == [16] * 8, onnx_spec.table()
+    _assert_onnx_sound(path, onnx_spec, seeds=(0,))
