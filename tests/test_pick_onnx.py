@@ -68,7 +68,8 @@ def _model(variant):
 
 
 def _export(variant, dynamo=True) -> str:
-    """The variant exported to ONNX (cached under ``REBASIN_CACHE`` as tests/corpus.py does)."""
+    """The variant exported to ONNX (cached under ``REBASIN_CACHE`` as tests/corpus.py does; the
+    weights inside the file: no external data named after the temporary file)."""
     import transformers
 
     tag = f"{torch.__version__}-{transformers.__version__}".replace("+", "_")
@@ -80,7 +81,7 @@ def _export(variant, dynamo=True) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if dynamo:
-                torch.onnx.export(model, x, str(tmp), dynamo=True, verbose=False)
+                torch.onnx.export(model, x, str(tmp), dynamo=True, verbose=False, external_data=False)
             else:
                 torch.onnx.export(model, x, str(tmp), dynamo=False, opset_version=17,
                                   do_constant_folding=False)
@@ -352,7 +353,7 @@ def mixtral_batched_mm():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, inputs, str(tmp), dynamo=True, opset_version=18, verbose=False,
-                              input_names=["input"], output_names=["output"])
+                              external_data=False, input_names=["input"], output_names=["output"])
         os.replace(tmp, path)
     return model, inputs, str(path)
 
