@@ -152,6 +152,11 @@ def test_onnx_finds_the_torch_classes_and_is_sound(variant):
         assert _per_expert(onnx_spec) == [((0, e),) for e in range(4)]
     else:
         assert _per_expert(onnx_spec) == [()], onnx_spec.table()  # one class for every expert's units
+    # labels that are not indices of the scores (or a table the scores do not index): the experts
+    # stay where they are, router rows included
+    pinned = variant in ("labels_argsort", "labels_shifted", "wider_table")
+    routed = any(m.tensor == "router.weight" and m.axis == 0 for c in onnx_spec.classes for m in c.members)
+    assert routed != pinned, onnx_spec.table()
 
 
 def test_torchscript_export_gathers_the_same():
