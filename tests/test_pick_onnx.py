@@ -23,8 +23,7 @@ from rebasin.execute import make_inputs, run_model
 from rebasin.graph.ir import Node
 from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.picked_rows import dense_label_picks
-from tests.corpus import CACHE, randomize_bn
-from tests.test_dispatch import PickedMoE
+from tests.corpus import CACHE, PickedMoE, randomize_bn
 from tests.test_torch_frontend import signature
 
 
