@@ -75,9 +75,17 @@ def dense_label_picks(g: Graph) -> Graph:
     there is none.
 
     Example:
-        >>> # TopK idx -> Reshape L (S,) -> Gather(W, L) (S, d, h) -> MatMul(x (S, 1, d), .) ->
-        >>> # Reshape (S, h) -> CumSum becomes Reshape(W, (E, 1, d, h)) -> Expand (E, S, d, h) ->
-        >>> # MatMul (E, S, 1, h) -> Reshape (E, S, h) -> ReduceSum_e(OneHot(L) * .) -> CumSum
+        >>> # scores (3, 4) -> TopK 2 -> L (6,) -> W[L] (6, 5, 7) -> x (6, 1, 5) @ W[L] -> CumSum
+        >>> nodes = [("topk", Node("TopK", ["s", "k"], ["v", "i"])),
+        ...          ("flat", Node("Reshape", ["i", "f"], ["L"])),
+        ...          ("pick", Node("Gather", ["W", "L"], ["P"])),
+        ...          ("mm", Node("MatMul", ["x", "P"], ["Y"])), ("cum", Node("CumSum", ["Y", "zero"], ["C"]))]
+        >>> shapes = {"s": (3, 4), "k": (1,), "v": (3, 2), "i": (3, 2), "f": (1,), "L": (6,), "W": (4, 5, 7),
+        ...           "P": (6, 5, 7), "x": (6, 1, 5), "Y": (6, 1, 7), "zero": (), "C": (6, 1, 7)}
+        >>> g = Graph(None, to_networkx(nodes), nodes, shapes, {"k": np.array([2]), "f": np.array([-1]),
+        ...           "zero": np.array(0)}, {"W": np.zeros((4, 5, 7))}, ["s", "x"], ["C"])
+        >>> print(" ".join(n.op_type for _, n in dense_label_picks(g).nodes))  # W (4, 1, 5, 7), (4, 6, 5, 7)
+        TopK Reshape Reshape OneHot Reshape Expand MatMul Reshape Mul ReduceSum CumSum
     """
     producer = {y: n for _, n in g.nodes for y in n.output if y}
     plans: dict[tuple, _Plan] = {}
