@@ -41,7 +41,7 @@ def main():
     ok = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for variant in pick.PROVEN + pick.ADVERSARIAL:
+        for variant in pick.PROVEN + pick.ADVERSARIAL + pick.LINEAR:
             ok &= _row(f"PickedMoE {variant} (dynamo)", *pick._model(variant), pick._export(variant))
         script = pick._export("sound", dynamo=False)
         ok &= _row("PickedMoE sound (TorchScript)", *pick._model("sound"), script)
