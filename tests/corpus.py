@@ -206,6 +206,37 @@ class StackedMoE(nn.Module):
         return self.head(h + (gate.unsqueeze(-1) * out).sum(-2))
 
 
+class PickedMoE(nn.Module):
+    """Each token's k experts' weights picked by top-k index (``up[labels]``, as transformers'
+    ``batched_mm`` experts), row products with ``bmm``, weighted and summed over the k picks.
+    ``variant``: "sound"; "row_cumsum" (an op across rows inside the region: it ends there);
+    "labels_argsort" (labels that are not top-k indices: no proof, the experts stay pinned)."""
+
+    def __init__(self, variant="sound", d=8, hidden=6, experts=4, k=2):
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, d), nn.Linear(d, 3)
+        self.router = nn.Linear(d, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, d, 2 * hidden) * 0.3)
+        self.bias = nn.Parameter(torch.randn(experts, 2 * hidden) * 0.3)
+        self.down = nn.Parameter(torch.randn(experts, hidden, d) * 0.3)
+        self.k, self.variant = k, variant
+
+    def forward(self, x):
+        h = self.embed(x)
+        w, idx = self.router(h).softmax(-1).topk(self.k, -1)
+        labels = idx.reshape(-1)
+        if self.variant == "labels_argsort":
+            labels = self.router(h).argsort(-1)[:, :self.k].reshape(-1)
+        rows = h.repeat_interleave(self.k, 0)
+        g = torch.bmm(rows[:, None], self.up[labels]).squeeze(1) + self.bias[labels]
+        gate, up = g.chunk(2, -1)
+        y = torch.bmm((F.silu(gate) * up)[:, None], self.down[labels]).squeeze(1)
+        if self.variant == "row_cumsum":
+            y = y.cumsum(0)
+        y = y * w.reshape(-1, 1)
+        return self.head(h + y.view(-1, self.k, y.shape[-1]).sum(1))
+
+
 class EinsumAttention(nn.Module):
     """Multi-head self-attention written with einsum (per-head projections as 3-D weights), then
     an MLP block."""
@@ -321,6 +352,7 @@ BUILDERS = {
     "timm_resnet10t": _timm("resnet10t"),
     "moe": lambda: (MoE(), (torch.randn(2, 6, 12),)),
     "moe_stacked": lambda: (StackedMoE(), (torch.randn(2, 6, 12),)),
+    "moe_picked": lambda: (PickedMoE(), (torch.randn(6, 4),)),
     "einsum_attention": lambda: (EinsumAttention(), (torch.randn(2, 6, 8),)),
     "unet": lambda: (UNetBlock(), (torch.randn(2, 3, 8, 8),)),
     "gqa": _gqa,
@@ -333,8 +365,8 @@ BUILDERS = {
 # models no ONNX exporter reads (the reason): the torch frontend alone is checked
 TORCH_ONLY = {"mixtral": "transformers::grouped_mm_fallback has no ONNX export"}
 FAST = ["mlp", "resnet18", "mobilenet_v2", "squeezenet1_1", "vit", "gpt2", "bert", "llama", "mha", "moe",
-        "moe_stacked", "einsum_attention", "unet", "gqa", "phi3", "t5", "mixtral", "diffusers_unet_cond",
-        "diffusers_unet"]
+        "moe_stacked", "moe_picked", "einsum_attention", "unet", "gqa", "phi3", "t5", "mixtral",
+        "diffusers_unet_cond", "diffusers_unet"]
 SLOW = [n for n in BUILDERS if n not in FAST]
 # where the frontends' classes differ by a known gap on the ONNX-rule side (the reason)
 AGREEMENT_GAPS: dict[str, str] = {}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import rebasin
 from rebasin.graph.sort_dispatch import normalize_sort_dispatch
-from tests.corpus import randomize_bn
+from tests.corpus import PickedMoE, randomize_bn
 from tests.test_torch_frontend import assert_sound
 
 
@@ -162,37 +162,6 @@ def test_broken_dispatch_is_left_as_traced():
 
 
 # --------------------------------------------------------------------------- weights picked by top-k index
-
-
-class PickedMoE(nn.Module):
-    """Each token's k experts' weights picked by top-k index (``up[labels]``, as transformers'
-    ``batched_mm`` experts), row products with ``bmm``, weighted and summed over the k picks.
-    ``variant``: "sound"; "row_cumsum" (an op across rows inside the region: it ends there);
-    "labels_argsort" (labels that are not top-k indices: no proof, the experts stay pinned)."""
-
-    def __init__(self, variant="sound", d=8, hidden=6, experts=4, k=2):
-        super().__init__()
-        self.embed, self.head = nn.Linear(4, d), nn.Linear(d, 3)
-        self.router = nn.Linear(d, experts, bias=False)
-        self.up = nn.Parameter(torch.randn(experts, d, 2 * hidden) * 0.3)
-        self.bias = nn.Parameter(torch.randn(experts, 2 * hidden) * 0.3)
-        self.down = nn.Parameter(torch.randn(experts, hidden, d) * 0.3)
-        self.k, self.variant = k, variant
-
-    def forward(self, x):
-        h = self.embed(x)
-        w, idx = self.router(h).softmax(-1).topk(self.k, -1)
-        labels = idx.reshape(-1)
-        if self.variant == "labels_argsort":
-            labels = self.router(h).argsort(-1)[:, :self.k].reshape(-1)
-        rows = h.repeat_interleave(self.k, 0)
-        g = torch.bmm(rows[:, None], self.up[labels]).squeeze(1) + self.bias[labels]
-        gate, up = g.chunk(2, -1)
-        y = torch.bmm((F.silu(gate) * up)[:, None], self.down[labels]).squeeze(1)
-        if self.variant == "row_cumsum":
-            y = y.cumsum(0)
-        y = y * w.reshape(-1, 1)
-        return self.head(h + y.view(-1, self.k, y.shape[-1]).sum(1))
 
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])

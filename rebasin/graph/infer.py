@@ -19,6 +19,7 @@ from rebasin.errors import SpecMismatchError, UnsupportedModelError
 from rebasin.graph.axes import AxisAlgebra
 from rebasin.graph.ir import Graph, attr
 from rebasin.graph.onnx_frontend import build_graph
+from rebasin.graph.picked_rows import dense_label_picks
 from rebasin.graph.rules import PACKED_INPUTS, RULES
 from rebasin.graph.slots import split_slots
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
@@ -185,7 +186,7 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     else:
         g = build_graph(model, feeds)
     hashed = graph_hash(g)  # of the graph as the frontend gave it (what model_graph_hash sees)
-    g = split_slots(g)
+    g = dense_label_picks(split_slots(g))
     cx = _Context(g, strict)
     for name, node in g.nodes:
         cx.node, cx.node_name = node, name
