@@ -316,12 +316,18 @@ def _moe(draw, s: _State):
     """vec/seq: a mixture of experts (``nn.ModuleList`` of dense-act-dense experts, or the experts
     stacked in 3-D tensors and run batched over the experts axis), a linear router, softmax, top-k,
     each expert's output weighted by its renormalized routing weight (zero where the example did
-    not pick it); optionally residual."""
+    not pick it); optionally residual. ``routing`` (:data:`ROUTINGS`) picks the k experts another
+    way: an unsorted top-k (its weights scattered into the mix), one whose picks are weighted by
+    their place along k (the order matters: the experts must stay), k argmax picks each masking
+    the last, or the best of two groups of experts first (group-limited routing)."""
     experts = draw(st.integers(2, 4))
     block = {"op": "moe", "d": s.c, "experts": experts, "k": draw(st.integers(1, experts)),
              "hidden": draw(SMALL), "kind": draw(st.sampled_from(ACTS)), "residual": draw(st.booleans()),
-             "stacked": draw(st.booleans())}
+             "stacked": draw(st.booleans()), "routing": draw(st.sampled_from(ROUTINGS))}
     return block, s
+
+
+ROUTINGS = ("sorted", "unsorted", "ranked", "argmax", "grouped")
 
 
 @st.composite
@@ -715,6 +721,7 @@ class MoE(nn.Module):
         d, self.k, self.residual, e, h = b["d"], b["k"], b["residual"], b["experts"], b["hidden"]
         self.router = nn.Linear(d, e, bias=False)
         self.stacked = b.get("stacked", False)
+        self.routing = b.get("routing", "sorted")
         if self.stacked:  # [E, H, D], [E, H], [E, D, H], [E, D]
             self.w1, self.b1 = nn.Parameter(torch.randn(e, h, d) / d ** 0.5), nn.Parameter(torch.randn(e, h))
             self.w2, self.b2 = nn.Parameter(torch.randn(e, d, h) / h ** 0.5), nn.Parameter(torch.randn(e, d))
@@ -724,15 +731,40 @@ class MoE(nn.Module):
                 nn.Sequential(nn.Linear(d, h), _activation(b["kind"]), nn.Linear(h, d)) for _ in range(e))
 
     def forward(self, x):
-        weights, picked = self.router(x).softmax(-1).topk(self.k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
-        gate = (weights.unsqueeze(-1) * F.one_hot(picked, self.router.out_features).to(x.dtype)).sum(-2)
+        gate = self._gate(self.router(x).softmax(-1))
         if self.stacked:
             inner = self.act(torch.einsum("...d,ehd->...eh", x, self.w1) + self.b1)
             y = ((torch.einsum("...eh,edh->...ed", inner, self.w2) + self.b2) * gate.unsqueeze(-1)).sum(-2)
         else:
             y = sum(gate[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
         return x + y if self.residual else y
+
+
+    def _gate(self, scores):
+        """The ``[.., E]`` mix: each picked expert's renormalized score, zero elsewhere."""
+        e, k = scores.shape[-1], self.k
+        if self.routing == "sorted":
+            weights, picked = scores.topk(k, dim=-1)
+            weights = weights / weights.sum(-1, keepdim=True)
+            return (weights.unsqueeze(-1) * F.one_hot(picked, e).to(scores.dtype)).sum(-2)
+        if self.routing == "argmax":  # k picks, each masking the last (softmax scores are > -1)
+            picks, masked = [], scores
+            for _ in range(k):
+                picks.append(masked.argmax(-1, keepdim=True))
+                masked = masked.scatter(-1, picks[-1], torch.full_like(picks[-1], -1, dtype=scores.dtype))
+            picked = torch.cat(picks, -1)
+        elif self.routing == "grouped" and e % 2 == 0:  # the best of 2 groups, then k inside it
+            best = scores.unflatten(-1, (2, e // 2)).amax(-1).topk(1, -1, sorted=False)[1]
+            keep = torch.zeros_like(scores[..., :2]).scatter(-1, best, 1.0)
+            keep = keep.unsqueeze(-1).expand(*keep.shape, e // 2).flatten(-2)
+            picked = scores.masked_fill(keep == 0, -1.0).topk(min(k, e // 2), -1, sorted=False)[1]
+        else:  # unsorted, ranked (and grouped with an odd number of experts)
+            picked = scores.topk(k, -1, sorted=False)[1]
+        weights = scores.gather(-1, picked)
+        if self.routing == "ranked":  # the first pick along k weighted twice
+            weights = torch.cat([2 * weights[..., :1], weights[..., 1:]], -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return torch.zeros_like(scores).scatter(-1, picked, weights)
 
 
 class TorchMHA(nn.Module):

@@ -244,6 +244,15 @@ FOUND = {
     "stacked-moe": (Arch("vec", (5,), (_linear(5, 6), {
         "op": "moe", "d": 6, "experts": 3, "k": 2, "hidden": 4, "kind": "relu", "residual": False,
         "stacked": True}), _head(6)), {6: 2, 3: 1, 4: 3}),
+    # the same routed other ways: picks of an unsorted top-k, or by argmax each masking the last,
+    # weights gathered and scattered into the mix (as above); picks weighted by their place along
+    # an unsorted k (the order is read: the experts stay, their hidden units one class); the best
+    # of 2 groups of 2 experts first (the 2 groups, the 2 experts in each group)
+    **{f"{routing}-moe": (Arch("vec", (5,), (_linear(5, 6), {
+        "op": "moe", "d": 6, "experts": experts, "k": 2, "hidden": 4, "kind": "relu", "residual": False,
+        "stacked": True, "routing": routing}), _head(6)), sizes)
+       for routing, experts, sizes in [("unsorted", 3, {6: 2, 3: 1, 4: 3}), ("argmax", 3, {6: 2, 3: 1, 4: 3}),
+                                       ("ranked", 3, {6: 2, 4: 1}), ("grouped", 4, {6: 2, 2: 3, 4: 4})]},
 }
 
 

@@ -181,3 +181,20 @@ def test_hf_routers_free_experts(family):
     per_expert = [c for c in spec.classes if any(m.at for m in c.members)]
     assert len(per_expert) == 8  # 4 experts x 2 layers
     assert_sound(model, inputs, spec, seeds=(0, 1), rtol=1e-4)
+
+
+def test_dead_ops_constrain_nothing():
+    """A slice whose result only gives ``zeros_like`` its shape (lowered without reading it) is
+    dead in the graph: it must not cut the hidden axis into pieces (one class of 8, on both
+    tracers), and the spec stays sound."""
+    from tests.test_torch_frontend import Ops
+
+    def body(m, h):
+        return h + torch.zeros_like(h[:, :3]).sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, x = randomize_bn(Ops(body)), (torch.randn(4, 6),)
+    for tracer in ("fx", "export"):
+        spec = rebasin.infer_spec(model, x, tracer=tracer)
+        assert sorted(c.size for c in spec.classes) == [8], spec.table()
+        assert_sound(model, x, spec)

@@ -43,7 +43,7 @@ from rebasin.errors import ModelLoadError, SpecMismatchError, UnsupportedModelEr
 from rebasin.execute import call_kwargs
 from rebasin.graph.ir import Graph, Node, to_networkx
 from rebasin.graph.pick_dispatch import normalize_label_picks
-from rebasin.graph.sort_dispatch import normalize_sort_dispatch
+from rebasin.graph.sort_dispatch import normalize_sort_dispatch, rewritten
 from rebasin.sources.torch import load_state
 
 LOWERINGS: dict = {}
@@ -1333,6 +1333,43 @@ def _filled(b, n, p, name):
     b.emit("ConstantOfShape", [], [b.out()])  # the same value everywhere: any permutation keeps it
 
 
+_LIKE_FILL = {"zeros_like": 0, "ones_like": 1, "full_like": None}  # None: the fill_value argument
+
+
+def _shaped_fills(graph):
+    """``graph`` with ``zeros_like(x)``, ``ones_like(x)``, ``full_like(x, v)`` written as ``full``
+    of x's traced shape and dtype, and the ops left dead by that removed: these read x's shape
+    only, so an op whose result only gives them a shape (``zeros_like(x[:, :2])``) computes
+    nothing the model returns, and its rule must not constrain the analysis (the slice would cut
+    the sliced axis into pieces). A copy; ``graph`` itself when it has no such fill."""
+    import torch
+
+    fills = [n for n in graph.nodes if n.op == "call_function" and _op_name(n.target) in _LIKE_FILL
+             and isinstance(n.meta.get("val"), torch.Tensor)]
+    if not fills:
+        return graph
+
+    def rewrite(new, env):
+        for n in fills:
+            m, val = env[n], n.meta["val"]
+            fill = _LIKE_FILL[_op_name(n.target)]
+            if fill is None:
+                fill = _schema_args(n.target, n.args, n.kwargs)["fill_value"]
+            if not isinstance(fill, (int, float, bool)):
+                continue  # a fill read from a tensor: left as it is
+            with new.inserting_before(m):
+                full = new.call_function(torch.ops.aten.full.default, (list(val.shape), fill),
+                                         {"dtype": val.dtype})
+            full.meta.update(m.meta)
+            m.replace_all_uses_with(full)
+            new.erase_node(m)
+        new.eliminate_dead_code()
+        return set()
+
+    done = rewritten(graph, rewrite)
+    return done[0] if done is not None else graph
+
+
 def _used_items(n) -> set:
     """Which items of a multi-output node are read (``getitem`` users that are used themselves:
     ``make_fx`` leaves dead ``getitem`` nodes behind)."""
@@ -1376,7 +1413,7 @@ def lower(tr: Traced, model) -> Graph:
     :mod:`rebasin.graph.pick_dispatch`); their rewritten tensors are not offered for capture."""
     import torch
 
-    graph, reordered = normalize_sort_dispatch(tr.graph)
+    graph, reordered = normalize_sort_dispatch(_shaped_fills(tr.graph))
     graph, picked = normalize_label_picks(graph)
     reordered |= picked
 
