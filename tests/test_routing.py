@@ -198,3 +198,53 @@ def test_dead_ops_constrain_nothing():
         spec = rebasin.infer_spec(model, x, tracer=tracer)
         assert sorted(c.size for c in spec.classes) == [8], spec.table()
         assert_sound(model, x, spec)
+
+
+def _batched_mm_export(family):
+    """A survey family with transformers' ``batched_mm`` experts (weights picked by expert index:
+    the dynamo exporter writes them as GatherND), and its dynamo export, cached as the corpus's."""
+    import os
+
+    import transformers
+
+    from benchmarks.moe_survey import build
+    from tests.corpus import CACHE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, inputs = build(family)
+        for m in model.modules():
+            if hasattr(m, "config"):
+                m.config._experts_implementation = "batched_mm"
+        tag = f"{torch.__version__}-{transformers.__version__}".replace("+", "_")
+        path = CACHE / f"{family}-batched_mm-dynamo-{tag}.onnx"
+        if not path.exists():
+            CACHE.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.onnx.export(model, inputs, str(tmp), dynamo=True, opset_version=18, verbose=False,
+                              external_data=False, input_names=["input"], output_names=["output"])
+            os.replace(tmp, path)
+    return model, inputs, str(path)
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "phimoe"])
+def test_hf_routers_onnx_path_agrees(family):
+    """The same routers with ``batched_mm`` experts, exported by the dynamo exporter: the ONNX path
+    finds the torch path's classes on every tensor the export keeps as it is (mapped by value),
+    each layer's experts with their router rows and each expert's hidden units among them, and
+    random permutations of every class keep onnxruntime's outputs."""
+    from tests.test_pick_onnx import _assert_onnx_sound, _renamed, _torch_names
+    from tests.test_torch_frontend import signature
+
+    model, inputs, path = _batched_mm_export(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch_spec = rebasin.infer_spec(model, inputs)
+        onnx_spec = rebasin.infer_spec(path)
+    names = _torch_names(path, model)
+    keep = set(names.values())
+    stacked = {k for k in model.state_dict() if ".experts." in k}
+    assert stacked and stacked <= keep
+    assert signature(_renamed(onnx_spec, names), keep) == signature(torch_spec, keep)
+    assert len([c for c in onnx_spec.classes if any(m.at for m in c.members)]) == 8
+    _assert_onnx_sound(path, onnx_spec, seeds=(0,))

@@ -53,7 +53,7 @@ def normalize_label_picks(graph):
     """
     plans = []
     for n in graph.nodes:
-        if n.target is operator.getitem and n.args[1] == 1 and _op(n.args[0]) == "topk":
+        if _chosen(n):
             for labels in _flat_views(n):
                 try:
                     plans.append(_plan(labels))
@@ -65,6 +65,15 @@ def normalize_label_picks(graph):
         return graph, set()
     done = rewritten(graph, lambda new, env: set().union(*(_lift(new, plan, env) for plan in plans)))
     return done if done is not None else (graph, set())
+
+
+def _chosen(n) -> bool:
+    """``n`` holds the indices of choice ops (a ``topk``'s, ``max`` / ``min``'s along a dim,
+    ``argmax`` / ``argmin``'s, or a concatenation of such: :func:`_label_width`), not a view of
+    another such tensor (its views are found from there)."""
+    if n.target is operator.getitem:
+        return n.args[1] == 1 and _op(n.args[0]) in ("topk", "max", "min") and _label_width(n) is not None
+    return _op(n) in ("argmax", "argmin", "cat", "concat", "concatenate") and _label_width(n) is not None
 
 
 def _flat_views(indices) -> list:

@@ -4,7 +4,8 @@ an analysis-only rewrite into dense form, so that each expert's hidden units are
 The idiom (an exported ``batched_mm`` mixture of experts: ``up[labels]`` is ``Gather`` along axis
 0, or ``GatherND`` of one-component index tuples, as the dynamo exporter writes it)::
 
-    L = view(TopK(scores, k).indices)       # S labels in [0, E) (views and exact casts only)
+    L = view(TopK(scores, k).indices)       # S labels in [0, E) (views and exact casts only; or
+                                            # ArgMax picks, or a Concat of such)
     P = Gather(W, L) / GatherND(W, L[:, None])  # rows of a tensor W of E rows, picked per row
     y = f(x, P1, P2, .., w)                 # f row-wise: row r of each output reads row r only
     out = g(y)                              # g: an op that is not row-wise (the region's exit)
@@ -59,7 +60,7 @@ _AXIS_OPS = {"Split", "Softmax", "LogSoftmax", "Concat", "LayerNormalization"}
 class _Plan:
     """The picks of one labels tensor and the row-wise region they feed."""
 
-    indices: str  # the TopK indices the labels are a view of
+    indices: str  # the choice indices (TopK, ArgMax, a Concat of such) the labels are a view of
     index: str  # the index input of the first pick (a view of ``indices``)
     size: int  # S: rows
     width: int  # E: experts
@@ -109,8 +110,8 @@ def dense_label_picks(g: Graph) -> Graph:
 
 
 def _pick_key(g, n, producer):
-    """``(TopK indices, S, E)`` when ``n`` picks rows of a tensor of E rows by S top-k labels of an
-    axis of size E; else None."""
+    """``(choice indices, S, E)`` when ``n`` picks rows of a tensor of E rows by S labels chosen
+    along an axis of size E (:func:`_choice_indices`); else None."""
     if n.op_type not in ("Gather", "GatherND") or n.domain not in ("", "ai.onnx") or len(n.input) != 2 \
             or n.input[0] == n.input[1]:
         return None
@@ -123,27 +124,34 @@ def _pick_key(g, n, producer):
         ok = int(attr(n, "axis", 0)) in (0, -len(g.shapes[data])) and len(ishape) == 1
     else:
         ok = int(attr(n, "batch_dims", 0)) == 0 and len(ishape) == 2 and ishape[1] == 1
-    origin = _topk_indices(idx, producer) if ok else None
-    if origin is None or origin not in g.shapes:
+    found = _choice_indices(g, idx, producer) if ok else None
+    if found is None or found[0] not in g.shapes:
         return None
-    topk = producer[origin]
-    scores = g.shapes[topk.input[0]]
-    width = scores[_norm(int(attr(topk, "axis", -1)), len(scores))]
+    origin, width = found
     size = ishape[0]
     if int(np.prod(g.shapes[origin])) != size or g.shapes[data][0] != width or width < 2:
         return None
     return origin, size, width
 
 
-def _topk_indices(idx, producer):
-    """The TopK indices output ``idx`` is a view of (views and exact casts keep the values and
-    their row-major order), or None."""
+def _choice_indices(g, idx, producer):
+    """``(origin, E)``: the indices of choice ops along an axis of size E that ``idx`` is a view of
+    (views and exact casts keep the values and their row-major order): a ``TopK``'s, an
+    ``ArgMax`` / ``ArgMin``'s, or a ``Concat`` of such, all along axes of size E; else None."""
     while True:
         p = producer.get(idx)
         if p is None or p.domain not in ("", "ai.onnx"):
             return None
-        if p.op_type == "TopK":
-            return idx if len(p.output) > 1 and p.output[1] == idx else None
+        if p.op_type in ("TopK", "ArgMax", "ArgMin"):
+            out = p.output[1] if p.op_type == "TopK" and len(p.output) > 1 else p.output[0]
+            if out != idx or attr(p, "select_last_index", 0) or p.input[0] not in g.shapes:
+                return None
+            scores = g.shapes[p.input[0]]
+            return idx, scores[_norm(int(attr(p, "axis", -1 if p.op_type == "TopK" else 0)), len(scores))]
+        if p.op_type == "Concat":
+            parts = [_choice_indices(g, x, producer) for x in p.input if x]
+            widths = {w for _, w in filter(None, parts)}
+            return (idx, widths.pop()) if parts and all(parts) and len(widths) == 1 else None
         view = p.op_type in _INDEX_VIEWS or p.op_type == "Cast" and attr(p, "to") in _EXACT_CASTS
         if not view or not p.input or p.input[0] in p.input[1:]:
             return None
