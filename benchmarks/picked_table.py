@@ -1,8 +1,9 @@
-"""Print, for each picked-experts model of tests/test_pick_onnx.py (the PickedMoE variants exported
-by the dynamo exporter, the corpus's TorchScript export of it, and the corpus Mixtral with
-``batched_mm`` experts exported by the dynamo exporter): the class sizes each frontend finds, sum
-of log(size!) on each, and whether the two specs agree on every tensor the export keeps as it is
-(names mapped through the weights' values).
+"""Print, for each picked-experts model (tests/test_pick_onnx.py's PickedMoE variants exported by
+the dynamo exporter and the corpus's TorchScript export of it; the corpus Mixtral and the
+group-limited and argmax routers of benchmarks/moe_survey.py, with ``batched_mm`` experts, exported
+by the dynamo exporter): the class sizes each frontend finds, sum of log(size!) on each, and whether
+the two specs agree on every tensor the export keeps as it is (names mapped through the weights'
+values).
 
     python benchmarks/picked_table.py
 """
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rebasin  # noqa: E402
 from tests import test_pick_onnx as pick  # noqa: E402
+from tests import test_routing as routing  # noqa: E402
 from tests.test_torch_frontend import signature  # noqa: E402
 
 
@@ -46,6 +48,8 @@ def main():
         script = pick._export("sound", dynamo=False)
         ok &= _row("PickedMoE sound (TorchScript)", *pick._model("sound"), script)
         ok &= _row("Mixtral batched_mm (dynamo)", *pick.mixtral_batched_mm())
+        for family in ("glm4_moe", "deepseek_v3", "phimoe"):  # group-limited and argmax routers
+            ok &= _row(f"{family} batched_mm (dynamo)", *routing._batched_mm_export(family))
     sys.exit(0 if ok else 1)
 
 
