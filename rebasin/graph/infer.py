@@ -484,10 +484,15 @@ def _tree_roots(alg, v, out: set) -> set:
 
 
 def _decompose(alg, v, i, out: list) -> list:
-    """(root, index) pairs of ``v`` and of every factor/piece inside it, for item ``i`` of ``v``."""
+    """(root, index) pairs of ``v`` and of every factor/piece inside it, for item ``i`` of ``v``
+    (where ``v`` is a family's inner variable whose group ``out`` names, its instance's too)."""
     r = alg.find(v)
     var = alg.vars[r]
     out.append((r, i))
+    w = alg.find(alg.resolve(r, out))
+    if w != r:
+        _decompose(alg, w, i, out)
+        return out
     if var.kind == "prod":
         sizes = [alg.size(c) for c in var.children]
         for k in range(len(sizes)):
@@ -579,10 +584,13 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
         roots = {o for o, n in seen.items() if n == 1} | across  # a place in two items of o is neither
         nest[r] = nest[r] & roots if r in nest else roots
         cross.setdefault(r, set()).update(across)
+    cells = _cell_names(alg, nest, occurrences)
     candidates = {r for r, n in nest.items() if n}
-    if not candidates:
+    if not candidates and not cells:
         return nest, {}
     holds = {name: _held(alg, axes) for name, axes in cx.axes.items()}
+    _nest_in_cells(cx, nest, cells, holds)
+    candidates = {r for r, n in nest.items() if n}
     for count in holds.values():
         for r in candidates & set(count):
             nest[r] &= set(count)
@@ -612,6 +620,57 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
                     nest[r].discard(h)
     _one_outer_axis(nest, candidates_of, occurrences)
     return nest, candidates_of
+
+
+def _cell_names(alg, nest: dict, occurrences: list) -> dict:
+    """Leaf -> the roots that name its items' cells, where no root names them all.
+
+    A leaf shared by groups that two layouts cut differently (a run of 4-blocks inside groups of
+    12 of one GroupNorm and blocks of 8 of another) is named on each path by the finest instance
+    above it (a cell: blocks 2, 3 of one 8-block, block 4 alone, ...), and no root is on every
+    path. Here the cells are the last root named on each path; they qualify when every path names
+    exactly one of them, once, and none lies inside another (so one place is never named by a
+    cell and by a coarser variable holding it)."""
+    last: dict[int, set] = {}
+    for r, _, _, _, _, path in occurrences:
+        if nest.get(r):
+            continue
+        last.setdefault(r, set()).add(path[-1][0] if path else None)
+    out = {}
+    for r, names in last.items():
+        if None in names or len(names) < 2:
+            continue
+        if any(h in alg.tree(g) for g in names for h in names if h != g):
+            continue
+        if all(sum(o in names for o, _ in set(path)) == 1 for leaf, _, _, _, _, path in occurrences
+               if leaf == r):
+            out[r] = names
+    return out
+
+
+def _nest_in_cells(cx: _Context, nest: dict, cells: dict, holds: dict) -> None:
+    """Nest each leaf of ``cells`` under its cells (one permutation per cell item) where sound: every
+    tensor holding the leaf holds cells at least as often, and no op that keeps the leaf combines
+    items of any cell (nor of anything holding one: :meth:`AxisAlgebra.combined`)."""
+    alg = cx.alg
+    for count in holds.values():
+        for r in [r for r in cells if count.get(r)]:
+            if sum(count.get(h, 0) for h in cells[r]) < count[r]:
+                del cells[r]
+    for v, y in cx.mixing:
+        if not cells:
+            return
+        held: set = set()
+        for w in cx.axes.get(y, ()):
+            if alg.find(w) != alg.find(v):
+                _tree_roots(alg, w, held)
+        mixed = None
+        for r in [r for r in cells if r in held]:
+            mixed = alg.combined(v) if mixed is None else mixed
+            if cells[r] & mixed:
+                del cells[r]
+    for r, names in cells.items():
+        nest[r] = set(names)
 
 
 def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> None:
