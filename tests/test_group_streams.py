@@ -116,6 +116,27 @@ class GroupsShareScale(nn.Module):
         return self.out(torch.nn.functional.silu(self.gn(c))) + self.out_z(torch.tanh(z))
 
 
+class ThreeLayouts(nn.Module):
+    """The diffusers UNet's first stream (A, 32): its own GroupNorm(8, 32) (blocks of 4), cat(Q 64,
+    A) under GroupNorm(8, 96) (groups of 12: A holds 8 channels of group 5, then groups 6 and 7)
+    and cat(P 32, A) under GroupNorm(8, 64) (blocks of 8), in that order (``own_last``: its own
+    GroupNorm read last)."""
+
+    def __init__(self, own_last=False):
+        super().__init__()
+        self.a, self.p, self.q = _conv(3, 32), _conv(3, 32, 3), _conv(3, 64, 3)
+        self.n0, self.n1, self.n2 = nn.GroupNorm(8, 32), nn.GroupNorm(8, 64), nn.GroupNorm(8, 96)
+        self.o0, self.o1, self.o2 = _conv(32, 3), _conv(64, 3), _conv(96, 3)
+        self.own_last = own_last
+
+    def forward(self, x):
+        a, f = self.a(x), torch.nn.functional.silu
+        own = self.o0(f(self.n0(a))) if not self.own_last else 0
+        y = own + self.o2(f(self.n2(torch.cat([self.q(x), a], 1))))
+        y = y + self.o1(f(self.n1(torch.cat([self.p(x), a], 1))))
+        return y + (self.o0(f(self.n0(a))) if self.own_last else 0)
+
+
 # hand-counted maxima ({class size: count}) and what the analysis reaches (where it falls short)
 CASES = {
     # D: its two whole groups swap (2) and each group's 4 channels (2 x 4); its part of the cut
@@ -136,6 +157,20 @@ CASES = {
     "groups_summed": (GroupsSummed, {8: 1}, None),
     # D, B and the scale share one channel permutation (8)
     "groups_share_scale": (GroupsShareScale, {8: 1}, None),
+    # A: each 4-block's channels (8 x 4); blocks 0/1, 2/3 and 6/7 swap (3 x 2: each pair is one
+    # 8-block inside one 12-group); the swap of groups 6 and 7 that keeps the 8-blocks (blocks 2, 3
+    # <-> 6, 7 with 4 <-> 5: a class with two members per axis) (2). P: its 4 groups (4), each
+    # group's channels (4 x 8). Q: its 5 whole groups (5), their channels (5 x 12), its 4 channels
+    # of group 5 (4). The analysis misses the swap of groups 6 and 7 (it pins groups whose layouts
+    # overlap); blocks 2 to 7 nest under the cells of the two layouts (infer._cell_names).
+    "three_layouts": (ThreeLayouts, {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5},
+                      {4: 8 + 1 + 1, 2: 3, 8: 4, 5: 1, 12: 5}),
+    # The same model, its own GroupNorm read last: the 8-blocks' halves meet the cut of block pair
+    # 4/5 before the 4-blocks exist, one layout for all 8-blocks (the family over the 8-blocks is
+    # dissolved: its inner variable gains the 4-blocks' product after the instances were made),
+    # so A keeps two classes of 4 (the blocks' first and second halves) and no swap.
+    "three_layouts_own_last": (lambda: ThreeLayouts(own_last=True), {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5},
+                               {4: 2 + 1 + 1, 8: 4, 5: 1, 12: 5}),
 }
 
 
