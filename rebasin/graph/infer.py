@@ -626,21 +626,25 @@ def _cell_names(alg, nest: dict, occurrences: list) -> dict:
     """Leaf -> the roots that name its items' cells, where no root names them all.
 
     A leaf shared by groups that two layouts cut differently (a run of 4-blocks inside groups of
-    12 of one GroupNorm and blocks of 8 of another) is named on each path by the finest instance
+    12 of one GroupNorm and blocks of 8 of another) is named on each path by the finest variable
     above it (a cell: blocks 2, 3 of one 8-block, block 4 alone, ...), and no root is on every
-    path. Here the cells are the last root named on each path; they qualify when every path names
-    exactly one of them, once, and none lies inside another (so one place is never named by a
-    cell and by a coarser variable holding it)."""
-    last: dict[int, set] = {}
-    for r, _, _, _, _, path in occurrences:
-        if nest.get(r):
-            continue
-        last.setdefault(r, set()).add(path[-1][0] if path else None)
+    path. The cells are the last ``(root, item)`` named on each path. They qualify when every path
+    names exactly one of them, once; none lies inside another (one place is never named by a cell
+    and by a coarser variable holding it); and every weight axis holding the leaf names each cell
+    at exactly one place, the same cells on every axis (a variable standing at several places, a
+    part shared by two groups, names none: two axes would then disagree on which group a cell
+    item is)."""
+    places: dict[int, dict] = {}  # leaf -> (tensor, axis) -> names in order
+    for r, tensor, axis, _, _, path in occurrences:
+        if not nest.get(r):
+            places.setdefault(r, {}).setdefault((tensor, axis), []).append(path[-1] if path else None)
     out = {}
-    for r, names in last.items():
-        if None in names or len(names) < 2:
+    for r, axes in places.items():
+        named = [tuple(v) for v in axes.values()]
+        if None in named[0] or any(len(set(v)) != len(v) or set(v) != set(named[0]) for v in named):
             continue
-        if any(h in alg.tree(g) for g in names for h in names if h != g):
+        names = {h for h, _ in named[0]}
+        if len(set(named[0])) < 2 or any(h in alg.tree(g) for g in names for h in names if h != g):
             continue
         if all(sum(o in names for o, _ in set(path)) == 1 for leaf, _, _, _, _, path in occurrences
                if leaf == r):
