@@ -165,12 +165,11 @@ CASES = {
     # overlap); blocks 2 to 7 nest under the cells of the two layouts (infer._cell_names).
     "three_layouts": (ThreeLayouts, {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5},
                       {4: 8 + 1 + 1, 2: 3, 8: 4, 5: 1, 12: 5}),
-    # The same model, its own GroupNorm read last: the 8-blocks' halves meet the cut of block pair
-    # 4/5 before the 4-blocks exist, one layout for all 8-blocks (the family over the 8-blocks is
-    # dissolved: its inner variable gains the 4-blocks' product after the instances were made),
-    # so A keeps two classes of 4 (the blocks' first and second halves) and no swap.
+    # The same model, its own GroupNorm read last: its 4-blocks refine the 8-blocks' channels after
+    # the concatenations gave each run of 8-blocks its instance (AxisAlgebra._distribute), the same
+    # classes
     "three_layouts_own_last": (lambda: ThreeLayouts(own_last=True), {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5},
-                               {4: 2 + 1 + 1, 8: 4, 5: 1, 12: 5}),
+                               {4: 8 + 1 + 1, 2: 3, 8: 4, 5: 1, 12: 5}),
 }
 
 
