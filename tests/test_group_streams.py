@@ -359,6 +359,10 @@ FOUND = {
                                                 ("cat", 1, 3, 11, True)]),
     "sum_of_concatenation_heads": ([4, 12, 8, 8], [("cat", 0, 0, 4, True), ("add", 4, 2),
                                                    ("cat", 2, 4, 1, False), ("heads", 4, 2)]),
+    # groups of 2, 16, 6 and 3 on one stream: the 3-groups cut the 2-blocks' index inside each
+    # 6-group after the 6-groups had instances (kept free; AxisAlgebra._distribute cuts them too)
+    "groups_of_two_then_three": ([24, 2, 12, 8], [("own", 0, 12), ("cat", 3, 0, 2, False), ("own", 0, 4),
+                                                  ("halves", 1), ("own", 0, 8)]),
 }
 
 

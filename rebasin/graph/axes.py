@@ -271,28 +271,29 @@ class AxisAlgebra:
         return bool(twins)
 
     def _distribute(self) -> bool:
-        """A family's inner variable that became a product (a GroupNorm of smaller groups read after
-        the concatenation that made the instances): each instance takes the product's layout, with
-        fresh factors, and each factor becomes a family's inner variable with an instance per span
-        (factor ``k`` under the product of the outer variable and the factors before it). True when
-        anything changed.
+        """A family's inner variable that gained structure after its instances were made (a
+        GroupNorm of smaller groups read after the concatenation: a product; groups of another
+        width cutting every group alike: a sum) lends that layout to every instance, with fresh
+        factors or pieces, and each of them becomes a family's inner variable with an instance per
+        span (a factor ``k`` under the product of the outer variable and the factors before it, a
+        piece under the outer variable). True when anything changed.
 
-        An instance stands for the inner variable at its groups, so the inner variable's layout is
-        each instance's too; the new families are checked as any other.
+        A constraint on the inner variable holds for every group (one a single group meets goes
+        through its instance), so each instance takes it; the new families are checked as any.
         """
         changed = False
         for f in list(self.families):
             inner = self.vars[self.find(f.inner)]
-            if inner.kind != "prod" or f in self._distributed:
+            if inner.kind is None or f in self._distributed:
                 continue
             self._distributed.add(f)
-            kids = inner.children
+            kids, prod = inner.children, inner.kind == "prod"
             parts = {inst: [self.new(self.size(c)) for c in kids] for _, _, inst in f.spans}
             for inst, fresh in parts.items():
-                self.union(inst, self.prod(fresh), f.reason)
+                self.union(inst, self.prod(fresh) if prod else self.sum(fresh), f.reason)
             for k, c in enumerate(kids):
-                above = math.prod(self.size(x) for x in kids[:k])
-                outer = f.outer if k == 0 else self.prod([f.outer, *kids[:k]])
+                above = math.prod(self.size(x) for x in kids[:k]) if prod else 1
+                outer = self.prod([f.outer, *kids[:k]]) if prod and k else f.outer
                 spans = tuple((lo * above, hi * above, parts[inst][k]) for lo, hi, inst in f.spans)
                 self.families.append(_Family(c, outer, spans, f.reason))
                 self._derived[self.families[-1]] = f
