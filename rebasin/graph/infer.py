@@ -635,9 +635,11 @@ def _cell_names(alg, nest: dict, occurrences: list) -> dict:
     part shared by two groups, names none: two axes would then disagree on which group a cell
     item is)."""
     places: dict[int, dict] = {}  # leaf -> (tensor, axis) -> names in order
+    paths: dict[int, list] = {}
     for r, tensor, axis, _, _, path in occurrences:
         if not nest.get(r):
             places.setdefault(r, {}).setdefault((tensor, axis), []).append(path[-1] if path else None)
+            paths.setdefault(r, []).append(path)
     out = {}
     for r, axes in places.items():
         named = [tuple(v) for v in axes.values()]
@@ -646,8 +648,7 @@ def _cell_names(alg, nest: dict, occurrences: list) -> dict:
         names = {h for h, _ in named[0]}
         if len(set(named[0])) < 2 or any(h in alg.tree(g) for g in names for h in names if h != g):
             continue
-        if all(sum(o in names for o, _ in set(path)) == 1 for leaf, _, _, _, _, path in occurrences
-               if leaf == r):
+        if all(sum(o in names for o, _ in set(path)) == 1 for path in paths[r]):
             out[r] = names
     return out
 
