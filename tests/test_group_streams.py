@@ -404,7 +404,8 @@ class Layouts(nn.Module):
         for op in plan:
             w = width + (op[1] if op[0] == "cat" else 0)
             norm = nn.GroupNorm(op[1] if op[0] == "own" else op[2], w)
-            self.mods.append(nn.ModuleList([norm, _conv(w, 2), _conv(3, w - width, 3)]))
+            other = _conv(3, w - width, 3) if w > width else nn.Identity()
+            self.mods.append(nn.ModuleList([norm, _conv(w, 2), other]))
 
     def forward(self, x):
         s, y = self.s(x), 0
