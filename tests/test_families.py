@@ -379,30 +379,27 @@ def test_diffusers_unet_below_hand_count(specs):
     assert spec.log_symmetry <= _log_symmetry(_add(DIFFUSERS_INSIDE, DIFFUSERS_STREAMS)) + 1e-6
 
 
-# What the analysis reaches: every stream at its hand count but A, where the six 4-blocks in groups
-# 6 and 7 of GroupNorm(8, 96) share one channel permutation (5 classes of 4 short) and the swap of
-# those groups is missing (1 class of 2).
-DIFFUSERS_REACHED = _add(DIFFUSERS_INSIDE, DIFFUSERS_STREAMS, {2: -1, 4: -5})
+# What the analysis reaches: every stream at its hand count but A, where the swap of groups 6 and 7
+# of GroupNorm(8, 96) is missing (1 class of 2).
+DIFFUSERS_REACHED = _add(DIFFUSERS_INSIDE, DIFFUSERS_STREAMS, {2: -1})
 
 
 def test_diffusers_unet_reaches_all_but_stream_a(specs):
     """Streams B to H at their hand counts (each group of a concatenation with its own channel
-    layout: rebasin/graph/axes.py's families), stream A short of six classes."""
+    layout: rebasin/graph/axes.py's families), stream A short of one swap; A's eight 4-blocks each
+    with its own channel permutation (blocks 2 to 7 nest under the cells the 8- and 12-wide
+    layouts cut them into: infer._cell_names)."""
     spec = specs("diffusers_unet_cond")
     assert _sizes(spec) == DIFFUSERS_REACHED, spec.table()
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="stream A (32) meets groups of 4 (its own GroupNorms), of 8 (cat(32, A) under "
-                          "GroupNorm(8, 64)) and of 12 (cat(64, A) under GroupNorm(8, 96)): no product "
-                          "layout; the algebra keeps the 12-groups in place, each with its own instance of "
-                          "their channels, but a class per 4-block needs a group index that both the 8- and "
-                          "the 12-layout name, which the extraction does not derive (it names items only "
-                          "going down a weight's structure: going up is unsound where a variable stands at "
-                          "several places), so blocks 2..7 share one permutation of 4 (5 classes short); "
-                          "and the swap of groups 6 and 7, which maps blocks 2, 3 onto 6, 7 and 4 onto 5 "
-                          "(layouts 8 + 4 and 4 + 8), moves no group position for position (1 class of 2 "
-                          "short; the spec format could state it, as a class with two members per axis)")
+                   reason="stream A (32) meets groups of 8 (cat(32, A) under GroupNorm(8, 64)) and of 12 "
+                          "(cat(64, A) under GroupNorm(8, 96)); the swap of groups 6 and 7, which maps "
+                          "blocks 2, 3 onto 6, 7 and 4 onto 5 (layouts 8 + 4 and 4 + 8), moves no group "
+                          "position for position: the algebra pins the 12-groups where the layouts overlap "
+                          "(AxisAlgebra._groups_across), and a class for it needs two members per axis with "
+                          "different layouts (1 class of 2 short; the spec format could state it)")
 def test_diffusers_unet_reaches_hand_count(specs):
     spec = specs("diffusers_unet_cond")
     assert _sizes(spec) == _add(DIFFUSERS_INSIDE, DIFFUSERS_STREAMS), spec.table()

@@ -48,6 +48,8 @@ class AxisAlgebra:
         self.vars: list[_Var] = []
         self.families: list[_Family] = []
         self.reached: set = set()  # (root, reached as itself) while a spec is extracted
+        self._distributed: set = set()  # families whose inner product the instances took
+        self._derived: dict = {}  # family of a factor -> the family whose inner product it is in
         self._index: tuple | None = None  # (families and instances by inner, holders)
 
     # ----------------------------------------------------------------- basics
@@ -226,11 +228,11 @@ class AxisAlgebra:
         Complexity: O(families x (tensor axes + structure)) per round; nothing without families.
         """
         while self.families:
-            if self._merge_twins():
+            if self._merge_twins() or self._distribute():
                 continue
             held = [set().union(*(self.tree(v) for v in axes)) for axes in tensor_axes if axes]
-            mixed = [(self.combined(v), set().union(*(self._plain_tree(w, set()) for w in others)))
-                     for v, others in mixing]
+            mixed = [(self.combined(v, groups=False),
+                      set().union(*(self._plain_tree(w, set()) for w in others))) for v, others in mixing]
             bad = [f for f in self.families if not self._family_holds(f, held, mixed)]
             if not bad:
                 return
@@ -267,6 +269,37 @@ class AxisAlgebra:
                             self.union(inst, inst2, f.reason)
             self.propagate_pins()
         return bool(twins)
+
+    def _distribute(self) -> bool:
+        """A family's inner variable that gained structure after its instances were made (a
+        GroupNorm of smaller groups read after the concatenation: a product; groups of another
+        width cutting every group alike: a sum) lends that layout to every instance, with fresh
+        factors or pieces, and each of them becomes a family's inner variable with an instance per
+        span (a factor ``k`` under the product of the outer variable and the factors before it, a
+        piece under the outer variable). True when anything changed.
+
+        A constraint on the inner variable holds for every group (one a single group meets goes
+        through its instance), so each instance takes it; the new families are checked as any.
+        """
+        changed = False
+        for f in list(self.families):
+            inner = self.vars[self.find(f.inner)]
+            if inner.kind is None or f in self._distributed:
+                continue
+            self._distributed.add(f)
+            kids, prod = inner.children, inner.kind == "prod"
+            parts = {inst: [self.new(self.size(c)) for c in kids] for _, _, inst in f.spans}
+            for inst, fresh in parts.items():
+                self.union(inst, self.prod(fresh) if prod else self.sum(fresh), f.reason)
+            for k, c in enumerate(kids):
+                above = math.prod(self.size(x) for x in kids[:k]) if prod else 1
+                outer = self.prod([f.outer, *kids[:k]]) if prod and k else f.outer
+                spans = tuple((lo * above, hi * above, parts[inst][k]) for lo, hi, inst in f.spans)
+                self.families.append(_Family(c, outer, spans, f.reason))
+                self._derived[self.families[-1]] = f
+            changed = True
+        self._index = None
+        return changed
 
     def stand_in(self, factors, k: int, index: int, path) -> int:
         """The variable to read for ``factors[k]`` of a product at item ``index`` of the product of
@@ -315,9 +348,12 @@ class AxisAlgebra:
 
     def strays(self, reached, bases: dict) -> set:
         """The families of ``bases`` made unsound by weight axes reaching the roots ``reached``
-        (inner variables where no instance stood for them, or roots inside an inner variable)."""
+        (inner variables where no instance stood for them, or roots inside an inner variable, but a
+        factor of it that a family made by :meth:`_distribute` resolved to a group's instance: where
+        it could not, it is reached as itself too)."""
+        derived = {(parent, self.find(f.inner)) for f, parent in self._derived.items() if f in self.families}
         return {f for r, direct in reached for f in bases.get(r, ())
-                if direct or self.find(f.inner) != r}
+                if direct or (self.find(f.inner) != r and (f, r) not in derived)}
 
     def dissolve(self, families) -> None:
         """One permutation for all groups of each of ``families``: unify the inner variable with every
@@ -340,14 +376,16 @@ class AxisAlgebra:
         """Root of a family's inner variable -> its groups' instances."""
         return self._indexed()[1]
 
-    def combined(self, v: int) -> set:
+    def combined(self, v: int, groups: bool = True) -> set:
         """Roots whose items an op combining items of ``v`` combines: ``v``'s :meth:`tree` and
         every sum or product holding any of them, to the top (two items of a factor lie in two
-        items of the product)."""
+        items of the product). Without ``groups``, an instance is held by its family's inner
+        variable only: combining one group's channels combines no two groups."""
         out = self.tree(v)
         stack = list(out)
         while stack:
-            for parent in self.holders(stack.pop()):
+            r = stack.pop()
+            for parent in self.holders(r) if groups else self._indexed()[3].get(r, []):
                 if parent not in out:
                     out.add(parent)
                     stack.append(parent)
@@ -370,17 +408,19 @@ class AxisAlgebra:
 
     def _indexed(self) -> tuple:
         if self._index is None:
-            fams, insts, encl = {}, {}, {}
+            fams, insts, encl, plain = {}, {}, {}, {}
             for f in self.families:
                 fams.setdefault(self.find(f.inner), []).append(f)
                 insts.setdefault(self.find(f.inner), []).extend(inst for _, _, inst in f.spans)
                 for _, _, inst in f.spans:
                     encl.setdefault(self.find(inst), []).extend([self.find(f.inner), self.find(f.outer)])
+                    plain.setdefault(self.find(inst), []).append(self.find(f.inner))
             for i, v in enumerate(self.vars):
                 if v.parent == i and v.kind is not None:
                     for c in v.children:
                         encl.setdefault(self.find(c), []).append(i)
-            self._index = fams, insts, encl
+                        plain.setdefault(self.find(c), []).append(i)
+            self._index = fams, insts, encl, plain
         return self._index
 
     def _family_holds(self, f: _Family, held: list, mixed: list) -> bool:

@@ -494,10 +494,15 @@ def _tree_roots(alg, v, out: set) -> set:
 
 
 def _decompose(alg, v, i, out: list) -> list:
-    """(root, index) pairs of ``v`` and of every factor/piece inside it, for item ``i`` of ``v``."""
+    """(root, index) pairs of ``v`` and of every factor/piece inside it, for item ``i`` of ``v``
+    (where ``v`` is a family's inner variable whose group ``out`` names, its instance's too)."""
     r = alg.find(v)
     var = alg.vars[r]
     out.append((r, i))
+    w = alg.find(alg.resolve(r, out))
+    if w != r:
+        _decompose(alg, w, i, out)
+        return out
     if var.kind == "prod":
         sizes = [alg.size(c) for c in var.children]
         for k in range(len(sizes)):
@@ -589,10 +594,13 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
         roots = {o for o, n in seen.items() if n == 1} | across  # a place in two items of o is neither
         nest[r] = nest[r] & roots if r in nest else roots
         cross.setdefault(r, set()).update(across)
+    cells = _cell_names(alg, nest, occurrences)
     candidates = {r for r, n in nest.items() if n}
-    if not candidates:
+    if not candidates and not cells:
         return nest, {}
-    _narrow(cx, {name: _held(alg, axes) for name, axes in cx.axes.items()}, nest, cross)
+    holds = {name: _held(alg, axes) for name, axes in cx.axes.items()}
+    _nest_in_cells(cx, nest, cells, holds)
+    _narrow(cx, holds, nest, cross)
     _one_outer_axis(nest, candidates_of, occurrences)
     return nest, candidates_of
 
@@ -676,6 +684,62 @@ def _order_reaches(cx: _Context, holds: dict, weights: dict, order: int, rows) -
     nest = {r: set(leaves)}
     _narrow(cx, holds, nest, {r: set(leaves)})
     return None if nest[r] == leaves else "is read across rows"
+
+
+def _cell_names(alg, nest: dict, occurrences: list) -> dict:
+    """Leaf -> the roots that name its items' cells, where no root names them all.
+
+    A leaf shared by groups that two layouts cut differently (a run of 4-blocks inside groups of
+    12 of one GroupNorm and blocks of 8 of another) is named on each path by the finest variable
+    above it (a cell: blocks 2, 3 of one 8-block, block 4 alone, ...), and no root is on every
+    path. The cells are the last ``(root, item)`` named on each path. They qualify when every path
+    names exactly one of them, once; none lies inside another (one place is never named by a cell
+    and by a coarser variable holding it); and every weight axis holding the leaf names each cell
+    at exactly one place, the same cells on every axis (a variable standing at several places, a
+    part shared by two groups, names none: two axes would then disagree on which group a cell
+    item is)."""
+    places: dict[int, dict] = {}  # leaf -> (tensor, axis) -> names in order
+    paths: dict[int, list] = {}
+    for r, tensor, axis, _, _, path in occurrences:
+        if not nest.get(r):
+            places.setdefault(r, {}).setdefault((tensor, axis), []).append(path[-1] if path else None)
+            paths.setdefault(r, []).append(path)
+    out = {}
+    for r, axes in places.items():
+        named = [tuple(v) for v in axes.values()]
+        if None in named[0] or any(len(set(v)) != len(v) or set(v) != set(named[0]) for v in named):
+            continue
+        names = {h for h, _ in named[0]}
+        if len(set(named[0])) < 2 or any(h in alg.tree(g) for g in names for h in names if h != g):
+            continue
+        if all(sum(o in names for o, _ in set(path)) == 1 for path in paths[r]):
+            out[r] = names
+    return out
+
+
+def _nest_in_cells(cx: _Context, nest: dict, cells: dict, holds: dict) -> None:
+    """Nest each leaf of ``cells`` under its cells (one permutation per cell item) where sound: every
+    tensor holding the leaf holds cells at least as often, and no op that keeps the leaf combines
+    items of any cell (nor of anything holding one: :meth:`AxisAlgebra.combined`)."""
+    alg = cx.alg
+    for count in holds.values():
+        for r in [r for r in cells if count.get(r)]:
+            if sum(count.get(h, 0) for h in cells[r]) < count[r]:
+                del cells[r]
+    for v, y in cx.mixing:
+        if not cells:
+            return
+        held: set = set()
+        for w in cx.axes.get(y, ()):
+            if alg.find(w) != alg.find(v):
+                _tree_roots(alg, w, held)
+        mixed = None
+        for r in [r for r in cells if r in held]:
+            mixed = alg.combined(v) if mixed is None else mixed
+            if cells[r] & mixed:
+                del cells[r]
+    for r, names in cells.items():
+        nest[r] = set(names)
 
 
 def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> None:
