@@ -425,6 +425,15 @@ def export(name: str) -> Path:
     return path
 
 
+def export_script(model, inputs, path) -> None:
+    """``model`` exported to ``path`` by the TorchScript exporter (opset 17, no constant folding),
+    as the small hand-built models of the tests are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=17, do_constant_folding=False,
+                          input_names=["input"], output_names=["output"])
+
+
 def export_fresh_bert_dynamo(path) -> tuple:
     """A freshly initialized BERT (zero biases, unit LayerNorm weights: equal initializers) exported
     to ``path`` by the dynamo exporter with its optimizer, which merges equal initializers into

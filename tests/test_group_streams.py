@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import tempfile
-import warnings
 
 import numpy as np
 import onnx
@@ -22,6 +21,7 @@ import torch.nn as nn
 
 import rebasin
 from rebasin.execute import make_inputs, run_model
+from tests.corpus import export_script
 from tests.test_torch_frontend import assert_sound
 
 
@@ -205,12 +205,9 @@ def test_torch_frontend_reaches_hand_count(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_onnx_frontend_reaches_hand_count(case):
     model, x = _build(case)
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = f"{d}/m.onnx"
-        torch.onnx.export(model, x, path, dynamo=False, opset_version=17, do_constant_folding=False,
-                          input_names=["input"], output_names=["output"])
-        m = onnx.load(path)
+    with tempfile.TemporaryDirectory() as d:
+        export_script(model, x, f"{d}/m.onnx")
+        m = onnx.load(f"{d}/m.onnx")
     spec = rebasin.infer_spec(m)
     assert _sizes(spec) == (CASES[case][2] or CASES[case][1]), spec.table()
     for seed in (0, 1, 2):
@@ -367,12 +364,17 @@ FOUND = {
 
 
 def _sound_program(widths, plan, seed):
+    return _sound_built(Program, (widths, plan), (2, 3, 3, 3), seed)
+
+
+def _sound_built(cls, args, shape, seed):
+    """``cls(*args)`` with random values (seed), its spec on an input of ``shape``, checked sound."""
     torch.manual_seed(seed)
-    model = Program(widths, plan).eval()
+    model = cls(*args).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape) * 0.5)
-    x = (torch.randn(2, 3, 3, 3),)
+    x = (torch.randn(*shape),)
     spec = rebasin.infer_spec(model, x)
     assert_sound(model, x, spec, seeds=(0, 1, 2))
     return spec
@@ -438,15 +440,7 @@ LAYOUTS_FOUND = {
 
 
 def _sound_layouts(width, plan, seed):
-    torch.manual_seed(seed)
-    model = Layouts(width, plan).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape) * 0.5)
-    x = (torch.randn(2, 3, 4, 4),)
-    spec = rebasin.infer_spec(model, x)
-    assert_sound(model, x, spec, seeds=(0, 1, 2))
-    return spec
+    return _sound_built(Layouts, (width, plan), (2, 3, 4, 4), seed)
 
 
 @pytest.mark.parametrize("case", sorted(LAYOUTS_FOUND))

@@ -352,16 +352,22 @@ def test_weight_matching_undoes_a_permutation_of_every_expert():
 def mixtral_batched_mm():
     """The corpus Mixtral with transformers' ``batched_mm`` experts, its inputs, and its dynamo
     export (cached under ``REBASIN_CACHE``)."""
-    import transformers
-
     from tests.corpus import build
 
-    model, inputs = build("mixtral")
+    return batched_mm_export("mixtral", *build("mixtral"))
+
+
+def batched_mm_export(name, model, inputs):
+    """``(model, inputs, path)``: a transformers model switched to ``batched_mm`` experts (expert
+    weights picked by index: the dynamo exporter writes them as GatherND) and its dynamo export,
+    cached under ``REBASIN_CACHE`` by ``name`` and the torch / transformers versions."""
+    import transformers
+
     for m in model.modules():
         if hasattr(m, "config"):
             m.config._experts_implementation = "batched_mm"
     tag = f"{torch.__version__}-{transformers.__version__}".replace("+", "_")
-    path = CACHE / f"mixtral-batched_mm-dynamo-{tag}.onnx"
+    path = CACHE / f"{name}-batched_mm-dynamo-{tag}.onnx"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

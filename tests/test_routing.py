@@ -7,22 +7,16 @@ frontends, hand counts, random permutations of every class."""
 
 from __future__ import annotations
 
-import math
-import sys
 import tempfile
 import warnings
-from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import rebasin
-from rebasin.execute import make_inputs, run_model
-from tests.corpus import randomize_bn
+from tests.corpus import export_script, randomize_bn
 from tests.test_torch_frontend import assert_sound
 
 
@@ -95,31 +89,16 @@ class TwoPicks(_Experts):
         return self.mixed(h, torch.zeros_like(s).scatter(1, torch.cat([first, second], -1), w))
 
 
-def _log_size(spec):
-    return sum(math.lgamma(c.size + 1) for c in spec.classes)
-
-
-def _experts_classes(spec):
-    return sorted(c.size for c in spec.classes if any(m.tensor == "router.weight" and m.axis == 0
-                                                      for m in c.members))
-
-
 def _onnx_spec_sound(model, x):
     """The TorchScript exporter's ONNX (TopK sorted=0, ScatterElements, GatherElements, ArgMax):
     its spec, checked with random permutations on onnxruntime."""
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    from tests.test_pick_onnx import _assert_onnx_sound
+
+    with tempfile.TemporaryDirectory() as d:
         path = f"{d}/m.onnx"
-        torch.onnx.export(model, x, path, dynamo=False, opset_version=17, do_constant_folding=False,
-                          input_names=["input"], output_names=["output"])
-        m = onnx.load(path)
-    spec = rebasin.infer_spec(m)
-    for seed in (0, 1):
-        res = rebasin.verify(m, rebasin.apply_permutation(m, spec, spec.random_permutations(seed)),
-                             seeds=(0, 1))
-        assert res.equal, res
-    a, b = (run_model(m, make_inputs(m, seed=s)) for s in (0, 1))
-    assert any(not np.allclose(a[k], b[k]) for k in a)
+        export_script(model, x, path)
+        spec = rebasin.infer_spec(path)
+        _assert_onnx_sound(path, spec, seeds=(0, 1))
     return spec
 
 
@@ -162,9 +141,6 @@ def test_unsorted_order_reason_names_the_reader():
     assert "unsorted top-k" in why and "the order along k" in why, why
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
 @pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3", "phimoe"])
 def test_hf_routers_free_experts(family):
     """Hugging Face families with these routers (tiny random configs of benchmarks/moe_survey.py):
@@ -201,30 +177,13 @@ def test_dead_ops_constrain_nothing():
 
 
 def _batched_mm_export(family):
-    """A survey family with transformers' ``batched_mm`` experts (weights picked by expert index:
-    the dynamo exporter writes them as GatherND), and its dynamo export, cached as the corpus's."""
-    import os
-
-    import transformers
-
+    """A survey family with transformers' ``batched_mm`` experts and its dynamo export (cached)."""
     from benchmarks.moe_survey import build
-    from tests.corpus import CACHE
+    from tests.test_pick_onnx import batched_mm_export
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, inputs = build(family)
-        for m in model.modules():
-            if hasattr(m, "config"):
-                m.config._experts_implementation = "batched_mm"
-        tag = f"{torch.__version__}-{transformers.__version__}".replace("+", "_")
-        path = CACHE / f"{family}-batched_mm-dynamo-{tag}.onnx"
-        if not path.exists():
-            CACHE.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.onnx.export(model, inputs, str(tmp), dynamo=True, opset_version=18, verbose=False,
-                              external_data=False, input_names=["input"], output_names=["output"])
-            os.replace(tmp, path)
-    return model, inputs, str(path)
+        return batched_mm_export(family, *build(family))
 
 
 @pytest.mark.parametrize("family", ["glm4_moe", "phimoe"])
