@@ -603,7 +603,8 @@ def _joins_choices(cx, node) -> bool:
 
 def choice_axes(cx, idx):
     """The selected-axis variables of the choice ops whose indices ``idx`` holds (through views,
-    exact casts and concatenations), or None when some of its values come from elsewhere. A rule
+    exact casts and concatenations of choices among as many items), or None when some of its
+    values come from elsewhere. A rule
     that reads ``idx`` to choose ties the chosen axis to all of them; each choice op pins its own
     axis when its indices are also used otherwise (:func:`select_only`), so the tie is sound."""
     p = cx.producer(idx)
@@ -612,9 +613,10 @@ def choice_axes(cx, idx):
     chosen = _chosen(cx, p)
     if chosen is not None:
         return [chosen[1]] if chosen[0] == idx else None
-    if p.op_type == "Concat":
+    if p.op_type == "Concat":  # choices among items of one width (else no reader chooses by all)
         parts = [choice_axes(cx, x) for x in p.input if x]
-        return None if any(a is None for a in parts) else [v for a in parts for v in a]
+        axes = None if any(a is None for a in parts) else [v for a in parts for v in a]
+        return axes if axes and len({cx.alg.size(v) for v in axes}) == 1 else None
     if _index_view(cx, p, p.input[0] if p.input else ""):
         return choice_axes(cx, p.input[0])
     return None
