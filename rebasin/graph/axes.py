@@ -231,7 +231,7 @@ class AxisAlgebra:
             if self._merge_twins() or self._distribute():
                 continue
             held = [set().union(*(self.tree(v) for v in axes)) for axes in tensor_axes if axes]
-            mixed = [(self.combined(v, groups=False),
+            mixed = [(self.combined(v),
                       set().union(*(self._plain_tree(w, set()) for w in others))) for v, others in mixing]
             bad = [f for f in self.families if not self._family_holds(f, held, mixed)]
             if not bad:
@@ -376,16 +376,14 @@ class AxisAlgebra:
         """Root of a family's inner variable -> its groups' instances."""
         return self._indexed()[1]
 
-    def combined(self, v: int, groups: bool = True) -> set:
+    def combined(self, v: int) -> set:
         """Roots whose items an op combining items of ``v`` combines: ``v``'s :meth:`tree` and
         every sum or product holding any of them, to the top (two items of a factor lie in two
-        items of the product). Without ``groups``, an instance is held by its family's inner
-        variable only: combining one group's channels combines no two groups."""
+        items of the product; an instance is held by its family's inner and outer variables)."""
         out = self.tree(v)
         stack = list(out)
         while stack:
-            r = stack.pop()
-            for parent in self.holders(r) if groups else self._indexed()[3].get(r, []):
+            for parent in self.holders(stack.pop()):
                 if parent not in out:
                     out.add(parent)
                     stack.append(parent)
@@ -408,19 +406,17 @@ class AxisAlgebra:
 
     def _indexed(self) -> tuple:
         if self._index is None:
-            fams, insts, encl, plain = {}, {}, {}, {}
+            fams, insts, encl = {}, {}, {}
             for f in self.families:
                 fams.setdefault(self.find(f.inner), []).append(f)
                 insts.setdefault(self.find(f.inner), []).extend(inst for _, _, inst in f.spans)
                 for _, _, inst in f.spans:
                     encl.setdefault(self.find(inst), []).extend([self.find(f.inner), self.find(f.outer)])
-                    plain.setdefault(self.find(inst), []).append(self.find(f.inner))
             for i, v in enumerate(self.vars):
                 if v.parent == i and v.kind is not None:
                     for c in v.children:
                         encl.setdefault(self.find(c), []).append(i)
-                        plain.setdefault(self.find(c), []).append(i)
-            self._index = fams, insts, encl, plain
+            self._index = fams, insts, encl
         return self._index
 
     def _family_holds(self, f: _Family, held: list, mixed: list) -> bool:
