@@ -37,6 +37,7 @@ from rebasin.graph.sort_dispatch import (
     _Reject,
     _row_wise,
     _shape,
+    _swap,
     rewritten,
 )
 
@@ -141,11 +142,7 @@ def _lift(graph, plan, env) -> set:
     lifted, made = set(), set()
     for u in [n for n in graph.nodes if n in region]:
         if u in picks:
-            with graph.inserting_before(u):
-                wide = graph.call_function(aten.unsqueeze.default, (u.args[0], 1))
-            _meta(wide)
-            u.replace_all_uses_with(wide)
-            graph.erase_node(u)
+            wide = _swap(graph, u, aten.unsqueeze.default, (u.args[0], 1))
             lifted.add(wide)
             made.add(wide.name)
             continue

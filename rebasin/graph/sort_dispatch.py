@@ -708,11 +708,7 @@ def _lift(graph, plan, env, labels) -> set:
             p = _args(u)
             x, w = (p["self"], p["mat2"]) if "self" in p else (p["input"], p["weight"])
             width = _shape(w)[0]
-            with graph.inserting_before(u):
-                out = graph.call_function(aten.bmm.default if x in lifted else aten.matmul.default, (x, w))
-            _meta(out)
-            u.replace_all_uses_with(out)
-            graph.erase_node(u)
+            out = _swap(graph, u, aten.bmm.default if x in lifted else aten.matmul.default, (x, w))
             lifted.add(out)
             made.add(out.name)
             continue
@@ -785,6 +781,16 @@ def _lift_node(graph, u, width: int, made: set) -> None:
     u.args = tuple(p[a.name] for a in schema if not a.kwarg_only)
     u.kwargs = {a.name: p[a.name] for a in schema if a.kwarg_only}
     _meta(u)
+
+
+def _swap(graph, u, target, args):
+    """Replace ``u`` by ``target(*args)``, inserted where ``u`` was, its value recomputed; the new node."""
+    with graph.inserting_before(u):
+        out = graph.call_function(target, args)
+    _meta(out)
+    u.replace_all_uses_with(out)
+    graph.erase_node(u)
+    return out
 
 
 def _meta(u) -> None:
