@@ -450,3 +450,33 @@ def export_fresh_bert_dynamo(path) -> tuple:
         torch.onnx.export(module, (ids,), str(path), dynamo=True, opset_version=18, optimize=True,
                           verbose=False, input_names=["input"], output_names=["output"])
     return module, ids
+
+
+def shuffled_nodes(model, seed: int):
+    """A copy of ONNX ``model`` with its nodes in another topological order (random, seeded): the
+    same graph as a tool that re-sorts nodes would write it."""
+    import random
+
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = list(out.graph.node)
+    made = {y: i for i, n in enumerate(nodes) for y in n.output if y}
+    needs = [{made[x] for x in n.input if x in made} for n in nodes]
+    users: dict[int, list[int]] = {}
+    for i, ns in enumerate(needs):
+        for j in ns:
+            users.setdefault(j, []).append(i)
+    rng, left = random.Random(seed), [len(ns) for ns in needs]
+    ready, order = [i for i, n in enumerate(left) if n == 0], []
+    while ready:
+        i = ready.pop(rng.randrange(len(ready)))
+        order.append(i)
+        for u in users.get(i, ()):
+            left[u] -= 1
+            if left[u] == 0:
+                ready.append(u)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes[i] for i in order)
+    return out

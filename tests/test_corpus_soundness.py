@@ -58,3 +58,24 @@ def test_resnet18_has_twelve_classes():
     assert sorted(set(sizes)) == [64, 128, 256, 512]
     assert sizes.count(64) == 3 and sizes.count(128) == 3
     assert sizes.count(256) == 3 and sizes.count(512) == 3
+
+
+def _classes(spec):
+    """Classes as a multiset of (size, members): names aside, what a spec says."""
+    import collections
+
+    return collections.Counter((c.size, frozenset(c.members)) for c in spec.classes)
+
+
+@pytest.mark.parametrize("name", [n for n in corpus.FAST if n not in corpus.TORCH_ONLY])
+def test_node_order_does_not_change_the_spec(name):
+    """A tool that re-sorts the nodes (any topological order is the same graph) gets the same
+    classes, member for member, and the same blocked axes."""
+    import onnx
+
+    model = onnx.load(str(corpus.export(name)))
+    base = rebasin.infer_spec(model)
+    for seed in (0, 1):
+        spec = rebasin.infer_spec(corpus.shuffled_nodes(model, seed))
+        assert _classes(spec) == _classes(base), f"{name} seed {seed}:\n{spec.table()}\n{base.table()}"
+        assert {(b.tensor, b.axis) for b in spec.blocked} == {(b.tensor, b.axis) for b in base.blocked}

@@ -116,6 +116,20 @@ class GroupsShareScale(nn.Module):
         return self.out(torch.nn.functional.silu(self.gn(c))) + self.out_z(torch.tanh(z))
 
 
+class TwoLayoutsRepeating(nn.Module):
+    """One stream of 24 under GroupNorm(6, 24) (groups of 4) and GroupNorm(4, 24) (groups of 6):
+    both layouts repeat every 12 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.n1, self.n2 = _conv(3, 24), nn.GroupNorm(6, 24), nn.GroupNorm(4, 24)
+        self.o1, self.o2 = _conv(24, 3), _conv(24, 3)
+
+    def forward(self, x):
+        a, f = self.a(x), torch.tanh
+        return self.o1(f(self.n1(a))) + self.o2(f(self.n2(a)))
+
+
 class ThreeLayouts(nn.Module):
     """The diffusers UNet's first stream (A, 32): its own GroupNorm(8, 32) (blocks of 4), cat(Q 64,
     A) under GroupNorm(8, 96) (groups of 12: A holds 8 channels of group 5, then groups 6 and 7)
@@ -153,6 +167,9 @@ CASES = {
     # 6-blocks (a class with two members per axis, its items laid out differently in each: the
     # algebra pins groups whose layouts differ).
     "overlapping_groups": (OverlappingGroups, {4: 2, 2: 2 + 1 + 1, 6: 2}, {4: 2, 2: 2 + 1, 6: 2}),
+    # two periods of 12, each cut like S above: the periods swap (2), each cell's channels (2 x (2
+    # x 4, 2 x 2)) and each period's swap of its 6-blocks (2). The analysis misses the last two.
+    "two_layouts_repeating": (TwoLayoutsRepeating, {4: 4, 2: 1 + 4 + 2}, {4: 4, 2: 1 + 4}),
     # D and B share one channel permutation (8): the sum over groups meets D's channel j and B's
     "groups_summed": (GroupsSummed, {8: 1}, None),
     # D, B and the scale share one channel permutation (8)

@@ -199,7 +199,22 @@ class AxisAlgebra:
         product). The one with fewer outer items stays in place (pinned), each of its groups taking
         its own instance of the inner variable (a family, see :meth:`settle`); those groups are
         then concatenated pieces meeting the other product (:meth:`_groups_in_pieces`).
+
+        Both layouts repeat every ``lcm`` of the two group widths: where the axis holds ``k > 1``
+        such periods, it is first ``prod(k, period)`` (the periods move as wholes, which keeps every
+        group of both layouts whole) and only the period meets both layouts.
         """
+        wa, wb = root_inner(self, ca), root_inner(self, cb)
+        period = math.lcm(wa, wb)
+        if period < root.size:
+            k, qa, qb, cell = self.new(root.size // period), self.new(period // wa), self.new(period // wb), \
+                self.new(period)
+            root.kind, root.children = "prod", (k, cell)
+            self.union(ca[0], self.prod([k, qa]), reason)
+            self.union(cb[0], self.prod([k, qb]), reason)
+            self.union(cell, self.prod([qa, *ca[1:]]), reason)
+            self.union(cell, self.prod([qb, *cb[1:]]), reason)
+            return
         fixed, other = (cb, ca) if self.size(cb[0]) <= self.size(ca[0]) else (ca, cb)
         outer, inner = fixed[0], fixed[1] if len(fixed) == 2 else self.prod(list(fixed[1:]))
         width = self.size(inner)
