@@ -493,3 +493,39 @@ def test_in_place_writes_through_views_stay_sound(case, tracer):
     assert_sound(model, x, spec)
     if case == "slice_scaled" and tracer == "fx":
         assert sorted(c.size for c in spec.classes) == [4, 4], spec.table()
+
+
+class _Blur(nn.Module):
+    """conv -> a fixed 3x3 blur per channel (a non-persistent buffer, depthwise) -> relu -> conv:
+    anti-aliased downsampling as TResNet writes it. ``same``: one filter repeated for every
+    channel; else each channel has its own filter."""
+
+    def __init__(self, same: bool):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 2, 1)
+        filt = torch.tensor([1.0, 2.0, 1.0])
+        filt = (filt[:, None] * filt[None, :]) / 16
+        filt = filt.expand(6, 1, 3, 3) if same else filt * torch.arange(1.0, 7.0).view(6, 1, 1, 1)
+        self.register_buffer("filt", filt.contiguous(), persistent=False)
+
+    def forward(self, x):
+        h = F.conv2d(self.a(x), self.filt, stride=2, padding=1, groups=6)
+        return self.b(torch.relu(h))
+
+
+@pytest.mark.parametrize("tracer", ["export", "fx"])
+def test_fixed_buffer_constant_across_channels_ties_nothing(tracer):
+    """A non-persistent buffer equal along an axis (one blur filter for every channel) is
+    unchanged by any permutation of that axis: the channels stay a class (6), as on the ONNX path,
+    where the exporter makes the buffer a weight that moves with them. A filter per channel fixes
+    them (the buffer is not permuted: nothing may move them)."""
+    torch.manual_seed(0)
+    x = (torch.randn(2, 3, 8, 8),)
+    for same, sizes in ((True, [6]), (False, [])):
+        model = _Blur(same).eval()
+        spec = rebasin.infer_spec(model, x, tracer=tracer)
+        assert sorted(c.size for c in spec.classes) == sizes, spec.table()
+        if sizes:
+            assert_sound(model, x, spec)
+        else:
+            assert any("filt" in b.reason for b in spec.blocked), spec.table()

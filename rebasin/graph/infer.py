@@ -405,7 +405,8 @@ _UNIFORM_MAX = 1 << 24  # elements: larger weights are not scanned (they are nev
 def _uniform_axes(g: Graph) -> dict[str, set[int]]:
     """Constant tensors that are equal along some axis, and those axes.
 
-    Non-weight constants (masks, fill values) and float literals of ``Constant`` nodes (program
+    Non-weight constants (masks, fill values, a module's non-persistent float buffers: a blur
+    filter repeated for every channel) and float literals of ``Constant`` nodes (program
     text, e.g. the unit scale an exporter gives a LayerNormalization without affine parameters;
     no model source exposes them as parameters) qualify whatever their uses; values computed by
     a node (the shape-discovery run's small integer results) never do, as they may depend on the
@@ -429,7 +430,7 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
         (computed if node.op_type != "Constant" else literals).update(node.output)
     fixed = literals | set(g.constants)
     out = {}
-    for name, arr in [*g.values.items(), *g.weights.items()]:
+    for name, arr in [*g.values.items(), *g.weights.items(), *g.constant_values.items()]:
         if name in computed or name in g.shape_only:  # unknown values are never uniform
             continue
         if name in g.weights and uses.get(name, 0) < 2 and name not in fixed:

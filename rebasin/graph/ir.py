@@ -46,6 +46,9 @@ class Graph:
     frontend: str = "onnx"
     capturable: list = field(default_factory=list)  # intermediate tensors a run can return
     shape_only: set = field(default_factory=set)  # weights whose values are unknown (zero stand-ins)
+    # values of fixed float tensors that are not weights (non-persistent buffers, traced constants),
+    # read only to find the axes along which they are constant
+    constant_values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def attr(node, name: str, default=None):

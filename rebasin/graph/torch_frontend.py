@@ -1428,7 +1428,7 @@ def lower(tr: Traced, model) -> Graph:
         names[ph] = first.setdefault(ident, key)
     taken = set(names.values())
     b = _Builder(names)
-    weights, values, constants, shape_only = {}, {}, set(), set()
+    weights, values, constants, shape_only, fixed = {}, {}, set(), set(), {}
     for ph, key in {**tr.param_names, **tr.constant_names}.items():
         t = tr.tensors.get(ph)
         if not isinstance(t, torch.Tensor) or names[ph] != key:
@@ -1440,6 +1440,8 @@ def lower(tr: Traced, model) -> Graph:
                 shape_only.add(key)
         elif t.is_floating_point() or is_shape_only(t) or t.numel() > 64:
             constants.add(key)  # a shape-only index tensor has no values to read: pinned
+            if t.is_floating_point() and not is_shape_only(t):
+                fixed[key] = _weight_array(t)
         else:
             values[key] = t.detach().cpu().numpy()
     outputs: list[str] = []
@@ -1496,7 +1498,8 @@ def lower(tr: Traced, model) -> Graph:
         except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
             del e
             _unknown(b, n)
-    _fill_per_reader(b, set(outputs), _written_in_place(graph, names))
+    written = _written_in_place(graph, names) | {names[p] for p in tr.mutations.values() if p in names}
+    _fill_per_reader(b, set(outputs), written)
     aliases = _aliases(model, set(weights))
     for key, others in tied.items():
         aliases[key] = list(dict.fromkeys(aliases.get(key, []) + others))
@@ -1508,7 +1511,8 @@ def lower(tr: Traced, model) -> Graph:
         frontend += " (" + ", ".join(f"{k}={v!r}" for k, v in tr.call_kwargs.items()) + ")"
     return Graph(tr, to_networkx(b.nodes), b.nodes, b.shapes, {**values, **b.values}, weights, inputs,
                  outputs, constants=constants, aliases=aliases, frontend=frontend,
-                 capturable=capturable, shape_only=shape_only)
+                 capturable=capturable, shape_only=shape_only,
+                 constant_values={k: v for k, v in fixed.items() if k not in written})
 
 
 def _written_in_place(graph, names: dict) -> set:
