@@ -529,3 +529,50 @@ def test_fixed_buffer_constant_across_channels_ties_nothing(tracer):
             assert_sound(model, x, spec)
         else:
             assert any("filt" in b.reason for b in spec.blocked), spec.table()
+
+
+class _ReadAt(nn.Module):
+    """h = Linear(3, 6)(x), read whole by one head and at fixed positions (``h[:, index]``, an
+    index tensor traced into the graph) by another."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+        width = 1 if isinstance(index, int) else len(index)
+        self.a, self.whole, self.part = nn.Linear(3, 6), nn.Linear(6, 2), nn.Linear(width, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        part = h[:, self.index]
+        return self.whole(torch.tanh(h)) + self.part(torch.relu(part.reshape(x.shape[0], -1)))
+
+
+# index -> classes ({size: count}): the pieces between the ends of the runs read
+READ_AT = {
+    (4, 5, 0): {3: 1, 2: 1},  # runs 4:6 and 0:1: pieces 0:1, 1:4, 4:6
+    (2, 3, 2, 3): {2: 3},  # one run read twice: 0:2, 2:4 (both copies move with it), 4:6
+    (3, 2, 1): {2: 1},  # items read in descending order stay; 4:6 moves
+    4: {4: 1},  # one item: 0:4 moves, 4 and 5 stay
+}
+
+
+@pytest.mark.parametrize("index", list(READ_AT), ids=str)
+def test_gather_at_fixed_positions_reads_pieces(index, tmp_path):
+    """Gather at fixed indices is a concatenation of the runs it reads (Falcon's ``qkv[..., [-2]]``);
+    both frontends find the pieces, and every class permuted at random keeps the outputs."""
+    import onnx
+
+    from tests.corpus import export_script
+
+    torch.manual_seed(0)
+    idx = list(index) if isinstance(index, tuple) else index
+    model, x = _ReadAt(idx).eval(), (torch.randn(4, 3),)
+    export_script(model, x, tmp_path / "m.onnx")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    for spec in (rebasin.infer_spec(model, x), rebasin.infer_spec(m)):
+        assert dict(collections.Counter(c.size for c in spec.classes)) == READ_AT[index], spec.table()
+    assert_sound(model, x, rebasin.infer_spec(model, x))
+    spec = rebasin.infer_spec(m)
+    for seed in (0, 1):
+        res = rebasin.verify(m, rebasin.apply_permutation(m, spec, spec.random_permutations(seed)))
+        assert res.equal, res

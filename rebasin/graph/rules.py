@@ -458,21 +458,54 @@ def slice_(cx, node):
 def gather(cx, node):
     """Axes before and after the indexed axis carry to the output; the index tensor's axes carry to the
     output's. Indices of choice ops (TopK, ArgMax) that only choose (see ``TopK``) pick items that
-    move with the scores: the indexed axis is the scores' selected axis.
+    move with the scores: the indexed axis is the scores' selected axis. Fixed indices (at most one
+    axis of them) read runs of consecutive items: ``x[..., [4, 5, 0]]`` is a concatenation of the
+    pieces ``4:6`` and ``0:1`` of the indexed axis (Falcon's ``qkv[..., [-2]]``).
 
-    Pins: the indexed axis of the data (positions), unless picked by such top-k indices.
+    The axis is cut where any run starts or ends; the output axis is those pieces in index order
+    (a piece read twice is twice in it); a single index reads one fixed item.
+
+    Pins: the indexed axis of the data (positions), unless picked by such top-k indices or fixed;
+    an item read out of order (a descending run) stays in place.
     """
     data, idx, y = node.input[0], node.input[1], node.output[0]
     rank = len(cx.shape(data))
     axis = _norm(int(cx.attr("axis", 0)), rank)
     da, ia, ya = cx.ax(data), cx.ax(idx), cx.ax(y)
-    _choose(cx, idx, da[axis], "indexed by Gather")
+    value = fixed_value(cx, idx)
+    fixed = value is not None and np.ndim(value) <= 1 and not choice_axes(cx, idx)
+    if fixed:
+        _runs_read(cx, da[axis], ya[axis] if ia else None, np.ravel(value))
+    else:
+        _choose(cx, idx, da[axis], "indexed by Gather")
     for k in range(axis):
         cx.tie(da[k], ya[k])
     for k, v in enumerate(ia):
-        cx.tie(v, ya[axis + k])
+        if not fixed:
+            cx.tie(v, ya[axis + k])
     for k in range(axis + 1, rank):
         cx.tie(da[k], ya[k - 1 + len(ia)])
+
+
+def _runs_read(cx, axis, out, idx) -> None:
+    """``axis`` read at the fixed positions ``idx`` into ``out`` (None: one position, no axis):
+    both become sums of the pieces between the runs' ends (see ``Gather``)."""
+    alg = cx.alg
+    n = alg.size(axis)
+    pos = [int(i) + n if int(i) < 0 else int(i) for i in idx]
+    if any(not 0 <= i < n for i in pos):
+        cx.pin(axis, "Gather index out of range")
+        return
+    runs, start = [], 0
+    for k in range(1, len(pos) + 1):
+        if k == len(pos) or pos[k] != pos[k - 1] + 1:
+            runs.append((pos[start], pos[k - 1] + 1))
+            start = k
+    cuts = sorted({0, n, *(s for s, _ in runs), *(e for _, e in runs)})
+    piece = {a: alg.new(b - a) for a, b in zip(cuts, cuts[1:])}
+    cx.tie(axis, alg.sum(list(piece.values())))
+    if out is not None:
+        cx.tie(out, alg.sum([piece[a] for s, e in runs for a in cuts if s <= a < e]))
 
 
 # ops that pass index values through unchanged (the first input; the others are parameters)
@@ -488,14 +521,26 @@ def _index_view(cx, node, x) -> bool:
 
 
 def _fixed(cx, name) -> bool:
-    """Whether ``name`` holds the same values for every input: an initializer, a ``Constant``, or a
-    ``Range`` of such."""
+    """Whether ``name`` holds the same values for every input: an initializer, a ``Constant``, a
+    ``Range`` of such, or a view or exact cast of one (:func:`fixed_value`)."""
+    return fixed_value(cx, name) is not None
+
+
+def fixed_value(cx, name):
+    """The values of ``name`` where they are the same for every input (see :func:`_fixed`), else
+    None. A view or exact cast passes the values of its input on (a traced ``torch.tensor([-2])``
+    is a constant read through ``lift_fresh``)."""
+    if name in cx.g.inputs:
+        return None
     p = cx.producer(name)
-    if name in cx.g.inputs or cx.value(name) is None:
-        return False
     if p is None or p.op_type == "Constant":
-        return True
-    return p.op_type == "Range" and all(_fixed(cx, x) for x in p.input)
+        return cx.value(name)
+    if p.op_type == "Range":
+        return cx.value(name) if all(_fixed(cx, x) for x in p.input) else None
+    if p.input and _index_view(cx, p, p.input[0]) and cx.g.shapes.get(name) is not None:
+        v = fixed_value(cx, p.input[0])
+        return None if v is None else np.reshape(v, cx.g.shapes[name])
+    return None
 
 
 def _arange_axis(cx, node, via):

@@ -452,9 +452,9 @@ _UNARY = {
     "log1p": "Log", "log2": "Log", "atan": "Atan", "sinh": "Sinh", "cosh": "Cosh", "asin": "Asin",
     "acos": "Acos", "erfc": "Erf", "sgn": "Sign", "trunc": "Floor", "frac": "Floor",
     "nan_to_num": "Identity", "clone": "Identity", "contiguous": "Identity", "alias": "Identity",
-    "detach": "Identity", "lift_fresh_copy": "Identity", "_to_copy": "Cast", "to": "Cast",
-    "type_as": "Cast", "dropout": "Identity", "feature_dropout": "Identity", "alpha_dropout": "Identity",
-    "positive": "Identity", "fill": "Identity", "zero": "Identity",
+    "detach": "Identity", "lift_fresh_copy": "Identity", "lift_fresh": "Identity", "_to_copy": "Cast",
+    "to": "Cast", "type_as": "Cast", "dropout": "Identity", "feature_dropout": "Identity",
+    "alpha_dropout": "Identity", "positive": "Identity", "fill": "Identity", "zero": "Identity",
 }
 _DTYPE_ONLY = {"type_as", "to", "_to_copy"}  # their other tensor arguments only give a dtype
 
