@@ -85,12 +85,19 @@ def _session(model: onnx.ModelProto, extra_outputs=()):
 
 
 def _gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """Integer inputs used as Gather indices get ids below the gathered axis length."""
+    """Integer inputs used as Gather indices get ids below the gathered axis length (of a table
+    read from an initializer, directly or through a shape-keeping op: a quantized table's
+    ``DequantizeLinear``, a ``Cast``)."""
     inits = {t.name: t for t in model.graph.initializer}
+    made = {n.output[0]: n for n in model.graph.node if n.output and n.input
+            and n.op_type in ("DequantizeLinear", "Cast", "Identity")}
     bounds: dict[str, int] = {}
     for n in model.graph.node:
-        if n.op_type == "Gather" and len(n.input) > 1 and n.input[0] in inits:
-            dims = inits[n.input[0]].dims
+        table = n.input[0] if n.op_type == "Gather" and len(n.input) > 1 else None
+        while table in made:
+            table = made[table].input[0]
+        if table in inits:
+            dims = inits[table].dims
             axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
             if -len(dims) <= axis < len(dims):  # else onnxruntime refuses the model itself
                 bounds[n.input[1]] = min(bounds.get(n.input[1], 1 << 30), dims[axis])

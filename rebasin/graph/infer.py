@@ -412,7 +412,8 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
     a node (the shape-discovery run's small integer results) never do, as they may depend on the
     input, nor do weights whose values are not known (a model on the meta device: its zero
     stand-ins say nothing about the real weights). A weight (an initializer, a ``state_dict``
-    entry) qualifies only when several ops read it (exporters merge equal initializers, e.g.
+    entry, an integer-encoded weight or zero point of a quantized op) qualifies only when several
+    ops read it (exporters merge equal initializers, e.g.
     every all-zero bias of a freshly initialized model becomes one tensor): a weight read once
     is better left a member of its class, so the spec stays valid for models whose values
     differ.
@@ -429,11 +430,12 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
                 uses[x] = uses.get(x, 0) + 1
         (computed if node.op_type != "Constant" else literals).update(node.output)
     fixed = literals | set(g.constants)
+    packed = {n.input[i] for _, n in g.nodes for i in PACKED_INPUTS.get(rule_key(n), ()) if i < len(n.input)}
     out = {}
     for name, arr in [*g.values.items(), *g.weights.items(), *g.constant_values.items()]:
         if name in computed or name in g.shape_only:  # unknown values are never uniform
             continue
-        if name in g.weights and uses.get(name, 0) < 2 and name not in fixed:
+        if (name in g.weights or name in packed) and uses.get(name, 0) < 2 and name not in fixed:
             continue
         try:
             a = np.asarray(arr)

@@ -1626,6 +1626,248 @@ def ms_matmul_nbits(cx, node):
     _ties_last(cx, [_opt(node, 5)], rows)
 
 
+# --------------------------------------------------------------------------- quantized graphs
+
+PACKED_INPUTS.update({"DequantizeLinear": (0, 2), "QuantizeLinear": (2,), "MatMulInteger": (0, 1, 2, 3),
+                      "ConvInteger": (1, 3), "QLinearMatMul": (0, 2, 3, 5, 7), "QLinearConv": (3, 5, 8),
+                      MS + "QGemm": (3, 5, 6), MS + "QLinearAdd": (0, 2, 3, 5),
+                      MS + "QLinearMul": (0, 2, 3, 5)})
+
+
+def _pack(cx, node):
+    """The integer initializers at ``node``'s ``PACKED_INPUTS`` positions are weights (spec
+    members: quantized weights, zero points, int32 biases), not pinned constants."""
+    for i in PACKED_INPUTS[node.op_type if node.domain in ("", "ai.onnx") else MS + node.op_type]:
+        t = _opt(node, i)
+        if t and cx.producer(t) is None:
+            cx.packed_weight(t)
+
+
+def _reading(node, inputs):
+    """``node`` as a node reading ``inputs`` (an integer op as the float op whose rule it shares)."""
+    from rebasin.graph.ir import Node
+
+    return Node(node.op_type, list(inputs), list(node.output), {}, node.domain)
+
+
+def _per_tensor(cx, names) -> bool:
+    """Whether every present tensor of ``names`` holds one value (a scalar or ``[1]``)."""
+    return all(int(np.prod(cx.shape(t))) == 1 for t in names if t)
+
+
+def _rows(cx, p, x, row: int) -> bool:
+    """Tie quantization parameter ``p`` of matmul operand ``x`` to the operand's axis ``row`` (-2:
+    A's rows, -1: B's columns): ``p`` is per tensor, 1-D along that axis, or of ``x``'s rank with
+    size 1 at the other matrix axis. False (nothing tied) for any other shape."""
+    if not p or _per_tensor(cx, [p]):
+        return True
+    sh, xs = cx.shape(p), cx.shape(x)
+    if len(sh) == 1 and sh[0] == xs[row]:
+        cx.tie(cx.ax(p)[0], cx.ax(x)[row])
+        return True
+    other = -1 if row == -2 else -2
+    if len(sh) != len(xs) or sh[other] != 1:
+        return False
+    for k, (n, v) in enumerate(zip(sh, cx.ax(p))):
+        if k != len(sh) + other and n == xs[k]:
+            cx.tie(v, cx.ax(x)[k])
+        elif k != len(sh) + other and n != 1:
+            return False
+    return True
+
+
+@rule("QuantizeLinear", "DequantizeLinear")
+def quantize_linear(cx, node):
+    """Element-wise ``saturate(round(x / scale) + zero_point)`` (Quantize) or ``(x - zero_point) *
+    scale`` (Dequantize), the scale and zero point per tensor (one value: ties nothing), per axis
+    (1-D along ``axis``: they move with its items) or per block (``block_size``: each run of that
+    many items along ``axis`` shares one, so the axis is blocks x block items, and blocks move with
+    their parameters). Integer weights and zero points read from initializers are spec members.
+
+    Pins: an axis that is not a whole number of blocks, or parameters of any other shape (the
+    node is blocked).
+    """
+    x, y = node.input[0], node.output[0]
+    _pack(cx, node)
+    tie_all(cx, x, y)
+    shape, xa = cx.shape(x), cx.ax(x)
+    axis, block = _norm(int(cx.attr("axis", 1)), max(len(shape), 1)), int(cx.attr("block_size", 0))
+    for p in (node.input[1], _opt(node, 2)):
+        if not p or _per_tensor(cx, [p]):
+            continue
+        sh, pa = cx.shape(p), cx.ax(p)
+        if block == 0 and len(sh) == 1 and sh[0] == shape[axis]:
+            cx.tie(pa[0], xa[axis])
+        elif block > 0 and len(sh) == len(shape) and sh[axis] * block == shape[axis] and \
+                all(n == shape[k] for k, n in enumerate(sh) if k != axis):
+            for k, v in enumerate(pa):
+                if k != axis:
+                    cx.tie(v, xa[k])
+            cx.tie(xa[axis], cx.alg.prod([pa[axis], cx.alg.new(block)]))
+        else:
+            cx.block(node, f"quantization parameter {p} of shape {tuple(sh)} for an input of shape "
+                           f"{tuple(shape)} (axis {axis}, block_size {block})")
+            return
+
+
+@rule("DynamicQuantizeLinear")
+def dynamic_quantize_linear(cx, node):
+    """Element-wise ``saturate(round(x / scale) + zero_point)``, the scale and zero point (scalar
+    outputs) computed from the minimum and maximum of all of ``x``, which no permutation of its
+    items changes.
+
+    Pins: nothing.
+    """
+    tie_all(cx, node.input[0], node.output[0])
+
+
+@rule("MatMulInteger", "QLinearMatMul")
+def matmul_integer(cx, node):
+    """``MatMul`` of integer operands less their zero points (rescaled, for QLinearMatMul): A's
+    zero point and scale per tensor or per row (``[M]``, ``[..., M, 1]``) move with A's rows, B's
+    per column (``[N]``, ``[..., 1, N]``) with B's columns; the output's (QLinearMatMul) are per
+    tensor. Integer initializers (weights, zero points) are spec members.
+
+    Pins: as ``MatMul``; parameters of any other shape block the node.
+    """
+    q = node.op_type == "QLinearMatMul"
+    a, b = (node.input[0], node.input[3]) if q else node.input[:2]
+    _pack(cx, node)
+    matmul(cx, _reading(node, [a, b]))
+    a_par = [node.input[1], node.input[2]] if q else [_opt(node, 2)]
+    b_par = [node.input[4], node.input[5]] if q else [_opt(node, 3)]
+    if not (all(_rows(cx, p, a, -2) for p in a_par) and all(_rows(cx, p, b, -1) for p in b_par)
+            and _per_tensor(cx, node.input[6:8] if q else [])):
+        cx.block(node, "quantization parameters that are neither per tensor, per row of A nor per "
+                       "column of B")
+
+
+@rule("ConvInteger", "QLinearConv")
+def conv_integer(cx, node):
+    """``Conv`` of integer input and weights less their zero points (rescaled, plus an int32 bias,
+    for QLinearConv): the input's and output's scale and zero point are per tensor, the weights'
+    per tensor or per output channel (``[M]``: they move with W's rows). Integer initializers
+    (weights, zero points, bias) are spec members.
+
+    Pins: as ``Conv``; parameters of any other shape block the node.
+    """
+    q = node.op_type == "QLinearConv"
+    x, w = (node.input[0], node.input[3]) if q else node.input[:2]
+    _pack(cx, node)
+    conv(cx, _reading(node, [x, w, _opt(node, 8)] if q else [x, w]))
+    scalars = [node.input[1], node.input[2], node.input[6], node.input[7]] if q else [_opt(node, 2)]
+    per_row = [node.input[4], node.input[5]] if q else [_opt(node, 3)]
+    rows = cx.shape(w)[0]
+    if not _per_tensor(cx, scalars) or any(p and not _per_tensor(cx, [p]) and cx.shape(p) != (rows,)
+                                           for p in per_row):
+        cx.block(node, "quantization parameters that are neither per tensor nor per output channel")
+        return
+    for p in per_row:
+        if p and not _per_tensor(cx, [p]):
+            cx.tie(cx.ax(p)[0], cx.ax(w)[0])
+
+
+@rule(MS + "QGemm")
+def ms_qgemm(cx, node):
+    """``Gemm`` of integer A and B less their zero points, rescaled (an int32 C added first): A's
+    scale and zero point and the output's are per tensor, B's per tensor or per column (``[N]``:
+    they move with the output's columns). Integer initializers (B, its zero points, C) are spec
+    members.
+
+    Pins: as ``Gemm``; parameters of any other shape block the node.
+    """
+    _pack(cx, node)
+    gemm(cx, _reading(node, [node.input[0], node.input[3], _opt(node, 6)]))
+    cols = cx.ax(node.output[0])[-1]
+    per_col = [node.input[4], node.input[5]]
+    n = cx.shape(node.output[0])[-1]
+    if not _per_tensor(cx, [node.input[1], node.input[2], _opt(node, 7), _opt(node, 8)]) or any(
+            p and not _per_tensor(cx, [p]) and cx.shape(p) != (n,) for p in per_col):
+        cx.block(node, "quantization parameters that are neither per tensor nor per column of B")
+        return
+    for p in per_col:
+        if p and not _per_tensor(cx, [p]):
+            cx.tie(cx.ax(p)[0], cols)
+
+
+def _requantized(cx, node, params) -> bool:
+    """Whether the scales and zero points at positions ``params`` of ``node`` are per tensor (the
+    quantized element-wise ops, pooling and concatenation of com.microsoft); else the node is
+    blocked."""
+    if _per_tensor(cx, [_opt(node, i) for i in params]):
+        return True
+    cx.block(node, "quantization parameters that are not per tensor")
+    return False
+
+
+@rule(MS + "QLinearAdd", MS + "QLinearMul")
+def ms_qlinear_binary(cx, node):
+    """``Add`` / ``Mul`` of two quantized tensors, requantized: numpy broadcasting, as the float op;
+    every scale and zero point per tensor. An operand read from an initializer (a quantized bias)
+    is a spec member with its zero point.
+
+    Pins: as broadcasting; parameters that are not per tensor block the node.
+    """
+    _pack(cx, node)
+    if _requantized(cx, node, (1, 2, 4, 5, 6, 7)):
+        broadcast(cx, [node.input[0], node.input[3]], node.output[0])
+
+
+@rule(MS + "QLinearSoftmax")
+def ms_qlinear_softmax(cx, node):
+    """``Softmax`` of a quantized tensor, requantized: element-wise along the axes it normalizes
+    (they mix), other axes carry through; scales and zero points per tensor.
+
+    Pins: parameters that are not per tensor block the node.
+    """
+    if _requantized(cx, node, (1, 2, 3, 4)):
+        softmax(cx, _reading(node, node.input[:1]))
+
+
+@rule(MS + "QLinearLeakyRelu", MS + "QLinearSigmoid")
+def ms_qlinear_unary(cx, node):
+    """An element-wise activation of a quantized tensor, requantized: every axis of the output is the
+    input's; scales and zero points per tensor.
+
+    Pins: parameters that are not per tensor block the node.
+    """
+    if _requantized(cx, node, (1, 2, 3, 4)):
+        tie_all(cx, node.input[0], node.output[0])
+
+
+@rule(MS + "QLinearGlobalAveragePool", MS + "QLinearAveragePool")
+def ms_qlinear_pool(cx, node):
+    """``GlobalAveragePool`` / ``AveragePool`` of a quantized tensor, requantized: batch and channel
+    axes carry to the output, the channels last where ``channels_last`` is set.
+
+    Pins: spatial axes of windowed pooling; parameters that are not per tensor block the node.
+    """
+    if not _requantized(cx, node, (1, 2, 3, 4)):
+        return
+    x, y = node.input[0], node.output[0]
+    xa, ya = cx.ax(x), cx.ax(y)
+    last = bool(cx.attr("channels_last", 0))
+    cx.tie(xa[0], ya[0])
+    cx.tie(xa[-1 if last else 1], ya[-1 if last else 1])
+    if node.op_type != "QLinearGlobalAveragePool":
+        spatial = xa[1:-1] + ya[1:-1] if last else xa[2:] + ya[2:]
+        for v in spatial:
+            cx.pin(v, "pooling window (spatial axes)")
+
+
+@rule(MS + "QLinearConcat")
+def ms_qlinear_concat(cx, node):
+    """``Concat`` of quantized tensors (inputs: the output's scale and zero point, then each input
+    with its own), requantized: the concatenated axis is the sum of the inputs'; scales and zero
+    points per tensor.
+
+    Pins: parameters that are not per tensor block the node.
+    """
+    params = [0, 1] + [i for i in range(2, len(node.input)) if (i - 2) % 3]
+    if _requantized(cx, node, params):
+        concat(cx, _reading(node, node.input[2::3]))
+
+
 # --------------------------------------------------------------------------- documentation
 
 
