@@ -87,7 +87,7 @@ def _session(model: onnx.ModelProto, extra_outputs=()):
 def _gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
     """Integer inputs used as Gather indices get ids below the gathered axis length (of a table
     read from an initializer, directly or through a shape-keeping op: a quantized table's
-    ``DequantizeLinear``, a ``Cast``)."""
+    ``DequantizeLinear``, a ``Cast``), also where they are reshaped or cast on the way."""
     inits = {t.name: t for t in model.graph.initializer}
     made = {n.output[0]: n for n in model.graph.node if n.output and n.input
             and n.op_type in ("DequantizeLinear", "Cast", "Identity")}
@@ -101,6 +101,11 @@ def _gather_index_bounds(model: onnx.ModelProto) -> dict[str, int]:
             axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
             if -len(dims) <= axis < len(dims):  # else onnxruntime refuses the model itself
                 bounds[n.input[1]] = min(bounds.get(n.input[1], 1 << 30), dims[axis])
+    views = [n for n in model.graph.node if n.op_type in ("Reshape", "Unsqueeze", "Squeeze", "Flatten",
+                                                          "Identity", "Cast") and n.input and n.output]
+    for n in reversed(views):  # ids reshaped or cast before the Gather: their source takes the bound
+        if n.output[0] in bounds:
+            bounds[n.input[0]] = min(bounds.get(n.input[0], 1 << 30), bounds[n.output[0]])
     return bounds
 
 

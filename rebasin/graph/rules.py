@@ -1626,6 +1626,81 @@ def ms_matmul_nbits(cx, node):
     _ties_last(cx, [_opt(node, 5)], rows)
 
 
+# --------------------------------------------------------------------------- session-optimized graphs
+# An onnxruntime session at the extended level fuses a Conv / Gemm with the element-wise activation
+# after it (and a Conv with an Add) and folds transposes into MatMul; saved, the graph holds them.
+
+_FUSED_ACTIVATIONS = {"", "Identity", "Relu", "LeakyRelu", "Tanh", "Sigmoid", "HardSigmoid", "Clip", "Elu",
+                      "Selu", "Softsign", "Softplus", "ThresholdedRelu", "ScaledTanh", "ParametricSoftplus"}
+_CONV_ATTRS = {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}
+
+
+def _fusion_understood(cx, node, attrs) -> bool:
+    """Whether every attribute of ``node`` is in ``attrs`` and its ``activation`` is an element-wise
+    function of one value; else the node is blocked, naming what is not understood."""
+    names = [a.name for a in node.attribute] if hasattr(node, "attribute") else list(node.attrs)
+    extra = sorted(n for n in names if n not in attrs)
+    act = cx.attr("activation", b"")
+    act = act.decode() if isinstance(act, bytes) else str(act)
+    if extra or act not in _FUSED_ACTIVATIONS:
+        cx.block(node, f"attribute {extra[0]!r} not understood" if extra else f"fused activation {act!r}")
+        return False
+    return True
+
+
+@rule(MS + "FusedConv")
+def ms_fused_conv(cx, node):
+    """``act(Conv(X, W, B) + Z)``: channels as in ``Conv``; Z (optional) has the output's axes; the
+    activation is element-wise.
+
+    Pins: as ``Conv``; an activation that is not an element-wise function of one value, or an
+    attribute outside Conv's and the activation's, blocks the node.
+    """
+    if _fusion_understood(cx, node, _CONV_ATTRS | {"activation", "activation_params"}):
+        conv(cx, _reading(node, node.input[:3]))
+        if _opt(node, 3):
+            tie_all(cx, node.input[3], node.output[0])
+
+
+@rule(MS + "FusedGemm")
+def ms_fused_gemm(cx, node):
+    """``act(Gemm(A, B, C))``: as ``Gemm``, the activation element-wise.
+
+    Pins: nothing; an activation that is not an element-wise function of one value, or an unknown
+    attribute, blocks the node.
+    """
+    known = {"alpha", "beta", "transA", "transB", "activation", "activation_alpha", "activation_beta",
+             "activation_gamma", "leaky_relu_alpha"}
+    if _fusion_understood(cx, node, known):
+        gemm(cx, node)
+
+
+@rule(MS + "FusedMatMul")
+def ms_fused_matmul(cx, node):
+    """``alpha * (A or A^T) @ (B or B^T)``, ``transA`` / ``transB`` swapping the last two axes:
+    as ``MatMul`` on the swapped axes.
+
+    Pins: batch axes broadcast from a size other than 1; batch transposes (``transBatchA`` /
+    ``transBatchB``), unknown attributes and operands of rank < 2 block the node.
+    """
+    if not _fusion_understood(cx, node, {"alpha", "transA", "transB", "transBatchA", "transBatchB"}):
+        return
+    a, b, y = node.input[0], node.input[1], node.output[0]
+    if cx.attr("transBatchA", 0) or cx.attr("transBatchB", 0) or min(len(cx.shape(a)), len(cx.shape(b))) < 2:
+        cx.block(node, "batch transposes or operands of rank < 2")
+        return
+    xa, xb, xy = list(cx.ax(a)), list(cx.ax(b)), cx.ax(y)
+    if cx.attr("transA", 0):
+        xa[-2:] = xa[:-3:-1]
+    if cx.attr("transB", 0):
+        xb[-2:] = xb[:-3:-1]
+    cx.mixes(xa[-1])
+    cx.tie(xa[-1], xb[-2])
+    cx.tie(xa[-2], xy[-2])
+    cx.tie(xb[-1], xy[-1])
+    _batch(cx, [(a, 2), (b, 2)], y, 2)
+
+
 # --------------------------------------------------------------------------- quantized graphs
 
 PACKED_INPUTS.update({"DequantizeLinear": (0, 2), "QuantizeLinear": (2,), "MatMulInteger": (0, 1, 2, 3),
