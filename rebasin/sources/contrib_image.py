@@ -70,14 +70,14 @@ def _nhwc_conv(node, rank):
 
 def _group_norm(node, dtype):
     """(Skip)GroupNorm, 4-D X: s = x (+ skip + bias); gamma * normalized(s per group) + beta; SiLU if
-    asked. channels_last (default 1): X is (N, H, W, C), else (N, C, H, W)."""
+    asked. channels_last (default 1): X is (N, H, W, C), else (N, C, H, W) (GroupNorm only)."""
     w = _Writer(node)
     last = int(_attr(node, "channels_last", 1)) == 1
     s = node.input[0]
     if node.op_type == "SkipGroupNorm":
         if len(node.input) > 4 and node.input[4]:
-            s = w.op("Add", [s, node.input[4] if last else _per_channel(w, node.input[4])])
-        s = w.op("Add", [s, _skip_4d(w, node.input[3], last)])
+            s = w.op("Add", [s, node.input[4]])
+        s = w.op("Add", [s, _skip_4d(w, node.input[3])])
         if len(node.output) > 1 and node.output[1]:
             w.op("Identity", [s], node.output[1])
     xc = _to_first(w, s, 4) if last else s
@@ -102,9 +102,9 @@ def _per_channel(w, p):
     return w.op("Reshape", [p, w.const(np.array([-1, 1, 1], dtype=np.int64))])
 
 
-def _skip_4d(w, skip, last):
+def _skip_4d(w, skip):
     """A skip of shape (N, H, W, C), (N, 1, 1, C) or (N, C) as a 4-D tensor: (N, C) becomes
-    (N, 1, 1, C) (channels first: (N, C, 1, 1)); the others keep their shape."""
+    (N, 1, 1, C); the others keep their shape."""
     sh = w.op("Shape", [skip])
     i64 = np.int64
     first, lastd = (w.op("Slice", [sh, w.const(np.array([a], i64)), w.const(np.array([b], i64))])
@@ -112,9 +112,7 @@ def _skip_4d(w, skip, last):
     mid = w.op("Slice", [sh, w.const(np.array([1], i64)), w.const(np.array([-1], i64))])
     pad = w.op("Slice", [w.const(np.array([1, 1], i64)), w.const(np.array([0], i64)),
                          w.op("Sub", [w.const(np.array([2], i64)), w.op("Shape", [mid])])])
-    if last:
-        return w.op("Reshape", [skip, w.op("Concat", [first, pad, mid, lastd], axis=0)])
-    return w.op("Reshape", [skip, w.op("Concat", [first, mid, lastd, pad], axis=0)])
+    return w.op("Reshape", [skip, w.op("Concat", [first, pad, mid, lastd], axis=0)])
 
 
 def _bias_split_gelu(node):
@@ -139,7 +137,25 @@ def _bias_add(node):
     return w
 
 
-LOWERED = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd")
+# the contrib ops written out, with the attributes the image understands
+LOWERED = {"NhwcConv": ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"),
+           "GroupNorm": ("activation", "channels_last", "epsilon", "groups"),
+           "SkipGroupNorm": ("activation", "channels_last", "epsilon", "groups"),
+           "BiasSplitGelu": (), "BiasAdd": ()}
+
+
+def _understood(node) -> bool:
+    """A LOWERED node whose attributes (names and values) the image computes as documented; any
+    other stays as it is (its run fails as before: no kernel)."""
+    if node.domain != MS or node.op_type not in LOWERED:
+        return False
+    if any(a.name not in LOWERED[node.op_type] for a in node.attribute):
+        return False
+    if "GroupNorm" in node.op_type:
+        last = _attr(node, "channels_last", 1)
+        return _attr(node, "activation", 0) in (0, 1) and last in (0, 1) and \
+            (node.op_type == "GroupNorm" or last == 1)
+    return True
 
 
 def lowerable(model: onnx.ModelProto) -> bool:
@@ -150,7 +166,7 @@ def lowerable(model: onnx.ModelProto) -> bool:
         >>> lowerable(helper.make_model(helper.make_graph([n], "g", [], [])))
         True
     """
-    return any(n.domain == MS and n.op_type in LOWERED for n in model.graph.node)
+    return any(_understood(n) for n in model.graph.node)
 
 
 def _replacement(node, ranks, dtype):
@@ -164,7 +180,8 @@ def _replacement(node, ranks, dtype):
 
 
 def cpu_image(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` with its :data:`LOWERED` contrib nodes written out in standard ops.
+    """A copy of ``model`` with its :data:`LOWERED` contrib nodes written out in standard ops
+    (those with attributes it does not understand stay as they are).
 
     float32 models only (half models run as their float32 image first). GroupNorm and SkipGroupNorm
     take 4-D inputs (as their CUDA kernels); NhwcConv's rank is its weight's (4 where the weight is
@@ -181,7 +198,7 @@ def cpu_image(model: onnx.ModelProto) -> onnx.ModelProto:
     ranks = {t.name: len(t.dims) for t in m.graph.initializer}
     nodes = []
     for node in m.graph.node:
-        if node.domain == MS and node.op_type in LOWERED:
+        if _understood(node):
             w = _replacement(node, ranks, np.float32)
             nodes.extend(w.nodes)
             m.graph.initializer.extend(w.inits)
