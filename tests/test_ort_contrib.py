@@ -204,7 +204,8 @@ def test_cpu_image_of_group_norms_matches_numpy(skip_shape):
     if skip_shape:
         op, names = "SkipGroupNorm", names + ["skip", "bias"]
         feeds["skip"] = skip = rng.standard_normal(skip_shape).astype("f")
-    inits = [onnx.numpy_helper.from_array(a, k) for k, a in zip(("gamma", "beta", "bias"), (gamma, beta, bias))]
+    params = {"gamma": gamma, "beta": beta, "bias": bias}
+    inits = [onnx.numpy_helper.from_array(a, k) for k, a in params.items()]
     outs = ["y", "s"] if skip_shape else ["y"]
     m = _graph([node(op, names, outs, MS, groups=3, activation=1, epsilon=1e-5)], feeds, outs, inits)
     got = run_model(cpu_image(m), feeds)
