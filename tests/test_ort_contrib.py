@@ -91,6 +91,7 @@ def test_skip_group_norm_ties_skip_bias_and_sum(skip_shape):
 
 @pytest.mark.parametrize("variant,why", [
     ("activation", "activation=2 not understood"),
+    ("layout", "channels_last=2 not understood"),
     ("unknown_attribute", "attribute 'alpha' not understood"),
     ("skip_channels_first", "channels_last=0 with a skip input"),
     ("conv_activation", "attribute 'activation' not understood"),
@@ -109,6 +110,8 @@ def test_what_a_rule_does_not_understand_blocks(variant, why, monkeypatch):
     gn, conv = m.graph.node[1], m.graph.node[2]
     if variant == "activation":
         next(a for a in gn.attribute if a.name == "activation").i = 2
+    elif variant == "layout":
+        gn.attribute.append(helper.make_attribute("channels_last", 2))
     elif variant == "unknown_attribute":
         gn.attribute.append(helper.make_attribute("alpha", 0.5))
     elif variant == "skip_channels_first":

@@ -1195,8 +1195,8 @@ def ms_group_norm(cx, node):
     groups x channels in a group as in GroupNormalization; gamma, beta, bias per channel; optional
     SiLU (activation=1); the optional sum output is s.
 
-    Pins: nothing; blocks on activation other than 0 / 1, a SkipGroupNorm with channels_last=0 (its
-    skip layout is undocumented), unknown attributes.
+    Pins: nothing; blocks on activation or channels_last other than 0 / 1, a SkipGroupNorm with
+    channels_last=0 (its skip layout is undocumented), unknown attributes.
     """
     if not _attrs_known(cx, node, ("activation", "channels_last", "epsilon", "groups")):
         return
@@ -1204,11 +1204,7 @@ def ms_group_norm(cx, node):
     x, y = node.input[0], node.output[0]
     xa, shape, groups = cx.ax(x), cx.shape(x), int(cx.attr("groups"))
     c = len(xa) - 1 if last else 1
-    why = (f"activation={cx.attr('activation', 0)} not understood" if cx.attr("activation", 0) not in (0, 1)
-           else "channels_last=0 with a skip input (layout undocumented)" if
-           node.op_type == "SkipGroupNorm" and not last
-           else "input not 4-D" if len(xa) != 4
-           else f"{shape[c]} channels not a multiple of groups={groups}" if shape[c] % groups else "")
+    why = _group_norm_refusal(cx, node, shape, c, groups)
     if why:
         cx.block(node, why)
         return
@@ -1217,16 +1213,28 @@ def ms_group_norm(cx, node):
         cx.mixes(v)
     grp, per = cx.alg.new(groups), cx.alg.new(shape[c] // groups)
     cx.tie(xa[c], cx.alg.prod([grp, per]))
-    params = [node.input[1], node.input[2], _opt(node, 4)]
-    for p in params:
-        if p and cx.shape(p) != (shape[c],):
-            cx.block(node, f"per-channel parameter {p} of shape {cx.shape(p)}")
-            return
-    _ties_last(cx, params, xa[c])
+    _ties_last(cx, [node.input[1], node.input[2], _opt(node, 4)], xa[c])
     if node.op_type == "SkipGroupNorm":
         _skip_4d(cx, node, node.input[3], xa, shape)
         if len(node.output) > 1 and node.output[1]:
             tie_all(cx, node.output[1], x)
+
+
+def _group_norm_refusal(cx, node, shape, c, groups) -> str:
+    """Why a (Skip)GroupNorm is not understood ("" where it is)."""
+    for name in ("activation", "channels_last"):
+        if cx.attr(name, 0) not in (0, 1):
+            return f"{name}={cx.attr(name)} not understood"
+    if node.op_type == "SkipGroupNorm" and cx.attr("channels_last", 1) == 0:
+        return "channels_last=0 with a skip input (layout undocumented)"
+    if len(shape) != 4:
+        return "input not 4-D"
+    if shape[c] % groups:
+        return f"{shape[c]} channels not a multiple of groups={groups}"
+    for p in (node.input[1], node.input[2], _opt(node, 4)):
+        if p and cx.shape(p) != (shape[c],):
+            return f"per-channel parameter {p} of shape {cx.shape(p)}"
+    return ""
 
 
 def _skip_4d(cx, node, skip, xa, shape):
