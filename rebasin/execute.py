@@ -49,7 +49,10 @@ def _session(model: onnx.ModelProto, extra_outputs=()):
     so.log_severity_level = 4  # errors come back as exceptions and one line of ours
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_cpu_mem_arena = False  # one run per session: an arena only holds memory longer
-    so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of MatMul weights
+    if not any(n.op_type == "NhwcConv" and n.domain == "com.microsoft" for n in model.graph.node):
+        # no second copy of MatMul weights; but onnxruntime's CUDA NhwcConv reads its weight
+        # channels-last only when it prepacks it (else as Conv's layout): keep its deployed meaning
+        so.add_session_config_entry("session.disable_prepacking", "1")
     graph = model.graph
     shell = without_initializers(model)
     g = shell.graph

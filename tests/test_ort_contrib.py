@@ -95,6 +95,7 @@ def test_skip_group_norm_ties_skip_bias_and_sum(skip_shape):
     ("unknown_attribute", "attribute 'alpha' not understood"),
     ("skip_channels_first", "channels_last=0 with a skip input"),
     ("conv_activation", "attribute 'activation' not understood"),
+    ("computed_weight", "weight w2c is not a constant initializer"),
     ("odd_split", "is not twice the output's")])
 def test_what_a_rule_does_not_understand_blocks(variant, why, monkeypatch):
     """Each variant blocks its node with a reason naming what it does not understand. The
@@ -120,6 +121,9 @@ def test_what_a_rule_does_not_understand_blocks(variant, why, monkeypatch):
         gn.attribute.append(helper.make_attribute("channels_last", 0))
     elif variant == "conv_activation":  # NhwcFusedConv's attribute on an NhwcConv
         conv.attribute.append(helper.make_attribute("activation", "Relu"))
+    elif variant == "computed_weight":  # the CUDA kernel reads a W it does not prepack channels-first
+        conv.input[1] = "w2c"
+        m.graph.node.insert(2, node("Identity", ["w2"], ["w2c"]))
     else:
         m = _split_gelu(odd=True)
     m.graph.value_info.extend(_static(m, variant == "odd_split"))  # shapes ONNX cannot infer
@@ -223,8 +227,9 @@ def test_cpu_image_of_nhwc_conv_matches_conv():
     rng = np.random.default_rng(2)
     x, w, b = (rng.standard_normal(s).astype("f") for s in ((2, 5, 6, 4), (6, 3, 2, 2), 6))
     attrs = dict(group=2, strides=[2, 1], pads=[1, 0, 1, 1])
-    got = run_model(_graph([node("NhwcConv", ["x", "w", "b"], ["y"], MS, **attrs)], {"x": x, "w": w, "b": b},
-                           ["y"]), {"x": x, "w": w, "b": b})["y"]
+    fused = _graph([node("NhwcConv", ["x", "w", "b"], ["y"], MS, **attrs)], {"x": x, "b": b}, ["y"],
+                   [onnx.numpy_helper.from_array(w, "w")])  # W constant: read channels-last
+    got = run_model(fused, {"x": x, "b": b})["y"]
     feeds = {"xc": x.transpose(0, 3, 1, 2), "wc": w.transpose(0, 3, 1, 2), "b": b}
     want = run_model(_graph([node("Conv", ["xc", "wc", "b"], ["y"], **attrs)], feeds, ["y"]), feeds)["y"]
     assert np.allclose(got, want.transpose(0, 2, 3, 1), atol=1e-5)

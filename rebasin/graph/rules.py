@@ -1173,11 +1173,16 @@ def ms_nhwc_conv(cx, node):
     """Conv in channels-last layout: x (N, D1 .. Dk, C), W (M, k1 .. kk, C / group), y (N, D1 .. Dk,
     M); channels tie as in Conv (per group).
 
-    Pins: spatial axes (the window); attributes other than Conv's block.
+    Pins: spatial axes (the window); attributes other than Conv's block, and so does a W that is
+    not a constant weight (onnxruntime's CUDA kernel reads W channels-last only when it prepacks a
+    constant initializer; any other W it reads as Conv's (M, C / group, k1 .. kk)).
     """
     if not _attrs_known(cx, node, ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")):
         return
     x, w, y = node.input[0], node.input[1], node.output[0]
+    if not _constant_weight(cx, w):
+        cx.block(node, f"weight {w} is not a constant initializer (its layout would be channels-first)")
+        return
     xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
     if not len(xa) == len(wa) == len(ya) >= 3:
         cx.block(node, "NhwcConv operands of unexpected ranks")
@@ -1186,6 +1191,12 @@ def ms_nhwc_conv(cx, node):
     for v in xa[1:-1] + wa[1:-1] + ya[1:-1]:
         cx.pin(v, "convolution window (spatial axes)")
     _conv_channels(cx, node, (xa[-1], wa[0], wa[-1], ya[-1]), cx.shape(w)[0], cx.shape(w)[-1])
+
+
+def _constant_weight(cx, name) -> bool:
+    """``name`` is a float initializer (or Constant) that a session cannot override as an input."""
+    graph_inputs = getattr(getattr(cx.g.model, "graph", None), "input", ())
+    return name in cx.g.weights and all(i.name != name for i in graph_inputs)
 
 
 @rule(MS + "GroupNorm", MS + "SkipGroupNorm")

@@ -144,13 +144,17 @@ LOWERED = {"NhwcConv": ("auto_pad", "dilations", "group", "kernel_shape", "pads"
            "BiasSplitGelu": (), "BiasAdd": ()}
 
 
-def _understood(node) -> bool:
+def _understood(node, constants) -> bool:
     """A LOWERED node whose attributes (names and values) the image computes as documented; any
-    other stays as it is (its run fails as before: no kernel)."""
+    other stays as it is (its run fails as before: no kernel). NhwcConv: a constant W only (the
+    CUDA kernel reads W channels-last when it prepacks a constant initializer, else
+    channels-first)."""
     if node.domain != MS or node.op_type not in LOWERED:
         return False
     if any(a.name not in LOWERED[node.op_type] for a in node.attribute):
         return False
+    if node.op_type == "NhwcConv":
+        return node.input[1] in constants
     if "GroupNorm" in node.op_type:
         last = _attr(node, "channels_last", 1)
         return _attr(node, "activation", 0) in (0, 1) and last in (0, 1) and \
@@ -166,7 +170,14 @@ def lowerable(model: onnx.ModelProto) -> bool:
         >>> lowerable(helper.make_model(helper.make_graph([n], "g", [], [])))
         True
     """
-    return any(_understood(n) for n in model.graph.node)
+    constants = _constants(model.graph)
+    return any(_understood(n, constants) for n in model.graph.node)
+
+
+def _constants(graph) -> set:
+    """Initializers a session cannot override (not graph inputs) and Constant outputs."""
+    names = {t.name for t in graph.initializer} - {i.name for i in graph.input}
+    return names | {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output}
 
 
 def _replacement(node, ranks, dtype):
@@ -184,8 +195,7 @@ def cpu_image(model: onnx.ModelProto) -> onnx.ModelProto:
     (those with attributes it does not understand stay as they are).
 
     float32 models only (half models run as their float32 image first). GroupNorm and SkipGroupNorm
-    take 4-D inputs (as their CUDA kernels); NhwcConv's rank is its weight's (4 where the weight is
-    computed).
+    take 4-D inputs (as their CUDA kernels); NhwcConv's rank is its weight's (4 for a Constant).
 
     Example:
         >>> n = helper.make_node("BiasAdd", ["x", "b", "s"], ["y"], domain="com.microsoft")
@@ -196,9 +206,12 @@ def cpu_image(model: onnx.ModelProto) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     ranks = {t.name: len(t.dims) for t in m.graph.initializer}
+    ranks.update({n.output[0]: len(a.t.dims) for n in m.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value"})
+    constants = _constants(m.graph)
     nodes = []
     for node in m.graph.node:
-        if _understood(node):
+        if _understood(node, constants):
             w = _replacement(node, ranks, np.float32)
             nodes.extend(w.nodes)
             m.graph.initializer.extend(w.inits)
