@@ -131,9 +131,9 @@ def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str
 
     A model with float16 / bfloat16 tensors runs as its float32 image (see
     :func:`rebasin.sources.onnx_checks.float32_image`), and its float inputs are widened to match.
-    Where onnxruntime has no kernel for a GPU-only contrib op (NhwcConv, GroupNorm, ... of an
-    optimized UNet), the model runs as its CPU image: those ops written out in standard ops
-    (:func:`rebasin.sources.contrib_image.cpu_image`).
+    Without CUDA, a model with contrib ops that only onnxruntime's CUDA kernels run (NhwcConv,
+    GroupNorm, packed-QKV MultiHeadAttention ... of an optimized UNet) runs as its CPU image:
+    those ops written out in standard ops (:func:`rebasin.sources.contrib_image.cpu_image`).
     """
     from rebasin.sources.contrib_image import cpu_image, lowerable
     from rebasin.sources.onnx_checks import float32_image, has_half
@@ -149,12 +149,9 @@ def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str
     from rebasin import limits
     from rebasin.errors import ResourceLimitError
 
-    try:
-        sess = _session(model, extra_outputs)
-    except UnsupportedOpError:
-        if not lowerable(model):
-            raise
-        sess = _session(cpu_image(model), extra_outputs)
+    if "CUDAExecutionProvider" not in providers() and lowerable(model):
+        model = cpu_image(model)
+    sess = _session(model, extra_outputs)
     names = [o.name for o in sess.get_outputs()]
     opts = ort.RunOptions()
     opts.log_severity_level = 4

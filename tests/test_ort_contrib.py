@@ -1,13 +1,14 @@
 """Rules for the contrib ops onnxruntime's optimizer fuses diffusion UNets into (com.microsoft
-NhwcConv, GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd), on tiny hand-built graphs with
-random values.
+NhwcConv, GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd, MultiHeadAttention on packed q/k/v),
+on tiny hand-built graphs with random values.
 
 onnxruntime runs these ops on CUDA only: on a CPU build the models run as their CPU image
-(rebasin.sources.contrib_image), the documented semantics in standard ops; the image is checked
-against reference computations in numpy here. Each rule: hand-counted classes, soundness under
-random permutations of every class, the output varying with the input; and an adversarial
-variant: an attribute the rule does not understand blocks (naming it), and a permutation along
-the wrong layout changes the output (so the soundness check has teeth).
+(rebasin.sources.contrib_image), the documented semantics in standard ops (packed attention: the
+CPU MultiHeadAttention on unpacked inputs); the image is checked against numpy here. Each rule:
+hand-counted classes, soundness under random permutations of every class, the output varying with
+the input; and an adversarial variant: an attribute the rule does not understand blocks (naming
+it), and a permutation along the wrong layout changes the output (so the soundness check has
+teeth).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from onnx import TensorProto, helper
 import rebasin
 from rebasin.execute import make_inputs, run_model
 from rebasin.sources.contrib_image import cpu_image
-from tests.test_fused_rules import MS, W, assert_sound, model, node, sizes
+from tests.test_fused_rules import MS, I, W, assert_sound, model, node, sizes
 
 
 def _conv_gn_conv(gn="GroupNorm", second_group=2, **gn_attrs):
@@ -247,3 +248,50 @@ def test_cpu_image_of_bias_split_gelu_and_bias_add():
     gelu = 0.5 * right * (1 + np.vectorize(lambda v: erf(v / sqrt(2)))(right))
     assert np.allclose(got["g"], hb[..., :4] * gelu, atol=1e-5)
     assert np.allclose(got["a"], hb + feeds["s"], atol=1e-6)
+
+
+def _packed_attention(kind):
+    """x (2, 3, 8) -> MatMul -> Reshape -> MultiHeadAttention (2 heads of 4) on packed q/k/v
+    (B, S, N, 3, H), or q (B, S, 8) and packed k/v (B, L, N, 2, H) from a context c (2, 5, 6)
+    -> MatMul wo -> y (2, 3, 3)."""
+    if kind == "qkv":
+        nodes = [node("MatMul", ["x", "w"], ["p"]), node("Reshape", ["p", "s5"], ["p5"]),
+                 node("MultiHeadAttention", ["p5"], ["a"], MS, num_heads=2)]
+        inits, extra = [W("w", 8, 24), I("s5", [2, 3, 2, 3, 4])], []
+    else:
+        nodes = [node("MatMul", ["x", "wq"], ["q"]), node("MatMul", ["c", "wkv"], ["p"]),
+                 node("Reshape", ["p", "s5"], ["p5"]),
+                 node("MultiHeadAttention", ["q", "p5"], ["a"], MS, num_heads=2)]
+        inits = [W("wq", 8, 8), W("wkv", 6, 16), I("s5", [2, 5, 2, 2, 4])]
+        extra = [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2, 5, 6])]
+    nodes.append(node("MatMul", ["a", "wo"], ["y"]))
+    return model(nodes, inits + [W("wo", 8, 3)], [2, 3, 8], [2, 3, 3], extra_inputs=extra)
+
+
+@pytest.mark.parametrize("kind", ["qkv", "kv"])
+def test_packed_multi_head_attention(kind):
+    """onnxruntime's CPU MultiHeadAttention refuses packed inputs: the image unpacks them. Heads
+    move; the head size is one axis of the packed tensor, shared by q, k and v: one class per head."""
+    m = _packed_attention(kind)
+    spec = assert_sound(m)
+    assert sizes(spec) == [2, 4, 4]
+    assert any(("wo", 0) in ms for ms in _members(spec))
+
+
+@pytest.mark.parametrize("kind", ["qkv", "kv"])
+def test_cpu_image_of_packed_attention_matches_numpy(kind):
+    m = _packed_attention(kind)
+    feeds = make_inputs(m, seed=3)
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    x = feeds["x"]
+    if kind == "qkv":
+        p5 = (x @ w["w"]).reshape(2, 3, 2, 3, 4)
+        q, k, v = (p5[:, :, :, j] for j in range(3))
+    else:
+        q = (x @ w["wq"]).reshape(2, 3, 2, 4)
+        p5 = (feeds["c"] @ w["wkv"]).reshape(2, 5, 2, 2, 4)
+        k, v = p5[:, :, :, 0], p5[:, :, :, 1]
+    scores = np.einsum("bsnh,blnh->bnsl", q, k) / 2.0  # sqrt(head size 4)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    a = np.einsum("bnsl,blnh->bsnh", p / p.sum(-1, keepdims=True), v).reshape(2, 3, 8)
+    assert np.allclose(run_model(m, feeds)["y"], a @ w["wo"], atol=1e-5)

@@ -1,12 +1,12 @@
 """onnxruntime contrib ops that have GPU kernels only, written out in standard ONNX ops.
 
 onnxruntime's transformer optimizer fuses diffusion UNets into ``com.microsoft`` ops (NhwcConv,
-GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd) that only its CUDA / ROCm builds run. On a CPU
-build, :func:`rebasin.execute.run_model` runs such a model as its *CPU image*: every such node
-replaced by the standard ops that compute its documented semantics (onnxruntime
-docs/ContribOperators.md), its output names kept, so shape discovery and verification see the
-same tensors. The image is only used where onnxruntime has no kernel: with CUDA the real kernels
-run.
+GroupNorm, SkipGroupNorm, BiasSplitGelu, BiasAdd, MultiHeadAttention on packed q/k/v) that only
+its CUDA / ROCm builds run. Without CUDA, :func:`rebasin.execute.run_model` runs such a model as
+its *CPU image*: every such node replaced by the standard ops that compute its documented
+semantics (onnxruntime docs/ContribOperators.md; packed attention by the CPU MultiHeadAttention on
+unpacked inputs), its output names kept, so shape discovery and verification see the same
+tensors. With CUDA the real kernels run.
 """
 
 from __future__ import annotations
@@ -131,6 +131,30 @@ def _bias_split_gelu(node):
     return w
 
 
+def _packed(node) -> str:
+    """The packing of a MultiHeadAttention's inputs: "qkv" where packed q, k, v (B, S, N, 3, H) is
+    its only input of the three, "kv" where packed k, v (B, L, N, 2, H) is its key (no value), else
+    "" (unpacked)."""
+    has = [bool(node.input[i]) if len(node.input) > i else False for i in range(3)]
+    return {(True, False, False): "qkv", (True, True, False): "kv"}.get(tuple(has), "")
+
+
+def _unpacked_mha(node):
+    """MultiHeadAttention on unpacked (B, S, N * H) q, k, v: slot j of the packed axis 3 is
+    q, k, v (k, v for packed kv), each reshaped to (B, S, N * H)."""
+    w = _Writer(node)
+    packed = node.input[0] if _packed(node) == "qkv" else node.input[1]
+    flat = w.const(np.array([0, 0, -1], np.int64))
+    slots = [w.op("Reshape", [w.op("Gather", [packed, w.const(np.array(j, np.int64))], axis=3), flat])
+             for j in range(3 if _packed(node) == "qkv" else 2)]
+    q = slots[0] if _packed(node) == "qkv" else node.input[0]
+    k, v = slots[-2:]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    w.nodes.append(helper.make_node("MultiHeadAttention", [q, k, v, *node.input[3:]], list(node.output),
+                                    name=w.name(), domain=MS, **attrs))
+    return w
+
+
 def _bias_add(node):
     w = _Writer(node)
     w.op("Add", [w.op("Add", [node.input[0], node.input[1]]), node.input[2]], node.output[0])
@@ -141,7 +165,9 @@ def _bias_add(node):
 LOWERED = {"NhwcConv": ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"),
            "GroupNorm": ("activation", "channels_last", "epsilon", "groups"),
            "SkipGroupNorm": ("activation", "channels_last", "epsilon", "groups"),
-           "BiasSplitGelu": (), "BiasAdd": ()}
+           "BiasSplitGelu": (), "BiasAdd": (),
+           # packed q/k/v only (the CPU kernel takes them unpacked); its attributes go to that kernel
+           "MultiHeadAttention": None}
 
 
 def _understood(node, constants) -> bool:
@@ -151,10 +177,13 @@ def _understood(node, constants) -> bool:
     channels-first)."""
     if node.domain != MS or node.op_type not in LOWERED:
         return False
-    if any(a.name not in LOWERED[node.op_type] for a in node.attribute):
+    known = LOWERED[node.op_type]
+    if known is not None and any(a.name not in known for a in node.attribute):
         return False
     if node.op_type == "NhwcConv":
         return node.input[1] in constants
+    if node.op_type == "MultiHeadAttention":
+        return bool(_packed(node))
     if "GroupNorm" in node.op_type:
         last = _attr(node, "channels_last", 1)
         return _attr(node, "activation", 0) in (0, 1) and last in (0, 1) and \
@@ -187,6 +216,8 @@ def _replacement(node, ranks, dtype):
         return _group_norm(node, dtype)
     if node.op_type == "BiasSplitGelu":
         return _bias_split_gelu(node)
+    if node.op_type == "MultiHeadAttention":
+        return _unpacked_mha(node)
     return _bias_add(node)
 
 
