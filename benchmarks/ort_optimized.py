@@ -22,7 +22,7 @@ CASES = [("bert", 0), ("bert", 1), ("bert", 2), ("gpt2", 0), ("gpt2", 1), ("gpt2
          ("bert_ts", 2), ("bert_classic", 1), ("bert_classic", 2), ("vit", 1), ("vit", 2), ("t5", 1),
          ("t5", 2), ("llama", 1), ("llama", 2), ("phi3", 2), ("unet", 0), ("unet", 1), ("unet", 2),
          ("unet_cond", 0), ("unet_cond", 1), ("unet_cond", 2), ("unet_cond_fp16", 2),
-         ("unet_cond_mha", 0)]
+         ("unet_nchw", 2), ("unet_cond_mha", 0)]
 
 
 def row(name, level):

@@ -150,16 +150,19 @@ SOURCES = {"bert": lambda: corpus.export("bert"), "gpt2": lambda: corpus.export(
            "phi3": lambda: corpus.export("phi3"), "unet": _dynamic_unet("diffusers_unet"),
            "unet_cond": _dynamic_unet("diffusers_unet_cond"),
            "unet_cond_fp16": _dynamic_unet("diffusers_unet_cond"),
-           "unet_cond_mha": _dynamic_unet("diffusers_unet_cond")}
+           "unet_cond_mha": _dynamic_unet("diffusers_unet_cond"),
+           "unet_nchw": _dynamic_unet("diffusers_unet")}
 # optimize_model's model_type (llama, phi3: "bert", "gpt2", "gpt_neox" and "qwen3" fuse the same ops,
 # "phi" fails on a dynamo export); UNets: the optimizer reads heads and width from the graph
 MODEL_TYPE = {"bert": "bert", "gpt2": "gpt2", "bert_ts": "bert", "bert_classic": "bert", "vit": "vit",
               "t5": "t5", "llama": "gpt2", "phi3": "gpt2", "unet": "unet", "unet_cond": "unet",
-              "unet_cond_fp16": "unet", "unet_cond_mha": "unet"}
+              "unet_cond_fp16": "unet", "unet_cond_mha": "unet", "unet_nchw": "unet"}
 FP16 = {"unet_cond_fp16"}  # optimized, then converted to float16 (inputs and outputs kept float32)
 # optimized with the UNet attention fusion's head detection patched (see _head_detection): the
 # corpus UNet's attention_head_dim=8 is its number of heads (diffusers' legacy name)
 HEADS = {"unet_cond_mha": 8}
+# optimization_options set for a case (GroupNorm in NCHW: channels_last=0, and no SkipGroupNorm)
+OPTIONS = {"unet_nchw": {"group_norm_channels_last": False}}
 
 
 @contextlib.contextmanager
@@ -193,14 +196,19 @@ def optimized(name: str, level: int):
     from onnxruntime.transformers.optimizer import optimize_model
 
     src = SOURCES[name]()
-    tag = "-fp16" if name in FP16 else "-mha" if name in HEADS else ""
+    tag = "-fp16" if name in FP16 else "-mha" if name in HEADS else "-nchw" if name in OPTIONS else ""
     path = src.with_name(f"{src.stem}-ortopt{level}{tag}.onnx")
     if not path.exists():
+        from onnxruntime.transformers.fusion_options import FusionOptions
+
         unet = MODEL_TYPE[name] == "unet"
         heads = HEADS.get(name, 0 if unet else 4)
+        options = FusionOptions(MODEL_TYPE[name])
+        for key, value in OPTIONS.get(name, {}).items():
+            setattr(options, key, value)
         with _head_detection(name):
             om = optimize_model(str(src), model_type=MODEL_TYPE[name], num_heads=heads,
-                                hidden_size=0 if unet else 32, opt_level=level)
+                                hidden_size=0 if unet else 32, opt_level=level, optimization_options=options)
         if name in FP16:
             om.convert_float_to_float16(keep_io_types=True)
         tmp = path.with_suffix(".tmp")
@@ -223,6 +231,7 @@ EXPECTED = {("bert_classic", 1): {"Attention"}, ("vit", 2): {"BiasGelu", "SkipLa
             ("t5", 2): {"SkipSimplifiedLayerNormalization"},
             ("llama", 2): {"QuickGelu", "SkipSimplifiedLayerNormalization"},
             ("unet", 1): {"NhwcConv", "GroupNorm", "SkipGroupNorm"},
+            ("unet_nchw", 2): {"NhwcConv", "GroupNorm"},
             ("unet_cond", 2): {"NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd",
                                "SkipLayerNormalization"}}
 SLOW_CASES = [("unet_cond", 2), ("unet_cond_fp16", 2)]
@@ -230,7 +239,7 @@ SLOW_CASES = [("unet_cond", 2), ("unet_cond_fp16", 2)]
 
 @pytest.mark.parametrize("name,level", [("bert", 1), ("bert", 2), ("gpt2", 2), ("bert_ts", 1),
                                         ("bert_ts", 2), ("bert_classic", 1), ("bert_classic", 2),
-                                        ("vit", 2), ("t5", 2), ("llama", 2), ("unet", 1)] +
+                                        ("vit", 2), ("t5", 2), ("llama", 2), ("unet", 1), ("unet_nchw", 2)] +
                          [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES])
 def test_optimized_graph_keeps_symmetry(name, level):
     """Optimized graphs keep the symmetry; UNets fused into GPU-only ops (NhwcConv, GroupNorm,
@@ -241,6 +250,10 @@ def test_optimized_graph_keeps_symmetry(name, level):
     fused = {n.op_type for n in m.graph.node if n.domain == "com.microsoft"}
     assert fused, "the optimizer fused nothing: the test would not exercise contrib ops"
     assert EXPECTED.get((name, level), set()) <= fused, fused
+    if name == "unet_nchw":  # the GroupNorm rule's channels-first layout, on a real graph
+        layouts = {a.i for n in m.graph.node if n.op_type == "GroupNorm" for a in n.attribute
+                   if a.name == "channels_last"}
+        assert layouts == {0}, layouts
     s0 = rebasin.infer_spec(str(src), feeds=_feeds(onnx.load(str(src)), 0))
     s1 = rebasin.infer_spec(m, feeds=_feeds(m, 0))
     ratio = s1.log_symmetry / s0.log_symmetry
