@@ -270,12 +270,28 @@ def _packed_attention(kind):
 
 @pytest.mark.parametrize("kind", ["qkv", "kv"])
 def test_packed_multi_head_attention(kind):
-    """onnxruntime's CPU MultiHeadAttention refuses packed inputs: the image unpacks them. Heads
-    move; the head size is one axis of the packed tensor, shared by q, k and v: one class per head."""
+    """onnxruntime's CPU MultiHeadAttention refuses packed inputs: the image unpacks them. As
+    unpacked: heads move, and per head the q/k head size (q and k slots together) and the v head
+    size (with wo's rows)."""
     m = _packed_attention(kind)
     spec = assert_sound(m)
-    assert sizes(spec) == [2, 4, 4]
-    assert any(("wo", 0) in ms for ms in _members(spec))
+    assert sizes(spec) == [2, 4, 4, 4, 4]
+    packed = "w" if kind == "qkv" else "wkv"
+    slot = [{mb.offset for mb in c.members if mb.tensor == packed} for c in spec.classes if c.size == 4]
+    assert ({0, 4} if kind == "qkv" else {0}) in slot  # head 0: q and k slots in one class
+
+
+def test_packed_slots_permuted_apart_change_the_output():
+    """The q and k slots of a head permuted differently change the output: q/k pairing is why
+    the rule keeps them in one class (Context.pairs), where per-slot nesting would split them."""
+    m = _packed_attention("qkv")
+    ident, sigma = np.arange(24), np.arange(24)
+    sigma[4:8] = [5, 6, 7, 4]  # head 0, k slot only
+    same = np.arange(24)
+    same[0:8] = [1, 2, 3, 0, 5, 6, 7, 4]  # head 0, q and k slots alike
+    assert _same(m, _permuted(m, {("w", 1): same}))
+    assert not _same(m, _permuted(m, {("w", 1): sigma}))
+    assert _same(m, _permuted(m, {("w", 1): ident}))
 
 
 @pytest.mark.parametrize("kind", ["qkv", "kv"])

@@ -1442,10 +1442,24 @@ def _qkv_3d(cx, name, heads):
     return _split_heads(cx, cx.ax(name)[2], heads)
 
 
+def _packed_slots(cx, axes, dqk):
+    """The head sizes of q / k / v packed on a (.., slot, head size) pair of axes, q and k (one
+    contraction index) as ``dqk``: the slot axis is pinned (q, k, v stay in their slots), and
+    (slot, head size) read as one axis is [dqk | dqk | dv] (packed k, v: [dqk | dv]), so the v
+    head size moves on its own. Returns dv."""
+    cx.pin(axes[3], "packed q/k/v slot")
+    dv = cx.alg.new(cx.alg.size(axes[4]))
+    pieces = [dqk] * (cx.alg.size(axes[3]) - 1) + [dv]
+    cx.tie(cx.alg.prod([axes[3], axes[4]]), cx.alg.sum(pieces))
+    cx.pairs(axes[3], dqk)  # the q slot meets the k slot
+    return dv
+
+
 @rule(MS + "MultiHeadAttention")
 def ms_multi_head_attention(cx, node):
-    """softmax(q k^T) v per head, with 3-D, 4-D (B, N, L, H) or packed q/k/v; packed bias = [q | k |
-    v]; caches follow heads and head sizes.
+    """softmax(q k^T) v per head, with 3-D, 4-D (B, N, L, H) or packed q/k/v (each slot's head size
+    its own: (slot, head size) is [q | k | v]); packed bias = [q | k | v]; caches follow heads and
+    head sizes.
 
     Pins: positions; packed q/k/v slot axes; mask inputs.
 
@@ -1458,10 +1472,10 @@ def ms_multi_head_attention(cx, node):
     qa, ya = cx.ax(q), cx.ax(y)
     cx.tie(qa[0], ya[0])
     _positions(cx, [q, y], [1, 1])
-    if len(qa) == 5:  # packed q, k, v
+    if len(qa) == 5:  # packed q, k, v: slot j of axis 3 holds q, k or v, each its own head size
         cx.tie(qa[2], heads)
-        cx.pin(qa[3], "packed q/k/v slot")
-        dq = dv = qa[4]
+        dq = cx.alg.new(cx.shape(q)[4])
+        dv = _packed_slots(cx, qa, dq)
     else:
         dq = _qkv_3d(cx, q, heads)
         dv = None
@@ -1470,9 +1484,7 @@ def ms_multi_head_attention(cx, node):
         cx.tie(ka[0], qa[0])
         if len(ka) == 5:  # packed k, v
             cx.tie(ka[2], heads)
-            cx.pin(ka[3], "packed k/v slot")
-            cx.tie(ka[4], dq)
-            dv = ka[4]
+            dv = _packed_slots(cx, ka, dq)
             _positions(cx, [k], [1])
         elif len(ka) == 4:
             cx.tie(ka[1], heads)
