@@ -49,7 +49,10 @@ def _session(model: onnx.ModelProto, extra_outputs=()):
     so.log_severity_level = 4  # errors come back as exceptions and one line of ours
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.enable_cpu_mem_arena = False  # one run per session: an arena only holds memory longer
-    so.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of MatMul weights
+    if not any(n.op_type == "NhwcConv" and n.domain == "com.microsoft" for n in model.graph.node):
+        # no second copy of MatMul weights; but onnxruntime's CUDA NhwcConv reads its weight
+        # channels-last only when it prepacks it (else as Conv's layout): keep its deployed meaning
+        so.add_session_config_entry("session.disable_prepacking", "1")
     graph = model.graph
     shell = without_initializers(model)
     g = shell.graph
@@ -140,7 +143,11 @@ def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str
 
     A model with float16 / bfloat16 tensors runs as its float32 image (see
     :func:`rebasin.sources.onnx_checks.float32_image`), and its float inputs are widened to match.
+    Without CUDA, a model with contrib ops that only onnxruntime's CUDA kernels run (NhwcConv,
+    GroupNorm, packed-QKV MultiHeadAttention ... of an optimized UNet) runs as its CPU image:
+    those ops written out in standard ops (:func:`rebasin.sources.contrib_image.cpu_image`).
     """
+    from rebasin.sources.contrib_image import cpu_image, lowerable
     from rebasin.sources.onnx_checks import float32_image, has_half
 
     if has_half(model):
@@ -154,6 +161,8 @@ def run_model(model: onnx.ModelProto, feeds: dict, extra_outputs=()) -> dict[str
     from rebasin import limits
     from rebasin.errors import ResourceLimitError
 
+    if "CUDAExecutionProvider" not in providers() and lowerable(model):
+        model = cpu_image(model)
     sess = _session(model, extra_outputs)
     names = [o.name for o in sess.get_outputs()]
     opts = ort.RunOptions()

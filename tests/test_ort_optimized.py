@@ -12,6 +12,7 @@ Optimized exports are cached next to the corpus exports ($REBASIN_CACHE).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -115,9 +116,79 @@ def _classic_bert():
     return path
 
 
+def _dynamic_unet(kind):
+    """A corpus diffusers UNet exported as for deployment: dynamic batch / height / width (and text
+    length), constants folded. The optimizer's GroupNorm fusion needs both: it matches the
+    Reshape's shape computed by Shape (folded away under static shapes) and 1-D norm weights
+    (an Unsqueeze without folding)."""
+    import torch
+    import transformers as tf
+
+    def export():
+        tag = f"{torch.__version__}-{tf.__version__}".replace("+", "_")
+        path = corpus.CACHE / f"{kind}_dynamic-{tag}.onnx"
+        if path.exists():
+            return path
+        model, inputs = corpus.build(kind)
+        names = ["sample", "timestep", "context"][:len(inputs)]
+        axes = {"sample": {0: "b", 2: "h", 3: "w"}, "timestep": {0: "b"}, "context": {0: "b", 1: "s"}}
+        corpus.CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, inputs, str(tmp), dynamo=False, opset_version=17,
+                              do_constant_folding=True, input_names=names, output_names=["output"],
+                              dynamic_axes={k: axes[k] for k in names})
+        os.replace(tmp, path)
+        return path
+    return export
+
+
 SOURCES = {"bert": lambda: corpus.export("bert"), "gpt2": lambda: corpus.export("gpt2"), "bert_ts": _ts_bert,
-           "bert_classic": _classic_bert}
-MODEL_TYPE = {"bert": "bert", "gpt2": "gpt2", "bert_ts": "bert", "bert_classic": "bert"}
+           "bert_classic": _classic_bert, "vit": lambda: corpus.export("vit"),
+           "t5": lambda: corpus.export("t5"), "llama": lambda: corpus.export("llama"),
+           "phi3": lambda: corpus.export("phi3"), "unet": _dynamic_unet("diffusers_unet"),
+           "unet_cond": _dynamic_unet("diffusers_unet_cond"),
+           "unet_cond_fp16": _dynamic_unet("diffusers_unet_cond"),
+           "unet_cond_mha": _dynamic_unet("diffusers_unet_cond"),
+           "unet_nchw": _dynamic_unet("diffusers_unet")}
+# optimize_model's model_type (llama, phi3: "bert", "gpt2", "gpt_neox" and "qwen3" fuse the same ops,
+# "phi" fails on a dynamo export); UNets: the optimizer reads heads and width from the graph
+MODEL_TYPE = {"bert": "bert", "gpt2": "gpt2", "bert_ts": "bert", "bert_classic": "bert", "vit": "vit",
+              "t5": "t5", "llama": "gpt2", "phi3": "gpt2", "unet": "unet", "unet_cond": "unet",
+              "unet_cond_fp16": "unet", "unet_cond_mha": "unet", "unet_nchw": "unet"}
+FP16 = {"unet_cond_fp16"}  # optimized, then converted to float16 (inputs and outputs kept float32)
+# optimized with the UNet attention fusion's head detection patched (see _head_detection): the
+# corpus UNet's attention_head_dim=8 is its number of heads (diffusers' legacy name)
+HEADS = {"unet_cond_mha": 8}
+# optimization_options set for a case (GroupNorm in NCHW: channels_last=0, and no SkipGroupNorm)
+OPTIONS = {"unet_nchw": {"group_norm_channels_last": False}}
+
+
+@contextlib.contextmanager
+def _head_detection(name):
+    """onnxruntime 1.32's UNet attention fusion reads the number of heads with int() of a
+    one-element array, which NumPy 2 refuses (TypeError): for the cases of HEADS, a failed
+    detection falls back to the given number of heads, as the fusion does when it finds none."""
+    if name not in HEADS:
+        yield
+        return
+    import sys
+
+    fusion = sys.modules["fusion_attention_unet"].FusionAttentionUnet  # as onnxruntime imports it
+    detect = fusion.get_num_heads
+
+    def get_num_heads(self, *args, **kwargs):
+        try:
+            return detect(self, *args, **kwargs)
+        except TypeError:
+            return 0
+
+    fusion.get_num_heads = get_num_heads
+    try:
+        yield
+    finally:
+        fusion.get_num_heads = detect
 
 
 def optimized(name: str, level: int):
@@ -125,10 +196,21 @@ def optimized(name: str, level: int):
     from onnxruntime.transformers.optimizer import optimize_model
 
     src = SOURCES[name]()
-    path = src.with_name(f"{src.stem}-ortopt{level}.onnx")
+    tag = "-fp16" if name in FP16 else "-mha" if name in HEADS else "-nchw" if name in OPTIONS else ""
+    path = src.with_name(f"{src.stem}-ortopt{level}{tag}.onnx")
     if not path.exists():
-        om = optimize_model(str(src), model_type=MODEL_TYPE[name], num_heads=4, hidden_size=32,
-                            opt_level=level)
+        from onnxruntime.transformers.fusion_options import FusionOptions
+
+        unet = MODEL_TYPE[name] == "unet"
+        heads = HEADS.get(name, 0 if unet else 4)
+        options = FusionOptions(MODEL_TYPE[name])
+        for key, value in OPTIONS.get(name, {}).items():
+            setattr(options, key, value)
+        with _head_detection(name):
+            om = optimize_model(str(src), model_type=MODEL_TYPE[name], num_heads=heads,
+                                hidden_size=0 if unet else 32, opt_level=level, optimization_options=options)
+        if name in FP16:
+            om.convert_float_to_float16(keep_io_types=True)
         tmp = path.with_suffix(".tmp")
         onnx.save(om.model, str(tmp))
         os.replace(tmp, path)
@@ -144,15 +226,35 @@ def _feeds(m, seed):
     return feeds
 
 
+# the contrib ops each case must show (that it exercises the rules it is there for)
+EXPECTED = {("bert_classic", 1): {"Attention"}, ("vit", 2): {"BiasGelu", "SkipLayerNormalization"},
+            ("t5", 2): {"SkipSimplifiedLayerNormalization"},
+            ("llama", 2): {"QuickGelu", "SkipSimplifiedLayerNormalization"},
+            ("unet", 1): {"NhwcConv", "GroupNorm", "SkipGroupNorm"},
+            ("unet_nchw", 2): {"NhwcConv", "GroupNorm"},
+            ("unet_cond", 2): {"NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd",
+                               "SkipLayerNormalization"},
+            ("unet_cond_mha", 0): {"MultiHeadAttention"}}  # on packed q/k/v and packed k/v
+SLOW_CASES = [("unet_cond", 2), ("unet_cond_fp16", 2), ("unet_cond_mha", 0)]
+
+
 @pytest.mark.parametrize("name,level", [("bert", 1), ("bert", 2), ("gpt2", 2), ("bert_ts", 1),
-                                        ("bert_ts", 2), ("bert_classic", 1), ("bert_classic", 2)])
+                                        ("bert_ts", 2), ("bert_classic", 1), ("bert_classic", 2),
+                                        ("vit", 2), ("t5", 2), ("llama", 2), ("unet", 1), ("unet_nchw", 2)] +
+                         [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES])
 def test_optimized_graph_keeps_symmetry(name, level):
+    """Optimized graphs keep the symmetry; UNets fused into GPU-only ops (NhwcConv, GroupNorm,
+    ...) run on CPU as their CPU image (rebasin.sources.contrib_image), checked here against the
+    unoptimized graph's output."""
     src, opt = optimized(name, level)
     m = onnx.load(str(opt))
     fused = {n.op_type for n in m.graph.node if n.domain == "com.microsoft"}
     assert fused, "the optimizer fused nothing: the test would not exercise contrib ops"
-    if (name, level) == ("bert_classic", 1):
-        assert "Attention" in fused
+    assert EXPECTED.get((name, level), set()) <= fused, fused
+    if name == "unet_nchw":  # the GroupNorm rule's channels-first layout, on a real graph
+        layouts = {a.i for n in m.graph.node if n.op_type == "GroupNorm" for a in n.attribute
+                   if a.name == "channels_last"}
+        assert layouts == {0}, layouts
     s0 = rebasin.infer_spec(str(src), feeds=_feeds(onnx.load(str(src)), 0))
     s1 = rebasin.infer_spec(m, feeds=_feeds(m, 0))
     ratio = s1.log_symmetry / s0.log_symmetry
@@ -166,6 +268,10 @@ def test_optimized_graph_keeps_symmetry(name, level):
             assert res.equal, res
     a, b = (run_model(m, _feeds(m, s)) for s in (0, 1))
     assert any(not np.allclose(a[k], b[k]) for k in a)
+    if MODEL_TYPE[name] == "unet":  # the optimized graph (its CPU image) computes the source's function
+        ref = run_model(onnx.load(str(src)), _feeds(m, 0))
+        tol = 1e-2 if name in FP16 else 1e-4
+        assert all(np.allclose(a[k], ref[k], atol=tol) for k in a)
 
 
 def test_optimized_and_4bit_quantized_bert_is_sound():

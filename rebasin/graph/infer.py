@@ -33,6 +33,7 @@ class _Context:
         self.node = None
         self.node_name = ""
         self.mixing: list[tuple[int, str]] = []  # (axis variable, output tensor)
+        self.paired: list[tuple[int, int]] = []  # (outer, leaf): see pairs
         self.orders: list[tuple] = []  # (order axis, row axes, selected axis, where): see unordered
         self.sequences: dict[str, tuple] = {}  # sequence tensor -> (axis, keepdims, pieces)
         self.packed: set[str] = set()  # integer initializers holding weights (quantized blobs)
@@ -119,6 +120,12 @@ class _Context:
         for y in self.node.output:
             if y:
                 self.mixing.append((v, y))
+
+    def pairs(self, outer, leaf):
+        """The op reads items of ``leaf`` at different items of ``outer`` against each other (packed
+        q and k slots of one tensor, contracted together): ``leaf`` never nests under ``outer``
+        (one permutation of it for every item of ``outer``; see :func:`_nesting`)."""
+        self.paired.append((outer, leaf))
 
     def unordered(self, order, rows, selected):
         """An op returns items of ``selected`` along a new axis ``order`` in an order it does not
@@ -586,6 +593,8 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
        a per-``h`` permutation of ``d`` is a permutation of that axis, which the operands share
        position by position. (Items of ``d`` combined inside one operand are combined for each
        index of the ``h`` it holds once: any per-``h`` permutation commutes with that.)
+    5. no op reads items of ``d`` at different indices of ``h`` against each other (packed q and
+       k slots contracted together, declared by the rule: :meth:`_Context.pairs`).
     """
     alg = cx.alg
     candidates_of = _cross_candidates(cx, weights)
@@ -597,6 +606,10 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
         roots = {o for o, n in seen.items() if n == 1} | across  # a place in two items of o is neither
         nest[r] = nest[r] & roots if r in nest else roots
         cross.setdefault(r, set()).update(across)
+    for outer, leaf in cx.paired:  # condition 5
+        held = _tree_roots(alg, outer, set())
+        for r in _tree_roots(alg, leaf, set()) & set(nest):
+            nest[r] -= held
     cells = _cell_names(alg, nest, occurrences)
     candidates = {r for r, n in nest.items() if n}
     if not candidates and not cells:

@@ -183,23 +183,30 @@ def conv(cx, node):
     Pins: spatial axes of input, weight and output (the window is position dependent).
     """
     x, w, y = node.input[0], node.input[1], node.output[0]
-    g = int(cx.attr("group", 1))
     xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
     cx.tie(xa[0], ya[0])
     _spatial_pin(cx, [x, w, y], "convolution window (spatial axes)")
+    _conv_channels(cx, node, (xa[1], wa[0], wa[1], ya[1]), cx.shape(w)[0], cx.shape(w)[1])
+
+
+def _conv_channels(cx, node, axes, m, per_group):
+    """Ties of a convolution's channel axes (x's, W's output and input channels, y's); ``m`` output
+    channels, ``per_group`` input channels in a group; the bias (input 2) follows y's channels."""
+    xc, wo, wi, yc = axes
+    g = int(cx.attr("group", 1))
     if g == 1:
-        cx.tie(xa[1], wa[1])
-        cx.tie(wa[0], ya[1])
+        cx.tie(xc, wi)
+        cx.tie(wo, yc)
     else:
         alg = cx.alg
         grp = alg.new(g)
-        cin, cout = alg.new(cx.shape(w)[1]), alg.new(cx.shape(w)[0] // g)
-        cx.tie(xa[1], alg.prod([grp, cin]))
-        cx.tie(wa[1], cin)
-        cx.tie(wa[0], alg.prod([grp, cout]))
-        cx.tie(wa[0], ya[1])
+        cin, cout = alg.new(per_group), alg.new(m // g)
+        cx.tie(xc, alg.prod([grp, cin]))
+        cx.tie(wi, cin)
+        cx.tie(wo, alg.prod([grp, cout]))
+        cx.tie(wo, yc)
     if len(node.input) > 2 and node.input[2]:
-        cx.tie(cx.ax(node.input[2])[0], ya[1])
+        cx.tie(cx.ax(node.input[2])[0], yc)
 
 
 @rule("ConvTranspose")
@@ -1198,6 +1205,107 @@ def _ties_last(cx, names, v):
             cx.tie(cx.ax(n)[-1], v)
 
 
+def _attrs_known(cx, node, known) -> bool:
+    """Block ``node`` (naming the attribute) where it carries an attribute outside ``known``."""
+    extra = sorted(a.name for a in node.attribute if a.name not in known)
+    if extra:
+        cx.block(node, f"attribute {extra[0]!r} not understood")
+    return not extra
+
+
+@rule(MS + "NhwcConv")
+def ms_nhwc_conv(cx, node):
+    """Conv in channels-last layout: x (N, D1 .. Dk, C), W (M, k1 .. kk, C / group), y (N, D1 .. Dk,
+    M); channels tie as in Conv (per group).
+
+    Pins: spatial axes (the window); attributes other than Conv's block, and so does a W that is
+    not a constant weight (onnxruntime's CUDA kernel reads W channels-last only when it prepacks a
+    constant initializer; any other W it reads as Conv's (M, C / group, k1 .. kk)).
+    """
+    if not _attrs_known(cx, node, ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")):
+        return
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    if not _constant_weight(cx, w):
+        cx.block(node, f"weight {w} is not a constant initializer (its layout would be channels-first)")
+        return
+    xa, wa, ya = cx.ax(x), cx.ax(w), cx.ax(y)
+    if not len(xa) == len(wa) == len(ya) >= 3:
+        cx.block(node, "NhwcConv operands of unexpected ranks")
+        return
+    cx.tie(xa[0], ya[0])
+    for v in xa[1:-1] + wa[1:-1] + ya[1:-1]:
+        cx.pin(v, "convolution window (spatial axes)")
+    _conv_channels(cx, node, (xa[-1], wa[0], wa[-1], ya[-1]), cx.shape(w)[0], cx.shape(w)[-1])
+
+
+def _constant_weight(cx, name) -> bool:
+    """``name`` is a float initializer (or Constant) that a session cannot override as an input."""
+    graph_inputs = getattr(getattr(cx.g.model, "graph", None), "input", ())
+    return name in cx.g.weights and all(i.name != name for i in graph_inputs)
+
+
+@rule(MS + "GroupNorm", MS + "SkipGroupNorm")
+def ms_group_norm(cx, node):
+    """GroupNorm of 4-D x ((N, H, W, C) under channels_last=1, the default, else (N, C, H, W)),
+    SkipGroupNorm of s = x + skip + bias (skip (N, H, W, C), (N, 1, 1, C) or (N, C)); channels =
+    groups x channels in a group as in GroupNormalization; gamma, beta, bias per channel; optional
+    SiLU (activation=1); the optional sum output is s.
+
+    Pins: nothing; blocks on activation or channels_last other than 0 / 1, a SkipGroupNorm with
+    channels_last=0 (its skip layout is undocumented), unknown attributes.
+    """
+    if not _attrs_known(cx, node, ("activation", "channels_last", "epsilon", "groups")):
+        return
+    last = int(cx.attr("channels_last", 1)) == 1
+    x, y = node.input[0], node.output[0]
+    xa, shape, groups = cx.ax(x), cx.shape(x), int(cx.attr("groups"))
+    c = len(xa) - 1 if last else 1
+    why = _group_norm_refusal(cx, node, shape, c, groups)
+    if why:
+        cx.block(node, why)
+        return
+    tie_all(cx, x, y)
+    for v in xa[1:]:
+        cx.mixes(v)
+    grp, per = cx.alg.new(groups), cx.alg.new(shape[c] // groups)
+    cx.tie(xa[c], cx.alg.prod([grp, per]))
+    _ties_last(cx, [node.input[1], node.input[2], _opt(node, 4)], xa[c])
+    if node.op_type == "SkipGroupNorm":
+        _skip_4d(cx, node, node.input[3], xa, shape)
+        if len(node.output) > 1 and node.output[1]:
+            tie_all(cx, node.output[1], x)
+
+
+def _group_norm_refusal(cx, node, shape, c, groups) -> str:
+    """Why a (Skip)GroupNorm is not understood ("" where it is)."""
+    for name in ("activation", "channels_last"):
+        if cx.attr(name, 0) not in (0, 1):
+            return f"{name}={cx.attr(name)} not understood"
+    if node.op_type == "SkipGroupNorm" and cx.attr("channels_last", 1) == 0:
+        return "channels_last=0 with a skip input (layout undocumented)"
+    if len(shape) != 4:
+        return "input not 4-D"
+    if shape[c] % groups:
+        return f"{shape[c]} channels not a multiple of groups={groups}"
+    for p in (node.input[1], node.input[2], _opt(node, 4)):
+        if p and cx.shape(p) != (shape[c],):
+            return f"per-channel parameter {p} of shape {cx.shape(p)}"
+    return ""
+
+
+def _skip_4d(cx, node, skip, xa, shape):
+    """A SkipGroupNorm skip (N, H, W, C), (N, 1, 1, C) or (N, C) against x (N, H, W, C)."""
+    sa, ssh = cx.ax(skip), cx.shape(skip)
+    if len(ssh) == 2 and ssh == (shape[0], shape[3]):
+        cx.tie(sa[0], xa[0])
+        cx.tie(sa[1], xa[3])
+    elif len(ssh) == 4 and (ssh[0], ssh[3]) == (shape[0], shape[3]) and ssh[1:3] in (shape[1:3], (1, 1)):
+        for k in (0, 1, 2, 3) if ssh == shape else (0, 3):
+            cx.tie(sa[k], xa[k])
+    else:
+        cx.block(node, f"skip {skip} of shape {ssh} against input {shape}")
+
+
 @rule(MS + "Gelu", MS + "QuickGelu", MS + "FastGelu", MS + "BiasGelu")
 def ms_gelu(cx, node):
     """Element-wise activations; FastGelu / BiasGelu add a per-feature bias first (broadcast).
@@ -1211,8 +1319,10 @@ def ms_gelu(cx, node):
 def ms_bias_add(cx, node):
     """X + bias + skip: broadcasting.
 
-    Pins: nothing.
+    Pins: nothing (attributes block).
     """
+    if not _attrs_known(cx, node, ()):
+        return
     broadcast(cx, [x for x in node.input if x], node.output[0])
 
 
@@ -1221,9 +1331,14 @@ def ms_bias_split_gelu(cx, node):
     """(X + bias) split in halves a, b along the last axis, output a * gelu(b): item i of the output
     pairs item i of each half.
 
-    Pins: nothing.
+    Pins: nothing (an odd last axis or attributes block).
     """
     x, y = node.input[0], node.output[0]
+    if not _attrs_known(cx, node, ()):
+        return
+    if cx.shape(x)[-1] != 2 * cx.shape(y)[-1]:
+        cx.block(node, f"last axis of {x} is not twice the output's")
+        return
     xa, ya = cx.ax(x), cx.ax(y)
     for v, w in zip(xa[:-1], ya[:-1]):
         cx.tie(v, w)
@@ -1372,10 +1487,24 @@ def _qkv_3d(cx, name, heads):
     return _split_heads(cx, cx.ax(name)[2], heads)
 
 
+def _packed_slots(cx, axes, dqk):
+    """The head sizes of q / k / v packed on a (.., slot, head size) pair of axes, q and k (one
+    contraction index) as ``dqk``: the slot axis is pinned (q, k, v stay in their slots), and
+    (slot, head size) read as one axis is [dqk | dqk | dv] (packed k, v: [dqk | dv]), so the v
+    head size moves on its own. Returns dv."""
+    cx.pin(axes[3], "packed q/k/v slot")
+    dv = cx.alg.new(cx.alg.size(axes[4]))
+    pieces = [dqk] * (cx.alg.size(axes[3]) - 1) + [dv]
+    cx.tie(cx.alg.prod([axes[3], axes[4]]), cx.alg.sum(pieces))
+    cx.pairs(axes[3], dqk)  # the q slot meets the k slot
+    return dv
+
+
 @rule(MS + "MultiHeadAttention")
 def ms_multi_head_attention(cx, node):
-    """softmax(q k^T) v per head, with 3-D, 4-D (B, N, L, H) or packed q/k/v; packed bias = [q | k |
-    v]; caches follow heads and head sizes.
+    """softmax(q k^T) v per head, with 3-D, 4-D (B, N, L, H) or packed q/k/v (each slot's head size
+    its own: (slot, head size) is [q | k | v]); packed bias = [q | k | v]; caches follow heads and
+    head sizes.
 
     Pins: positions; packed q/k/v slot axes; mask inputs.
 
@@ -1388,10 +1517,10 @@ def ms_multi_head_attention(cx, node):
     qa, ya = cx.ax(q), cx.ax(y)
     cx.tie(qa[0], ya[0])
     _positions(cx, [q, y], [1, 1])
-    if len(qa) == 5:  # packed q, k, v
+    if len(qa) == 5:  # packed q, k, v: slot j of axis 3 holds q, k or v, each its own head size
         cx.tie(qa[2], heads)
-        cx.pin(qa[3], "packed q/k/v slot")
-        dq = dv = qa[4]
+        dq = cx.alg.new(cx.shape(q)[4])
+        dv = _packed_slots(cx, qa, dq)
     else:
         dq = _qkv_3d(cx, q, heads)
         dv = None
@@ -1400,9 +1529,7 @@ def ms_multi_head_attention(cx, node):
         cx.tie(ka[0], qa[0])
         if len(ka) == 5:  # packed k, v
             cx.tie(ka[2], heads)
-            cx.pin(ka[3], "packed k/v slot")
-            cx.tie(ka[4], dq)
-            dv = ka[4]
+            dv = _packed_slots(cx, ka, dq)
             _positions(cx, [k], [1])
         elif len(ka) == 4:
             cx.tie(ka[1], heads)
