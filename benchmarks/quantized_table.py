@@ -20,7 +20,8 @@ from tests import corpus
 from tests.test_quantized import FORMATS, quantized
 
 MODELS = ("mlp", "resnet18", "mobilenet_v2", "bert")
-QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear", "DequantizeLinear",
+QUANTIZED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear",
+                 "DequantizeLinear",
                  "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearSoftmax",
                  "QLinearGlobalAveragePool", "QLinearConcat"}
 

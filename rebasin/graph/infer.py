@@ -606,19 +606,26 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
         roots = {o for o, n in seen.items() if n == 1} | across  # a place in two items of o is neither
         nest[r] = nest[r] & roots if r in nest else roots
         cross.setdefault(r, set()).update(across)
-    for outer, leaf in cx.paired:  # condition 5
-        held = _tree_roots(alg, outer, set())
-        for r in _tree_roots(alg, leaf, set()) & set(nest):
-            nest[r] -= held
+    _unpaired(cx, nest)
     cells = _cell_names(alg, nest, occurrences)
     candidates = {r for r, n in nest.items() if n}
     if not candidates and not cells:
         return nest, {}
     holds = {name: _held(alg, axes) for name, axes in cx.axes.items()}
     _nest_in_cells(cx, nest, cells, holds)
+    _unpaired(cx, nest)  # a leaf nested in cells: not under a variable its items are paired across
     _narrow(cx, holds, nest, cross)
     _one_outer_axis(nest, candidates_of, occurrences)
     return nest, candidates_of
+
+
+def _unpaired(cx: _Context, nest: dict) -> None:
+    """Condition 5 of :func:`_nesting`: no leaf of ``nest`` nests under anything in a variable its
+    items are paired across (:meth:`_Context.pairs`)."""
+    for outer, leaf in cx.paired:
+        held = _tree_roots(cx.alg, outer, set())
+        for r in _tree_roots(cx.alg, leaf, set()) & set(nest):
+            nest[r] -= held
 
 
 def _narrow(cx: _Context, holds: dict, nest: dict, cross: dict) -> None:
