@@ -210,6 +210,14 @@ REGRESSIONS = {
         {"op": "heads", "heads": 2, "head_dim": 12, "kind": "layernorm"},
         {"op": "heads", "heads": 8, "head_dim": 3, "kind": "softmax"},
         {"op": "matmul", "cin": 24, "cout": 10, "einsum": False}), _head(10)),
+    # group-limited routing after a padded stream: the TorchScript export writes the routing's
+    # zeros_like(scores[..., :2]) as a Slice read only by Shape, which cut the experts axis into
+    # pieces on the ONNX path (the groups of 2 experts could not swap; the torch path lowers it
+    # to a fill): a node whose outputs only Shape reads constrains nothing (infer._shape_only)
+    "routing_slice_read_for_shape": Arch("vec", (2,), (
+        _linear(2, 12), {"op": "act", "kind": "relu"}, {"op": "pad", "before": 0, "after": 1},
+        {"op": "moe", "d": 13, "experts": 4, "k": 1, "hidden": 2, "kind": "relu", "residual": False,
+         "stacked": True, "routing": "grouped"}), _head(13)),
 }
 
 

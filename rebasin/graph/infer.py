@@ -195,10 +195,11 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     hashed = graph_hash(g)  # of the graph as the frontend gave it (what model_graph_hash sees)
     g = dense_label_picks(split_slots(g))
     cx = _Context(g, strict)
+    unread = _shape_only(g)
     for name, node in g.nodes:
         cx.node, cx.node_name = node, name
         fn = RULES.get(rule_key(node))
-        if node.op_type == "Constant":
+        if node.op_type == "Constant" or name in unread:
             continue
         if fn is None or name in g.subgraph_reads:
             why = (f"op {node.op_type!r} has sub-graphs" if name in g.subgraph_reads else
@@ -240,6 +241,30 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     if g.aliases:
         spec = _with_aliases(spec, g.aliases, g.weights)
     return dataclasses.replace(spec, source=g.frontend, graph_hash=hashed)
+
+
+def _shape_only(g: Graph) -> set:
+    """ONNX nodes whose outputs no value reads: every reader takes only their shape (``Shape``,
+    ``Size``), transitively, and none is a graph output (``zeros_like(x[..., :2])`` exported as a
+    Slice read by Shape). A permutation never changes a shape, so such a node constrains nothing.
+    Not for the torch IR, whose ops may write their inputs in place (a value read by nothing may
+    still be written)."""
+    if g.frontend != "onnx":
+        return set()
+    readers: dict[str, list] = {}
+    for name, node in g.nodes:
+        for x in [*node.input, *sorted(g.subgraph_reads.get(name, ()))]:  # a sub-graph's reads too
+            if x:
+                readers.setdefault(x, []).append((name, node))
+    unread: set = set()
+    for name, node in reversed(g.nodes):  # readers come later in topological order
+        outs = [y for y in node.output if y]
+        if node.domain in ("", "ai.onnx") and node.op_type not in ("Shape", "Size") and outs and all(
+                y not in g.outputs and all(n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx")
+                                           or r in unread for r, n in readers.get(y, ())) for y in outs) \
+                and name not in g.subgraph_reads:
+            unread.add(name)
+    return unread
 
 
 # ----------------------------------------------------------------- the graph hash a spec records
