@@ -576,3 +576,48 @@ def test_gather_at_fixed_positions_reads_pieces(index, tmp_path):
     for seed in (0, 1):
         res = rebasin.verify(m, rebasin.apply_permutation(m, spec, spec.random_permutations(seed)))
         assert res.equal, res
+
+
+class _SliceWrites(nn.Module):
+    """A recurrent state written slice by slice (``buf[..., 0] = f(h)``, ``buf[:, 2:8] = h``), as
+    RWKV and RecurrentGemma write theirs: functionalized to select_scatter / slice_scatter / copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 6), nn.Linear(6, 2), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        state = torch.zeros(4, 6, 3)  # a batch of 4 (fx traces no shape arithmetic)
+        state[:, :, 0] = torch.tanh(h)
+        state[:, :, 1:] = torch.relu(h).unsqueeze(-1).expand(-1, -1, 2)
+        wide = torch.zeros(4, 8)
+        wide[:, 2:] = h
+        return self.b(state.sum(-1)) + self.c(wide)
+
+
+@pytest.mark.parametrize("tracer", ["export", "auto"])
+def test_slice_writes_keep_the_channels(tracer):
+    """Writing h into one index, a run of a state's last axis, and into a run of the feature axis:
+    h's 6 units stay a class with the columns of b and c that read them (torch.export's functional
+    select_scatter / slice_scatter)."""
+    torch.manual_seed(0)
+    model, x = _SliceWrites().eval(), (torch.randn(4, 3),)
+    spec = rebasin.infer_spec(model, x, tracer=tracer)
+    assert spec.source == "torch.export", spec.source
+    assert_sound(model, x, spec)
+    six = [c for c in spec.classes if c.size == 6]
+    assert len(six) == 1, spec.table()
+    labels = {m.label() for m in six[0].members}
+    assert {"a.weight[0]", "b.weight[1]", "c.weight[1]@2"} <= labels, spec.table()
+    assert_sound(model, x, spec)
+
+
+def test_fx_trace_that_writes_into_a_captured_constant_is_refused():
+    """fx evaluates ``torch.zeros(4, 6, 3)`` at trace time and captures it; the writes into it then
+    run in the graph, but ``state.sum(-1)`` (of a real tensor) was computed eagerly before them and
+    captured as stale zeros: the fx graph does not compute the module (a spec from it let b's
+    columns move alone). Such a trace is refused, and ``auto`` takes torch.export (above)."""
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModelError, match="captured as a constant"):
+        rebasin.infer_spec(_SliceWrites().eval(), (torch.randn(4, 3),), tracer="fx")

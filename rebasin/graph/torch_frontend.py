@@ -215,6 +215,7 @@ def _trace_fx(model, example_inputs, kwargs, fake_mode=None) -> Traced:
     with torch.no_grad(), (fake_mode if fake_mode is not None else contextlib.nullcontext()):
         traced, _ = record(lambda: output_tensors(gm(*example_inputs)),
                            [named[k] for k in keys] + list(example_inputs), placeholders)
+    _check_constants_unwritten(traced.graph)
     traced.graph.eliminate_dead_code()  # e.g. one_hot's range checks: values that reach no output
     _fold_one_hot(traced.graph)
     params, consts, tensors = {}, {}, {}
@@ -231,6 +232,35 @@ def _trace_fx(model, example_inputs, kwargs, fake_mode=None) -> Traced:
     except (TypeError, ValueError):
         labels = {}
     return Traced(traced.graph, params, consts, tensors, user, {}, "fx", traced, dict(kwargs), labels)
+
+
+def _check_constants_unwritten(graph) -> None:
+    """Refuse an fx trace in which an op writes in place into a tensor the trace captured as a
+    constant (or into a view of one): ``state = torch.zeros(..); state[:, 0] = f(x)`` makes the
+    zeros a real tensor at trace time, and every value fx then computed from it eagerly
+    (``state.sum(-1)``) was computed before the write and captured as a stale constant. The graph
+    would not compute the module; torch.export traces it as written."""
+    for n in graph.nodes:
+        schema = getattr(n.target, "_schema", None)
+        if n.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for arg, a in zip(schema.arguments, n.args):
+            if getattr(arg.alias_info, "is_write", False) and _view_root(a).op == "get_attr":
+                raise ValueError(f"{n.target} writes in place into a tensor the trace captured as a "
+                                 "constant (its other reads were traced before the write)")
+
+
+def _view_root(a):
+    """The fx node that ``a`` is a view of (through ops whose result aliases their first input)."""
+    import torch.fx
+
+    while isinstance(a, torch.fx.Node) and a.op == "call_function" and a.args:
+        schema = getattr(a.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None \
+                or not isinstance(a.args[0], torch.fx.Node):
+            break
+        a = a.args[0]
+    return a
 
 
 def _fold_one_hot(graph) -> None:
@@ -846,6 +876,48 @@ def _slice(b, n, p, name):
         step = int(p.get("step") or 1)
     b.emit("Slice", [b.t(n.args[0]), b.const([start]), b.const([end]), b.const([dim]), b.const([step])],
            [b.out()])
+
+
+@lowering("copy")
+def _copy(b, n, p, name):
+    """``copy(self, src)``: src's values broadcast to self's shape. Written as an element-wise op
+    of both (every axis tied to self's and src's, as broadcasting does): ``copy_`` writes src into
+    self in place, often through a view (``state[:, 0] = v``), and later readers of self's base
+    read the node that made it, so the write reaches them only through self's axis variables."""
+    b.emit("Add", [b.t(p["self"]), b.t(p["src"])], [b.out()])
+
+
+def _piece(b, x, xs, dim, start, end):
+    """``x[.., start:end, ..]`` along ``dim`` as a new tensor, or None where empty."""
+    if end <= start:
+        return None
+    if (start, end) == (0, xs[dim]):
+        return x
+    out = b.tmp(xs[:dim] + (end - start,) + xs[dim + 1:])
+    b.emit("Slice", [x, b.const([start]), b.const([end]), b.const([dim]), b.const([1])], [out])
+    return out
+
+
+@lowering("select_scatter", "slice_scatter")
+def _scatter_piece(b, n, p, name):
+    """``self`` with one index (select_scatter) or a contiguous run (slice_scatter, step 1) along
+    ``dim`` replaced by ``src``: the concatenation of self's piece before it, src, and self's piece
+    after it (the functional form of ``x[:, i] = v`` and ``x[:, a:b] = v``). A strided run makes
+    the op unknown."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    dim = _norm(int(p.get("dim", 0) or 0), len(xs))
+    if name == "select_scatter":
+        start = _norm(int(p["index"]), xs[dim])
+        end, src = start + 1, b.tmp(xs[:dim] + (1,) + xs[dim + 1:])
+        b.emit("Reshape", [b.t(p["src"])], [src])
+    else:
+        if int(p.get("step") or 1) != 1:
+            return _unknown(b, n, "slice_scatter with a step")
+        start = 0 if p.get("start") is None else _norm(int(p["start"]), xs[dim])
+        end = xs[dim] if p.get("end") is None else min(_norm(int(p["end"]), xs[dim]), xs[dim])
+        src = b.t(p["src"])
+    pieces = [_piece(b, x, xs, dim, 0, start), src, _piece(b, x, xs, dim, end, xs[dim])]
+    b.emit("Concat", [t for t in pieces if t], [b.out()], axis=dim)
 
 
 @lowering("select", "select_copy")
