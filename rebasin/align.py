@@ -33,28 +33,33 @@ class _Model:
         self.source = src
         self.torch = src.kind == "torch"
         self.example_inputs = example_inputs
-        self.packed: dict = {}  # float views of packed low-bit weights (ONNX MatMulNBits)
+        self.packed: dict = {}  # float views of integer-encoded weights (MatMulNBits, quantized ops)
         if self.torch:
             self.module, self.state = src.module, src.state
             self.params = {k: _np(src.read(k)) for k in src.names()}
         else:
-            from rebasin.sources.onnx import packed_weights
+            from rebasin.graph.infer import rule_key
+            from rebasin.graph.rules import PACKED_INPUTS
+            from rebasin.sources.onnx import integer_weights, packed_weights
 
             self.onnx = src.proto
             self.params = {k: src.read(k) for k in src.names()}
             self.packed = packed_weights(self.onnx)
+            coded = {n.input[i] for n in self.onnx.graph.node for i in PACKED_INPUTS.get(rule_key(n), ())
+                     if i < len(n.input) and n.input[i] not in self.packed}
+            self.packed.update(integer_weights(self.onnx, coded))
 
     def weights(self) -> dict:
         """What a solver compares: the float weights and the dequantized packed ones."""
         return {**self.params, **self.packed}
 
     def refuse_packed(self, what: str) -> None:
-        """Raise where an operation would need new values of packed low-bit weights."""
+        """Raise where an operation would need new values of integer-encoded weights."""
         if self.packed:
             name = next(iter(self.packed))
             raise UnsupportedModelError(
-                f"{what} of a model with packed low-bit weights ({name!r}, MatMulNBits) would need "
-                "them requantized: apply it to the float models, then quantize")
+                f"{what} of a model with integer-encoded weights ({name!r}: quantized or packed low-bit) "
+                "would need them requantized: apply it to the float models, then quantize")
 
     def spec(self, **kw) -> Spec:
         from rebasin.graph.infer import infer_spec

@@ -309,7 +309,7 @@ def test_merging_quantized_models_is_refused(what):
     a = _quantize(_mlp3())
     spec = rebasin.infer_spec(a)
     b = rebasin.apply_permutation(a, spec, spec.random_permutations(1))
-    with pytest.raises(rebasin.errors.UnsupportedModelError, match="packed low-bit weights .*requantized"):
+    with pytest.raises(rebasin.errors.UnsupportedModelError, match="integer-encoded weights .*requantized"):
         if what == "merge":
             rebasin.merge([a, b])
         elif what == "interpolate":

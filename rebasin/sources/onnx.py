@@ -166,6 +166,42 @@ def packed_weights(proto: onnx.ModelProto) -> dict:
     return out
 
 
+def integer_weights(proto: onnx.ModelProto, names) -> dict:
+    """Float views of the integer initializers ``names`` (quantized weights, zero points, int32
+    biases) for weight matching: an input of a ``DequantizeLinear`` whose scale and zero point are
+    initializers is dequantized (``(x - zero point) * scale``, per tensor, per axis or per block),
+    any other is its integer values as float32. Stored axes are kept, so spec members mean the same.
+
+    Example:
+        >>> integer_weights(onnx.ModelProto(), ())
+        {}
+    """
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    out = {n: numpy_helper.to_array(inits[n]).astype("f4") for n in names if n in inits}
+    for node in proto.graph.node:
+        x = node.input[0] if node.op_type == "DequantizeLinear" and node.input else None
+        if x not in out or node.input[1] not in inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        q = numpy_helper.to_array(inits[x]).astype("f8")
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype("f8")
+        zp = node.input[2] if len(node.input) > 2 else ""
+        zero = numpy_helper.to_array(inits[zp]).astype("f8") if zp in inits else np.zeros_like(scale)
+        axis, block = int(attrs.get("axis", 1)) % max(q.ndim, 1), int(attrs.get("block_size", 0))
+        if scale.size > 1 and block == 0 and scale.ndim == 1 and scale.size == q.shape[axis]:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        elif scale.size > 1 and block > 0 and scale.shape[axis:axis + 1] == (q.shape[axis] // block,):
+            scale, zero = np.repeat(scale, block, axis), np.repeat(zero, block, axis)
+        elif scale.size > 1:
+            continue  # a layout the rules block anyway: the integer values stand
+        out[x] = ((q - zero) * scale).astype("f4")
+    return out
+
+
 def _unpack(a, bits: int):
     """``a`` (uint8) -> its codes on a new last axis, low bits first."""
     shifts = np.arange(0, 8, bits, dtype=np.uint8)
