@@ -92,8 +92,10 @@ def _unrounded(model):
         nodes.append(helper.make_node("Cast", [n.input[2]], [zero], to=onnx.TensorProto.FLOAT))
         return zero
 
+    outputs = {o.name for o in g.output}
     plain = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx")
-             and n.input[0] not in inits and all(per_tensor(x) for x in n.input[1:])
+             and n.input[0] not in inits and n.output[0] not in outputs
+             and all(per_tensor(x) for x in n.input[1:])
              and not any(a.name == "block_size" and a.i for a in n.attribute)
              and all(r.op_type == "DequantizeLinear" and r.input[0] == n.output[0]
                      and all(per_tensor(x) for x in r.input[1:]) for r in readers.get(n.output[0], ()))}
