@@ -153,3 +153,24 @@ def test_verify_without_rounding_still_sees_a_wrong_permutation(tmp_path):
     w.CopyFrom(numpy_helper.from_array(arr, w.name))
     res = rebasin.verify(model, bad)
     assert not res.equal and "without rounding" in str(res), res
+
+
+@pytest.mark.parametrize("block", [0, 2])
+def test_dequantized_views_match_onnxruntime(block):
+    """Weight matching compares the dequantized weights: the float view of a DequantizeLinear's
+    int8 input (per axis, per block) is what onnxruntime's DequantizeLinear computes."""
+    from rebasin.sources.onnx import integer_weights
+
+    model = _block_quantized(2, 2)
+    if block == 0:  # per axis: one scale and zero point per output column
+        for t in model.graph.initializer:
+            if t.name in ("scale", "zero"):
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t)[0], t.name))
+        model.graph.node[2].attribute.pop()  # drop block_size
+        model.graph.node[2].attribute[0].i = 1  # axis 1
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info("w2", TensorProto.FLOAT, [4, 3]))
+    ref = run_model(probe, make_inputs(probe))["w2"]
+    view = integer_weights(model, {"q", "zero"})
+    assert np.allclose(view["q"], ref), (view["q"], ref)

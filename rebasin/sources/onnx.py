@@ -194,7 +194,8 @@ def integer_weights(proto: onnx.ModelProto, names) -> dict:
             shape = [1] * q.ndim
             shape[axis] = -1
             scale, zero = scale.reshape(shape), zero.reshape(shape)
-        elif scale.size > 1 and block > 0 and scale.shape[axis:axis + 1] == (q.shape[axis] // block,):
+        elif scale.size > 1 and block > 0 and scale.ndim == q.ndim and q.shape[axis] % block == 0 \
+                and scale.shape[axis] == q.shape[axis] // block:
             scale, zero = np.repeat(scale, block, axis), np.repeat(zero, block, axis)
         elif scale.size > 1:
             continue  # a layout the rules block anyway: the integer values stand
