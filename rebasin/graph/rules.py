@@ -1828,6 +1828,23 @@ def ms_fused_matmul(cx, node):
     _batch(cx, [(a, 2), (b, 2)], y, 2)
 
 
+NCHWC = "com.microsoft.nchwc::"
+
+
+@rule(*(NCHWC + op for op in ("Conv", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool",
+                              "ReorderInput", "ReorderOutput", "Upsample")))
+def nchwc(cx, node):
+    """onnxruntime's blocked NCHWc layout (a CPU session at the ``all`` level): the tensors keep
+    their 4-D shapes but hold channels in blocks of the machine's vector width (8 or 16), which
+    the graph does not state, so no permutation of them can be read from it.
+
+    Pins: every axis the node touches, with a reason that says to save the model at the extended
+    level instead.
+    """
+    cx.block(node, "onnxruntime's NCHWc layout (channels stored in blocks of the CPU's vector width, "
+                   "not stated in the graph): save the optimized model at the extended level")
+
+
 # --------------------------------------------------------------------------- quantized graphs
 
 PACKED_INPUTS.update({"DequantizeLinear": (0, 2), "QuantizeLinear": (2,), "MatMulInteger": (0, 1, 2, 3),
