@@ -38,15 +38,13 @@ class _Model:
             self.module, self.state = src.module, src.state
             self.params = {k: _np(src.read(k)) for k in src.names()}
         else:
-            from rebasin.graph.infer import rule_key
-            from rebasin.graph.rules import PACKED_INPUTS
+            from rebasin.graph.infer import packed_inputs
             from rebasin.sources.onnx import integer_weights, packed_weights
 
             self.onnx = src.proto
             self.params = {k: src.read(k) for k in src.names()}
             self.packed = packed_weights(self.onnx)
-            coded = {n.input[i] for n in self.onnx.graph.node for i in PACKED_INPUTS.get(rule_key(n), ())
-                     if i < len(n.input) and n.input[i] not in self.packed}
+            coded = packed_inputs(self.onnx.graph.node) - set(self.packed)
             self.packed.update(integer_weights(self.onnx, coded))
 
     def weights(self) -> dict:

@@ -34,10 +34,8 @@ def verify(a, b, feeds: dict | None = None, rtol: float = 1e-4, seeds=(0,)) -> V
     from rebasin.sources.onnx import load_model
 
     a, b = load_model(a), load_model(b)
-    note = ""
-    if _rounds_activations(a):
-        (a, n), (b, _) = _unrounded(a), _unrounded(b)
-        note = ", activation quantization without rounding" if n else ""
+    (a, n), (b, _) = _unrounded(a), _unrounded(b)
+    note = ", activation quantization without rounding" if n else ""
     out_a = [o.name for o in a.graph.output]
     out_b = [o.name for o in b.graph.output]
     if len(out_a) != len(out_b):
@@ -54,27 +52,18 @@ def verify(a, b, feeds: dict | None = None, rtol: float = 1e-4, seeds=(0,)) -> V
     return VerifyResult(worst_abs, worst_rel, providers()[0].replace("ExecutionProvider", "") + note, ok)
 
 
-def _rounds_activations(model) -> bool:
-    """Whether ``model`` quantizes a computed tensor (QDQ activations): a permutation reorders float
-    sums, their last bits change, and rounding to the quantization grid can turn such a change
-    into a whole step, so outputs are compared without that rounding (:func:`_unrounded`)."""
-    inits = {t.name for t in model.graph.initializer}
-    return any(n.op_type == "QuantizeLinear" and n.domain in ("", "ai.onnx") and n.input[0] not in inits
-               for n in model.graph.node)
-
-
 def _unrounded(model):
-    """``(copy, count)``: a copy of ``model`` in which each per-tensor quantization of a computed
-    tensor that only dequantizations read (``count`` of them) is computed in float without rounding
-    or saturation: ``x / scale + zero`` for the QuantizeLinear, ``(q - zero) * scale`` for each
-    DequantizeLinear of it. The scales and zero points still take part; only the rounding goes.
-    Other quantizations stay as they are."""
+    """``(model', count)``: ``model`` with each per-tensor quantization of a computed tensor that
+    only dequantizations read (QDQ activations, ``count`` of them) computed in float without
+    rounding or saturation: ``x / scale + zero`` for the QuantizeLinear, ``(q - zero) * scale`` for
+    each DequantizeLinear of it. A permutation reorders float sums, their last bits change, and
+    rounding to the quantization grid can turn such a change into a whole step; the scales and
+    zero points still take part, only the rounding goes. Other quantizations stay as they are;
+    ``model`` itself (no copy) when there is none."""
     import onnx
     from onnx import helper
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
+    g = model.graph
     inits = {t.name: t for t in g.initializer}
     readers: dict = {}
     for n in g.node:
@@ -99,6 +88,11 @@ def _unrounded(model):
              and not any(a.name == "block_size" and a.i for a in n.attribute)
              and all(r.op_type == "DequantizeLinear" and r.input[0] == n.output[0]
                      and all(per_tensor(x) for x in r.input[1:]) for r in readers.get(n.output[0], ()))}
+    if not plain:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
     nodes = []
     for n in g.node:
         if n.op_type == "QuantizeLinear" and n.output[0] in plain:

@@ -20,7 +20,7 @@ from rebasin.graph.axes import AxisAlgebra
 from rebasin.graph.ir import Graph, attr
 from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.picked_rows import dense_label_picks
-from rebasin.graph.rules import PACKED_INPUTS, RULES
+from rebasin.graph.rules import PACKED_INPUTS, RULES, reads_shape_only
 from rebasin.graph.slots import split_slots
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 
@@ -259,10 +259,11 @@ def _shape_only(g: Graph) -> set:
     unread: set = set()
     for name, node in reversed(g.nodes):  # readers come later in topological order
         outs = [y for y in node.output if y]
-        if node.domain in ("", "ai.onnx") and node.op_type not in ("Shape", "Size") and outs and all(
-                y not in g.outputs and all(n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx")
-                                           or r in unread for r, n in readers.get(y, ())) for y in outs) \
-                and name not in g.subgraph_reads:
+        if node.domain not in ("", "ai.onnx") or reads_shape_only(node) or not outs \
+                or name in g.subgraph_reads:
+            continue
+        if all(y not in g.outputs and all(reads_shape_only(n) or r in unread for r, n in readers.get(y, ()))
+               for y in outs):
             unread.add(name)
     return unread
 
@@ -314,8 +315,7 @@ def onnx_graph_hash(model) -> str:
 
     m = load_model(model)
     inits = {t.name: t for t in m.graph.initializer}
-    packed = {n.input[i] for n in m.graph.node for i in PACKED_INPUTS.get(rule_key(n), ())
-              if i < len(n.input)}  # integer-encoded weights: values are not structure
+    packed = packed_inputs(m.graph.node)  # integer-encoded weights: values are not structure
     tensors = {}
     for name, t in inits.items():
         data = b"" if t.data_type in FLOAT_TYPES or name in packed else \
@@ -423,6 +423,12 @@ def _digest(frontend, nodes, inputs, outputs, ports, tensors) -> str:
     return h.hexdigest()
 
 
+def packed_inputs(nodes) -> set:
+    """The tensors that ``nodes`` read as integer-encoded weights (quantized weights, zero points,
+    int32 biases, low-bit blobs: :data:`~rebasin.graph.rules.PACKED_INPUTS`)."""
+    return {n.input[i] for n in nodes for i in PACKED_INPUTS.get(rule_key(n), ()) if i < len(n.input)}
+
+
 def rule_key(node) -> str:
     """The :data:`RULES` key of a node: its op type in the default ONNX domain, else
     ``"domain::op_type"`` (an op of a domain without rules finds none, so it blocks)."""
@@ -462,7 +468,7 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
                 uses[x] = uses.get(x, 0) + 1
         (computed if node.op_type != "Constant" else literals).update(node.output)
     fixed = literals | set(g.constants)
-    packed = {n.input[i] for _, n in g.nodes for i in PACKED_INPUTS.get(rule_key(n), ()) if i < len(n.input)}
+    packed = packed_inputs(n for _, n in g.nodes)
     out = {}
     for name, arr in [*g.values.items(), *g.weights.items(), *g.constant_values.items()]:
         if name in computed or name in g.shape_only:  # unknown values are never uniform

@@ -150,6 +150,14 @@ def matmul(cx, node):
         _batch(cx, [(a, 2)], y, 1)
         cx.tie(xa[-2], xy[-1])
         return
+    _matrices(cx, (a, xa), (b, xb), (y, xy))
+
+
+def _matrices(cx, a, b, y):
+    """The last two axes of ``a`` and ``b`` (``(name, axis variables)``, both of rank >= 2, the
+    variables in matrix order) multiplied into ``y``'s: A's columns contract with B's rows, A's
+    rows and B's columns carry to y, the other axes broadcast (``MatMul``, ``FusedMatMul``)."""
+    (a, xa), (b, xb), (y, xy) = a, b, y
     cx.tie(xa[-1], xb[-2])
     cx.tie(xa[-2], xy[-2])
     cx.tie(xb[-1], xy[-1])
@@ -622,8 +630,8 @@ def select_only(cx, node) -> bool:
         if via in cx.g.outputs or via in hidden:
             return False
         for r in cx.consumers(via):
-            if r.op_type in ("Shape", "Size") and r.domain in ("", "ai.onnx"):
-                continue  # reads the shape only
+            if reads_shape_only(r):
+                continue
             if _index_view(cx, r, via) or _joins_choices(cx, r):
                 todo.append(r.output[0])
             elif _chooses(cx, r, via, width):
@@ -631,6 +639,11 @@ def select_only(cx, node) -> bool:
             else:
                 return False
     return found
+
+
+def reads_shape_only(node) -> bool:
+    """Whether ``node`` reads only the shape of its input (``Shape``, ``Size``), not its values."""
+    return node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx")
 
 
 def _chosen(cx, node):
@@ -1205,9 +1218,13 @@ def _ties_last(cx, names, v):
             cx.tie(cx.ax(n)[-1], v)
 
 
+_CONV_ATTRS = {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}
+
+
 def _attrs_known(cx, node, known) -> bool:
     """Block ``node`` (naming the attribute) where it carries an attribute outside ``known``."""
-    extra = sorted(a.name for a in node.attribute if a.name not in known)
+    names = [a.name for a in node.attribute] if hasattr(node, "attribute") else list(node.attrs)
+    extra = sorted(n for n in names if n not in known)
     if extra:
         cx.block(node, f"attribute {extra[0]!r} not understood")
     return not extra
@@ -1222,7 +1239,7 @@ def ms_nhwc_conv(cx, node):
     not a constant weight (onnxruntime's CUDA kernel reads W channels-last only when it prepacks a
     constant initializer; any other W it reads as Conv's (M, C / group, k1 .. kk)).
     """
-    if not _attrs_known(cx, node, ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")):
+    if not _attrs_known(cx, node, _CONV_ATTRS):
         return
     x, w, y = node.input[0], node.input[1], node.output[0]
     if not _constant_weight(cx, w):
@@ -1759,18 +1776,18 @@ def ms_matmul_nbits(cx, node):
 
 _FUSED_ACTIVATIONS = {"", "Identity", "Relu", "LeakyRelu", "Tanh", "Sigmoid", "HardSigmoid", "Clip", "Elu",
                       "Selu", "Softsign", "Softplus", "ThresholdedRelu", "ScaledTanh", "ParametricSoftplus"}
-_CONV_ATTRS = {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}
 
 
 def _fusion_understood(cx, node, attrs) -> bool:
-    """Whether every attribute of ``node`` is in ``attrs`` and its ``activation`` is an element-wise
-    function of one value; else the node is blocked, naming what is not understood."""
-    names = [a.name for a in node.attribute] if hasattr(node, "attribute") else list(node.attrs)
-    extra = sorted(n for n in names if n not in attrs)
+    """Whether every attribute of ``node`` is in ``attrs`` (:func:`_attrs_known`) and its
+    ``activation`` is an element-wise function of one value; else the node is blocked, naming what
+    is not understood."""
+    if not _attrs_known(cx, node, attrs):
+        return False
     act = cx.attr("activation", b"")
     act = act.decode() if isinstance(act, bytes) else str(act)
-    if extra or act not in _FUSED_ACTIVATIONS:
-        cx.block(node, f"attribute {extra[0]!r} not understood" if extra else f"fused activation {act!r}")
+    if act not in _FUSED_ACTIVATIONS:
+        cx.block(node, f"fused activation {act!r}")
         return False
     return True
 
@@ -1816,16 +1833,13 @@ def ms_fused_matmul(cx, node):
     if cx.attr("transBatchA", 0) or cx.attr("transBatchB", 0) or min(len(cx.shape(a)), len(cx.shape(b))) < 2:
         cx.block(node, "batch transposes or operands of rank < 2")
         return
-    xa, xb, xy = list(cx.ax(a)), list(cx.ax(b)), cx.ax(y)
+    xa, xb = list(cx.ax(a)), list(cx.ax(b))
     if cx.attr("transA", 0):
         xa[-2:] = xa[:-3:-1]
     if cx.attr("transB", 0):
         xb[-2:] = xb[:-3:-1]
     cx.mixes(xa[-1])
-    cx.tie(xa[-1], xb[-2])
-    cx.tie(xa[-2], xy[-2])
-    cx.tie(xb[-1], xy[-1])
-    _batch(cx, [(a, 2), (b, 2)], y, 2)
+    _matrices(cx, (a, xa), (b, xb), (y, cx.ax(y)))
 
 
 NCHWC = "com.microsoft.nchwc::"
