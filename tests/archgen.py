@@ -307,7 +307,7 @@ def _attention(draw, s: _State):
     head_dim = draw(st.integers(2, 6))
     block = {"op": "attention", "d": s.c, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
              "sdpa": draw(st.booleans()), "causal": draw(st.booleans()), "residual": draw(st.booleans()),
-             "bias": draw(st.booleans()), "packed": draw(st.booleans())}
+             "bias": draw(st.booleans()), "packed": draw(st.sampled_from((False, True, "grouped")))}
     return block, s
 
 
@@ -675,7 +675,10 @@ class Attention(nn.Module):
         super().__init__()
         d, self.h, self.kv, self.hd = b["d"], b["heads"], b["kv_heads"], b["head_dim"]
         self.sdpa, self.causal, self.residual = b["sdpa"], b["causal"], b["residual"]
-        self.packed = b.get("packed", False)  # one qkv projection, split (Phi-3's qkv_proj)
+        # one qkv projection: True splits it (Phi-3's qkv_proj); "grouped" views it as (kv heads,
+        # query heads per kv head + 2, head dim) and slices the middle axis (Falcon's query_key_value)
+        self.packed = b.get("packed", False)
+        self.rope = bool(b.get("rope"))  # rotary embedding of the query/key dims
         if self.packed:
             self.qkv = nn.Linear(d, (self.h + 2 * self.kv) * self.hd, bias=b["bias"])
         else:
@@ -688,6 +691,15 @@ class Attention(nn.Module):
         n, seq = t.shape[:2]
         return t.view(n, seq, heads, self.hd).transpose(1, 2)
 
+    @staticmethod
+    def _rotate(t):
+        """Dim pairs ``(i, i + hd/2)`` turned by position x frequency ``10000 ** (-i / (hd/2))``
+        (tables computed from ``arange``, as no exporter stores them as weights)."""
+        half, seq = t.shape[-1] // 2, t.shape[-2]
+        freq = 10000.0 ** (-torch.arange(half, dtype=t.dtype) / half)
+        angle = torch.outer(torch.arange(seq, dtype=t.dtype) + 1.0, freq).repeat(1, 2)
+        return t * angle.cos() + torch.cat([-t[..., half:], t[..., :half]], -1) * angle.sin()
+
     def _attend(self, q, k, v):
         if self.sdpa:
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
@@ -699,11 +711,21 @@ class Attention(nn.Module):
         return scores.softmax(-1) @ v
 
     def forward(self, x):
-        if self.packed:
-            q, k, v = self.qkv(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], -1)
+        if self.packed == "grouped":
+            n, seq = x.shape[:2]
+            t = self.qkv(x).view(n, seq, self.kv, self.h // self.kv + 2, self.hd)
+            q, k, v = t[:, :, :, :-2], t[:, :, :, [-2]], t[:, :, :, [-1]]
+            q = q.flatten(2, 3).transpose(1, 2)
+            k, v = k.flatten(2, 3).transpose(1, 2), v.flatten(2, 3).transpose(1, 2)
         else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q, k, v = self._split_heads(q, self.h), self._split_heads(k, self.kv), self._split_heads(v, self.kv)
+            if self.packed:
+                q, k, v = self.qkv(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], -1)
+            else:
+                q, k, v = self.q(x), self.k(x), self.v(x)
+            q, k, v = (self._split_heads(q, self.h), self._split_heads(k, self.kv),
+                       self._split_heads(v, self.kv))
+        if self.rope:
+            q, k = self._rotate(q), self._rotate(k)
         if self.kv < self.h:
             k = k.repeat_interleave(self.h // self.kv, dim=1)
             v = v.repeat_interleave(self.h // self.kv, dim=1)

@@ -298,8 +298,9 @@ def _hand_model(kind, pick="Gather"):
 PROVEN_MIDS = ["layernorm", "softmax", "transpose", "split_concat", "slice", "center", "fixed_matmul",
                "shape"]
 # the hidden units meet a tensor without an experts axis (a LayerNorm's scale, a matrix shared by
-# every expert, a ConstantOfShape of the rows): one class serves every expert, by the nesting rules
-SHARED_MIDS = ["layernorm", "fixed_matmul", "shape"]
+# every expert): one class serves every expert, by the nesting rules. A ConstantOfShape of the rows
+# ("shape") has all elements equal: it ties nothing (infer._filled), so each expert keeps its own
+SHARED_MIDS = ["layernorm", "fixed_matmul"]
 ROW_MIDS = ["softmax_rows", "cumsum_rows", "reduce_rows", "reverse_rows", "transpose_rows", "gather_rows",
             "matmul_rows", "labels_as_numbers"]
 

@@ -200,7 +200,7 @@ def _head(cin: int, cout: int = 2, pool: str = "none") -> dict:
     return {"op": "head", "pool": pool, "cin": cin, "cout": cout}
 
 
-# architectures the fuzz profile found unsound once, checked on every run
+# architectures the fuzz profile found unsound (or the frontends disagreeing) once, checked on every run
 REGRESSIONS = {
     # per-head LayerNorm (2 x 12) then per-head softmax (8 x 3) over a padded axis: the torch
     # path's families let 3-blocks move across the 12-heads (an instance counted as held by its
@@ -213,11 +213,21 @@ REGRESSIONS = {
     # group-limited routing after a padded stream: the TorchScript export writes the routing's
     # zeros_like(scores[..., :2]) as a Slice read only by Shape, which cut the experts axis into
     # pieces on the ONNX path (the groups of 2 experts could not swap; the torch path lowers it
-    # to a fill): a node whose outputs only Shape reads constrains nothing (infer._shape_only)
+    # to a fill): a node whose outputs only Shape reads constrains nothing (infer._unread)
     "routing_slice_read_for_shape": Arch("vec", (2,), (
         _linear(2, 12), {"op": "act", "kind": "relu"}, {"op": "pad", "before": 0, "after": 1},
         {"op": "moe", "d": 13, "experts": 4, "k": 1, "hidden": 2, "kind": "relu", "residual": False,
          "stacked": True, "routing": "grouped"}), _head(13)),
+    # a concatenation of two branches narrowed to the first: the second branch is dead. The torch
+    # path read the narrow from the first branch and skipped the rest; the ONNX export computes the
+    # narrow's end with an Add of constants, which read_pieces and dead weights had to see through
+    # (frontends disagreed; both sound)
+    "dead_branch_vec": Arch("vec", (2,), ({"op": "concat", "cin": 2, "a": 2, "b": 2, "identity": False,
+                                           "kind": "relu"}, {"op": "narrow", "start": 0, "length": 2}),
+                            _head(2)),
+    "dead_branch_seq": Arch("seq", (3, 2), ({"op": "concat", "cin": 2, "a": 2, "b": 2, "identity": True,
+                                             "kind": "relu"}, {"op": "narrow", "start": 0, "length": 2}),
+                            _head(2)),
 }
 
 
@@ -258,6 +268,9 @@ FOUND = {
     # the kv heads (2) with their query heads; the 2 query heads of each kv head (2 classes of 2);
     # the query/key dims and the value/output dims of each kv head (4 classes of 4)
     "gqa": (Arch("seq", (3, 8), (_GQA,), _head(8)), {2: 3, 4: 4}),
+    # the same, from one projection viewed as (kv heads, 2 query heads + key + value, 4 dims) and
+    # sliced on its middle axis (Falcon's query_key_value): the same classes
+    "gqa-grouped": (Arch("seq", (3, 8), ({**_GQA, "packed": "grouped"},), _head(8)), {2: 3, 4: 4}),
     "prelu": (_after_linear({"op": "act", "kind": "prelu", "c": 7}, 7), {7: 1}),
     # GroupNorm(2, 8) after a conv: the 2 groups, and the 4 channels of each group on their own
     "groupnorm": (Arch("conv2d", (3, 5, 5), (

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import math
 import re
 
 import numpy as np
@@ -20,8 +21,8 @@ from rebasin.graph.axes import AxisAlgebra
 from rebasin.graph.ir import Graph, attr
 from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.picked_rows import dense_label_picks
-from rebasin.graph.rules import PACKED_INPUTS, RULES, reads_shape_only
-from rebasin.graph.slots import split_slots
+from rebasin.graph.rules import PACKED_INPUTS, RULES, UNARY, reads_shape_only
+from rebasin.graph.slots import read_pieces, split_slots
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 
 
@@ -39,6 +40,7 @@ class _Context:
         self.packed: set[str] = set()  # integer initializers holding weights (quantized blobs)
         self._by_name = dict(g.nodes)
         self._producers = self._readers = None
+        self.unread = _unread(g)  # nodes no output depends on: no rule runs, no reader counts
         self.uniform = _uniform_axes(g)  # tensor -> axes along which its values are all equal
         self._views: dict[tuple[str, str], list[int]] = {}
 
@@ -46,7 +48,9 @@ class _Context:
         """The nodes that read tensor ``name`` (each once)."""
         if self._readers is None:  # op and tensor names may coincide (torch): not from nx_graph
             self._readers = {}
-            for _, n in self.g.nodes:
+            for label, n in self.g.nodes:
+                if label in self.unread:
+                    continue
                 for x in dict.fromkeys(x for x in n.input if x):
                     self._readers.setdefault(x, []).append(n)
         return list(self._readers.get(name, ()))
@@ -193,13 +197,12 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     else:
         g = build_graph(model, feeds)
     hashed = graph_hash(g)  # of the graph as the frontend gave it (what model_graph_hash sees)
-    g = dense_label_picks(split_slots(g))
+    g = dense_label_picks(split_slots(read_pieces(g)))
     cx = _Context(g, strict)
-    unread = _shape_only(g)
     for name, node in g.nodes:
         cx.node, cx.node_name = node, name
         fn = RULES.get(rule_key(node))
-        if node.op_type == "Constant" or name in unread:
+        if node.op_type == "Constant" or name in cx.unread:
             continue
         if fn is None or name in g.subgraph_reads:
             why = (f"op {node.op_type!r} has sub-graphs" if name in g.subgraph_reads else
@@ -243,13 +246,17 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     return dataclasses.replace(spec, source=g.frontend, graph_hash=hashed)
 
 
-def _shape_only(g: Graph) -> set:
-    """ONNX nodes whose outputs no value reads: every reader takes only their shape (``Shape``,
+def _unread(g: Graph) -> set:
+    """Nodes whose outputs no value reads: every reader takes only their shape (``Shape``,
     ``Size``), transitively, and none is a graph output (``zeros_like(x[..., :2])`` exported as a
-    Slice read by Shape). A permutation never changes a shape, so such a node constrains nothing.
-    Not for the torch IR, whose ops may write their inputs in place (a value read by nothing may
-    still be written)."""
-    if g.frontend != "onnx":
+    Slice read by Shape), or nothing reads them at all (a recurrent state a traced model builds
+    and never returns). A permutation never changes a shape, and a value no output depends on
+    cannot change an output, so such a node constrains nothing.
+
+    The torch IR keeps a tensor written in place under one name (its readers see the written
+    values, see ``Graph.written``): a node that reads or makes such a tensor may write it, and is
+    kept with everything it reads."""
+    if g.written is None:
         return set()
     readers: dict[str, list] = {}
     for name, node in g.nodes:
@@ -260,7 +267,7 @@ def _shape_only(g: Graph) -> set:
     for name, node in reversed(g.nodes):  # readers come later in topological order
         outs = [y for y in node.output if y]
         if node.domain not in ("", "ai.onnx") or reads_shape_only(node) or not outs \
-                or name in g.subgraph_reads:
+                or name in g.subgraph_reads or g.written & {*node.input, *outs}:
             continue
         if all(y not in g.outputs and all(reads_shape_only(n) or r in unread for r, n in readers.get(y, ()))
                for y in outs):
@@ -485,7 +492,45 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
                 and bool(np.all(a == np.take(a, [0], axis=k)))}
         if axes:
             out[name] = axes
+    for name in _filled(g, out):
+        out[name] = {k for k, n in enumerate(g.shapes[name]) if n > 1}
     return out
+
+
+# element-wise ops (every input's element at one position makes the output's there) and views:
+# all-equal inputs make an all-equal output; for views only the data input counts
+_ELEMENTWISE = set(UNARY) | {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean",
+                             "Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
+                             "And", "Or", "Xor", "Clip", "Dropout"}
+_VIEWS = {"Expand", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Tile"}
+
+
+def _filled(g: Graph, uniform: dict) -> list[str]:
+    """Computed tensors whose elements are all equal for every input: ``ConstantOfShape`` outputs
+    and element-wise ops or views of such tensors, of single elements (a scalar, even one computed
+    from the input) and of constants equal along all their axes (a mask filled with ``-1e38``
+    that each layer of a recurrent model reads at its own index). Such a tensor is unchanged by
+    every permutation of every axis, so it ties nothing. Not a tensor written in place (torch IR:
+    its readers see the written values)."""
+    written = g.written or frozenset()
+
+    def even(x):
+        shape = g.shapes.get(x)
+        if x in g.inputs or x in written or shape is None:
+            return False
+        return x in filled or math.prod(shape) == 1 or (
+            x in uniform and uniform[x] == {k for k, n in enumerate(shape) if n > 1})
+
+    filled: list[str] = []
+    for _, node in g.nodes:
+        if node.domain not in ("", "ai.onnx") or len(node.output) != 1 or node.output[0] in written \
+                or node.output[0] not in g.shapes:
+            continue
+        op, data = node.op_type, [x for x in node.input if x]
+        if op == "ConstantOfShape" or (op in _ELEMENTWISE and data and all(map(even, data))) or (
+                op in _VIEWS and data and even(data[0])):
+            filled.append(node.output[0])
+    return filled
 
 
 def _pin_shared_uniform(cx: _Context) -> None:

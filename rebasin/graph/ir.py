@@ -49,6 +49,9 @@ class Graph:
     # values of fixed float tensors that are not weights (non-persistent buffers, traced constants),
     # read only to find the axes along which they are constant
     constant_values: dict[str, np.ndarray] = field(default_factory=dict)
+    # torch IR: tensors an op writes in place (its readers see the written values), or None where
+    # the frontend cannot tell (a node whose outputs nothing reads may still have written them)
+    written: frozenset | None = frozenset()
 
 
 def attr(node, name: str, default=None):

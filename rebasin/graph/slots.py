@@ -2,12 +2,22 @@
 
 A packed q/k/v projection computes ``X = x @ W_qkv`` with a last axis of ``3 * E``, reshapes it to
 ``(.., 3, E)`` (possibly moving the 3 around with Transpose / Unsqueeze / Squeeze) and then takes
-q, k and v out of the slot axis with constant-index ``Gather`` (``select``) or a ``Split`` into
-size-1 pieces (``unbind``). Analysed as written, the three slots share one variable for ``E``, so
-the value dims would have to move with the query/key dims. The same function is computed by
-splitting ``X`` into its three slots first and replaying the reshape chain per slot; analysed
-that way each slot has variables of its own (the rules still tie whatever the model ties: q and
-k through their product, heads through the attention batch axis).
+q, k and v out of the slot axis with constant-index ``Gather`` (``select``, or one ascending run
+of indices as in ``qkv[..., [-2]]``), a ``Split`` (``unbind``, or pieces of any sizes) or a
+``Slice`` of that axis. Analysed as written, the slots share one variable for ``E``, so the value
+dims would have to move with the query/key dims (and stay in place wherever rotary tables pin
+those). The same function is computed by splitting ``X`` into its slot segments first and replaying
+the reshape chain per segment; analysed that way each segment has variables of its own (the rules
+still tie whatever the model ties: q and k through their product, heads through the attention
+batch axis).
+
+The slot axis need not be the outermost factor of its reshape group: Falcon's and BLOOM's
+``(.., kv heads, query heads per kv head + 2, head dim)`` hold the kv heads outside it. ``X``'s
+axis is then first folded into ``(kv heads, the rest)`` and the rest split, so the kv heads stay
+one variable that every segment shares (the pieces of one kv head move together).
+
+The readers' runs must cut the slot axis into segments (two runs are equal or disjoint): where they
+overlap the graph is left as it is.
 
 The rewrite only changes what the rules see: the weights, their names and axes are the
 model's, so a permutation sound for the rewritten graph is sound for the model.
@@ -23,6 +33,9 @@ from rebasin.graph.ir import Graph, Node, attr, to_networkx
 from rebasin.graph.rules import reshape_groups
 
 _CHAIN = {"Unsqueeze", "Squeeze", "Identity", "Transpose"}
+_VIEWS = {"Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
+# deterministic ops whose result the shape-discovery run computed: from constants, a constant
+_ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Neg", "Concat", "Cast", "Range", "Min", "Max", "Abs", "Mod"}
 
 
 def split_slots(g: Graph) -> Graph:
@@ -41,8 +54,7 @@ def split_slots(g: Graph) -> Graph:
             if x:
                 consumers.setdefault(x, []).append((name, n))
     plans, order = [], {name: i for i, (name, _) in enumerate(g.nodes)}
-    # constant indices only: a value the shape-discovery run computed may depend on the input
-    fixed = {k: v for k, v in g.values.items() if k not in producer or producer[k][1].op_type == "Constant"}
+    fixed = _fixed_values(g, producer)
     for t, users in consumers.items():
         try:
             plan = _plan(g, t, users, producer, consumers, order, fixed)
@@ -68,33 +80,146 @@ def split_slots(g: Graph) -> Graph:
                                capturable=[c for c in g.capturable if c not in gone or c in kept])
 
 
+def read_pieces(g: Graph) -> Graph:
+    """``g`` with each reader of a concatenation that reads runs of the concatenated axis lying
+    inside one input each (constant-index ``Gather``, ``Slice`` of that axis alone, ``Split``; see
+    :func:`_runs`) reading those inputs instead: ``concat(a, b)[..., i]`` is ``b[..., i - len(a)]``.
+
+    Read through the concatenation, the reader's other axes would be tied to every input's (one
+    variable per axis of the concatenation): a recurrent state that each layer writes at its own
+    index (``select_scatter``, lowered to a concatenation of pieces) and the next layer reads at
+    its own would tie all layers' channels. A concatenation no longer read is left to the pass
+    (a node nothing reads constrains nothing). The function is unchanged; weights are not touched.
+    """
+    producer = {y: n for _, n in g.nodes for y in n.output if y}
+    fixed = _fixed_values(g, {y: (None, n) for y, n in producer.items()})
+    nodes, shapes, values, changed = [], dict(g.shapes), dict(g.values), False
+    for name, n in g.nodes:
+        c = producer.get(n.input[0]) if n.input else None
+        new = None
+        if c is not None and c.op_type == "Concat" and _standard(c) and _standard(n):
+            try:
+                new = _piece_reads(g, name, n, c, fixed, shapes, values)
+            except (KeyError, IndexError, ValueError, TypeError):  # shapes or attributes missing
+                new = None
+        nodes.extend(new or [(name, n)])
+        changed |= bool(new)
+    if not changed:
+        return g
+    return dataclasses.replace(g, nodes=nodes, nx_graph=to_networkx(nodes), shapes=shapes, values=values)
+
+
+def _piece_reads(g, name, n, concat, fixed, shapes, values):
+    """The nodes that read ``n``'s runs from ``concat``'s inputs, or None."""
+    t = n.input[0]
+    rank = len(g.shapes[t])
+    if t in n.input[1:]:
+        return None
+    runs = _runs(g, n, rank, fixed)
+    axis = _norm(int(attr(concat, "axis")), rank)
+    if runs is None or runs[0] != axis:
+        return None
+    pieces, at = [], 0
+    for x in concat.input:
+        if x:
+            pieces.append((at, at + g.shapes[x][axis], x))
+            at = pieces[-1][1]
+    out = []
+    for k, ((lo, hi), y) in enumerate(sorted(runs[1].items())):
+        inside = [(a, x) for a, b, x in pieces if a <= lo and hi <= b]
+        if not inside:
+            return None
+        a, x = inside[0]
+        src = x
+        if (lo - a, hi - a) != (0, g.shapes[x][axis]):
+            src = f"{name}::piece{k}"
+            shapes[src] = tuple(hi - lo if i == axis else d for i, d in enumerate(g.shapes[x]))
+            bounds = [f"{src}::{what}" for what in ("starts", "ends", "axes")]
+            for b, v in zip(bounds, (lo - a, hi - a, axis)):
+                values[b], shapes[b] = np.array([v], dtype=np.int64), (1,)
+            out.append((f"{name}::piece{k}", Node("Slice", [x, *bounds], [src])))
+        out.append((f"{name}::read{k}", Node("Reshape", [src], [y])))
+    return out
+
+
+def _fixed_values(g, producer) -> dict:
+    """Tensor -> values, for those that hold the same values for every input: initializers,
+    ``Constant`` outputs, and views of them (a traced ``torch.tensor([-2])``, an Unsqueeze of a
+    scalar bound); a value the shape-discovery run computed from an input may depend on it."""
+    fixed = {k: v for k, v in g.values.items() if k not in producer or producer[k][1].op_type == "Constant"}
+    for _, n in g.nodes:
+        if not _standard(n) or not n.input or not all(x in fixed for x in n.input if x):
+            continue
+        if n.op_type in _VIEWS and n.output and n.output[0] in g.shapes:
+            fixed[n.output[0]] = np.reshape(fixed[n.input[0]], g.shapes[n.output[0]])
+        elif n.op_type in _ARITHMETIC and len(n.output) == 1 and n.output[0] in g.values:
+            fixed[n.output[0]] = g.values[n.output[0]]  # computed from constants alone
+    return fixed
+
+
 def _selectors(g, t, users, fixed):
-    """Slot readers of ``t``: [(name, node, {slot: output}, axis)] all on one axis, or None."""
+    """Slot readers of ``t``: [(name, node, {(lo, hi): output}, axis)], all on one axis, each output
+    reading one run ``lo:hi`` of it (a constant-index ``Gather`` of one index or of one ascending run,
+    a ``Split``, a ``Slice`` of that axis alone with step 1), the runs of all readers cutting the axis
+    into segments (two runs overlap only where they are equal); or None."""
     out, axis = [], None
     rank = len(g.shapes[t])
     for name, n in users:
-        if not _standard(n):
+        if not _standard(n) or n.input[0] != t or t in n.input[1:]:
             return None
-        if n.op_type == "Gather" and n.input[0] == t and n.input[1] in fixed:
-            idx = np.asarray(fixed[n.input[1]])
-            a = _norm(int(attr(n, "axis", 0)), rank)
-            if idx.size != 1:
-                return None
-            i = int(idx.ravel()[0]) % g.shapes[t][a]
-            out.append((name, n, {i: n.output[0]}, a))
-        elif n.op_type == "Split" and n.input[0] == t:
-            a = _norm(int(attr(n, "axis", 0)), rank)
-            outs = list(n.output)
-            if len(outs) != g.shapes[t][a] or any(not y or g.shapes.get(y, (0,) * rank)[a] != 1
-                                                  for y in outs):
-                return None
-            out.append((name, n, dict(enumerate(outs)), a))
-        else:
+        runs = _runs(g, n, rank, fixed)
+        if runs is None:
             return None
+        out.append((name, n, runs[1], runs[0]))
         if axis is not None and out[-1][3] != axis:
             return None
         axis = out[-1][3]
+    if not out:
+        return out
+    size = g.shapes[t][axis]
+    cuts = {0, size} | {b for _, _, runs, _ in out for run in runs for b in run}
+    if any(c for _, _, runs, _ in out for lo, hi in runs for c in cuts if lo < c < hi):
+        return None
     return out
+
+
+def _runs(g, n, rank, fixed):
+    """``(axis, {(lo, hi): output})``: the runs of one axis a slot reader reads, or None. Gather
+    indices must be ``fixed`` (the same for every input: indices a model computes may not be);
+    Slice bounds are read as the Slice rule reads them."""
+    shape = g.shapes[n.input[0]]
+    if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in fixed:
+        a = _norm(int(attr(n, "axis", 0)), rank)
+        idx = np.asarray(fixed[n.input[1]])
+        if idx.dtype.kind not in "iu" or idx.ndim > 1 or idx.size == 0 or \
+                np.any(idx < -shape[a]) or np.any(idx >= shape[a]):
+            return None
+        pos = np.where(idx < 0, idx + shape[a], idx).ravel()
+        if np.any(np.diff(pos) != 1):
+            return None
+        return a, {(int(pos[0]), int(pos[-1]) + 1): n.output[0]}
+    if n.op_type == "Split":
+        a = _norm(int(attr(n, "axis", 0)), rank)
+        if any(not y or y not in g.shapes for y in n.output):
+            return None
+        sizes = [g.shapes[y][a] for y in n.output]
+        if sum(sizes) != shape[a] or 0 in sizes:
+            return None
+        ends = np.cumsum(sizes).tolist()
+        return a, {(e - s, e): y for s, e, y in zip(sizes, ends, n.output)}
+    if n.op_type == "Slice":  # bounds as the Slice rule reads them (a static-shape computation)
+        vals = [g.values.get(x) if x else None for x in list(n.input[1:5]) + [""] * (5 - len(n.input))]
+        starts, ends, axes, steps = vals
+        if starts is None or ends is None or np.size(starts) != 1 or len(n.input) > 3 and n.input[3] \
+                and axes is None or len(n.input) > 4 and n.input[4] and steps is None:
+            return None
+        if steps is not None and int(np.ravel(steps)[0]) != 1:
+            return None
+        a = _norm(int(np.ravel(axes)[0]), rank) if axes is not None else 0
+        lo, hi = (int(np.ravel(v)[0]) for v in (starts, ends))
+        lo, hi = (min(max(v + shape[a] if v < 0 else v, 0), shape[a]) for v in (lo, hi))
+        return (a, {(lo, hi): n.output[0]}) if lo < hi else None
+    return None
 
 
 def _standard(n) -> bool:
@@ -153,42 +278,53 @@ def _plan(g, t, users, producer, consumers, order, fixed):
     x, r = src, cur
     if x not in g.shapes or r in g.outputs or x in g.values:
         return None
-    k = _source_axis(g.shapes[x], g.shapes[r], ax)
-    if k is None:
+    source = _source_axis(g.shapes[x], g.shapes[r], ax)
+    if source is None:
         return None
-    return {"x": x, "k": k, "n": n, "reshape": (pname, p), "r_axis": ax, "chain": chain[::-1],
+    k, outer = source
+    cuts = sorted({0, n} | {b for _, _, runs, _ in sel for run in runs for b in run})
+    return {"x": x, "k": k, "n": n, "outer": outer, "segments": list(zip(cuts, cuts[1:])),
+            "reshape": (pname, p), "r_axis": ax, "chain": chain[::-1],
             "selectors": sel, "at": min((s[0] for s in sel), key=order.__getitem__),
             "removed": {pname, *(c[0] for c in chain), *(s[0] for s in sel)}}
 
 
 def _source_axis(xs, rs, ax):
-    """The axis of ``xs`` that the reshape splits into a group of ``rs`` axes starting at ``ax``
-    (the slot axis is the outermost factor), or None."""
+    """``(k, outer)``: the axis ``k`` of ``xs`` that the reshape splits into a group of ``rs`` axes
+    holding the slot axis ``ax``, and the product ``outer`` of the group's axes before it (1 where
+    the slot axis is the outermost factor); or None."""
     try:
         for gi, gj in reshape_groups(xs, rs):
             if ax in gj:
-                return gi[0] if len(gi) == 1 and gj[0] == ax else None
+                return (gi[0], int(np.prod([rs[j] for j in gj if j < ax]))) if len(gi) == 1 else None
     except ValueError:  # not a reshape
         return None
     return None
 
 
 def _rewrite(g, plan, shapes):
-    """New (name, Node) pairs: Split of the source, then the reshape chain replayed per slot."""
-    x, k, n = plan["x"], plan["k"], plan["n"]
+    """New (name, Node) pairs: Split of the source into the slot segments (after folding the factors
+    before the slot axis out of its axis, where there are any), then the reshape chain replayed
+    per segment."""
+    x, k, n, outer = plan["x"], plan["k"], plan["n"], plan["outer"]
     rname, rnode = plan["reshape"]
     base = f"{rname}::slot"
-    pieces = [f"{x}::slot{s}" for s in range(n)]
     xs = list(g.shapes[x])
-    xs[k] //= n
-    for p in pieces:
-        shapes[p] = tuple(xs)
-    out = [(f"{base}/split", Node("Split", [x], pieces, {"axis": k}))]
-    ax = plan["r_axis"]
+    inner = xs[k] // outer // n  # items of x's axis per slot item
+    out, src = [], x
+    if outer > 1:  # (.., outer * n * inner, ..) -> (.., outer, n * inner, ..): the slot axis outermost
+        src, xs = f"{x}::slots", xs[:k] + [outer, xs[k] // outer] + xs[k + 1:]
+        shapes[src] = tuple(xs)
+        out.append((f"{base}/fold", Node("Reshape", [x], [src])))
+        k += 1
+    pieces = [f"{x}::slot{s}" for s in range(len(plan["segments"]))]
+    for p, (lo, hi) in zip(pieces, plan["segments"]):
+        shapes[p] = tuple(xs[:k] + [(hi - lo) * inner] + xs[k + 1:])
+    out.append((f"{base}/split", Node("Split", [src], pieces, {"axis": k})))
     steps = [(rname, rnode)] + plan["chain"]
-    for s in range(n):
+    for s, (lo, hi) in enumerate(plan["segments"]):
         prev = pieces[s]
-        a = ax
+        a = plan["r_axis"]
         for i, (name, node) in enumerate(steps):
             y = node.output[0]
             ys = list(g.shapes[y])
@@ -200,7 +336,7 @@ def _rewrite(g, plan, shapes):
             else:
                 k2 = [j for j, v in enumerate(g.shapes[node.input[0]]) if v != 1].index(a)
                 a = _nth_big(ys, k2)
-            ys[a] = 1
+            ys[a] = hi - lo
             new = f"{y}::slot{s}"
             shapes[new] = tuple(ys)
             if node.op_type == "Transpose":
@@ -209,7 +345,7 @@ def _rewrite(g, plan, shapes):
             else:
                 out.append((f"{name}::slot{s}", Node("Reshape", [prev], [new])))
             prev = new
-        for name, _, slots, _ in plan["selectors"]:
-            if s in slots:
-                out.append((f"{name}::slot{s}", Node("Reshape", [prev], [slots[s]])))
+        for name, _, runs, _ in plan["selectors"]:
+            if (lo, hi) in runs:
+                out.append((f"{name}::slot{s}", Node("Reshape", [prev], [runs[(lo, hi)]])))
     return out

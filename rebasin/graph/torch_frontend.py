@@ -1584,7 +1584,8 @@ def lower(tr: Traced, model) -> Graph:
     return Graph(tr, to_networkx(b.nodes), b.nodes, b.shapes, {**values, **b.values}, weights, inputs,
                  outputs, constants=constants, aliases=aliases, frontend=frontend,
                  capturable=capturable, shape_only=shape_only,
-                 constant_values={k: v for k, v in fixed.items() if k not in written})
+                 constant_values={k: v for k, v in fixed.items() if k not in written},
+                 written=frozenset(written))
 
 
 def _written_in_place(graph, names: dict) -> set:

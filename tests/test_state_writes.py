@@ -1,0 +1,111 @@
+"""A recurrent state written slot by slot (RWKV's layout): every layer reads and writes its own
+index of one tensor, which the model never returns.
+
+Three general rules find that the layers' units are independent (each is needed, and tested
+here through the one model that needs all three):
+
+- a reader of a concatenation that reads inside one input reads that input
+  (``rebasin.graph.slots.read_pieces``; ``select_scatter`` is lowered to a concatenation);
+- a node no output depends on constrains nothing (the final state);
+- a tensor whose elements are all equal ties nothing (``zeros(..) - 1e3``, the initial state).
+
+Hand count: the residual stream is the model's input and output (fixed); each layer's hidden
+units (5) are a class of their own: 2 classes of 5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import rebasin
+from tests.corpus import export_script
+
+
+class Recurrent(nn.Module):
+    def __init__(self, d: int = 6, c: int = 5, layers: int = 2):
+        super().__init__()
+        self.c = c
+        self.a = nn.ModuleList(nn.Linear(d, c) for _ in range(layers))
+        self.b = nn.ModuleList(nn.Linear(c, d) for _ in range(layers))
+
+    def forward(self, x):
+        state = torch.zeros(x.shape[0], self.c, len(self.a)) - 1e3
+        for i, (a, b) in enumerate(zip(self.a, self.b)):
+            h = torch.maximum(torch.relu(a(x)), state[:, :, i])
+            state[:, :, i] = h
+            x = x + b(h)
+        return x
+
+
+def _model():
+    torch.manual_seed(0)
+    m = Recurrent().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m, (torch.randn(3, 6),)
+
+
+def test_layers_writing_one_state_keep_their_own_units():
+    model, inputs = _model()
+    spec = rebasin.infer_spec(model, inputs)
+    assert sorted(c.size for c in spec.classes) == [5, 5], spec.table()
+    assert {frozenset(m.tensor for m in c.members) for c in spec.classes} == {
+        frozenset({f"a.{i}.weight", f"a.{i}.bias", f"b.{i}.weight"}) for i in (0, 1)}
+    y = model(*inputs)
+    assert float(y.detach().std()) > 0.1  # the check below is not vacuous
+    for s in (0, 1, 2):
+        sd = rebasin.apply_permutation(model.state_dict(), spec, spec.random_permutations(s))
+        assert rebasin.verify_torch(model, sd, inputs).equal
+
+
+def test_onnx_export_of_the_state_writes_is_sound(tmp_path):
+    """The TorchScript exporter writes the slots with ``ScatterND``, which has no rule: blocked."""
+    model, inputs = _model()
+    path = tmp_path / "rec.onnx"
+    export_script(model, inputs, path)
+    spec = rebasin.infer_spec(str(path))
+    assert any("ScatterND" in b.reason for b in spec.blocked)
+    for s in (0, 1):
+        assert rebasin.verify(path, rebasin.apply_permutation(path, spec, spec.random_permutations(s))).equal
+
+
+def _filled_graph(fill: str):
+    """x @ W1 and x @ W2 each floored by one shared tensor, then projected apart: the shared
+    tensor is ``ConstantOfShape`` minus 1 (all elements equal: it ties nothing, 2 classes of 4), or
+    a learned-like constant with different values (it ties both hidden axes: 1 class)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype("f"), n)
+             for n, s in [("w1", (3, 4)), ("w2", (3, 4)), ("a", (4, 2)), ("b", (4, 2))]]
+    inits += [numpy_helper.from_array(np.array([2, 4], dtype=np.int64), "shape"),
+              numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("MatMul", ["x", "w2"], ["h2"])]
+    if fill == "filled":
+        nodes += [helper.make_node("ConstantOfShape", ["shape"], ["f"],
+                                   value=numpy_helper.from_array(np.array([-0.5], dtype=np.float32))),
+                  helper.make_node("Sub", ["f", "one"], ["g"])]
+    else:
+        nodes.append(helper.make_node("Constant", [], ["g"], value=numpy_helper.from_array(
+            rng.standard_normal((2, 4)).astype("f"))))
+    nodes += [helper.make_node("Max", ["h1", "g"], ["m1"]), helper.make_node("Max", ["h2", "g"], ["m2"]),
+              helper.make_node("MatMul", ["m1", "a"], ["y1"]),
+              helper.make_node("MatMul", ["m2", "b"], ["y2"]),
+              helper.make_node("Add", ["y1", "y2"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("fill, sizes", [("filled", [4, 4]), ("varied", [4])])
+def test_an_all_equal_computed_tensor_ties_nothing(fill, sizes):
+    m = _filled_graph(fill)
+    spec = rebasin.infer_spec(m)
+    hidden = sorted(c.size for c in spec.classes if any(mem.tensor in ("w1", "w2") for mem in c.members))
+    assert hidden == sizes, spec.table()
+    for s in (0, 1, 2):
+        assert rebasin.verify(m, rebasin.apply_permutation(m, spec, spec.random_permutations(s))).equal
