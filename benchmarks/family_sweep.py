@@ -6,6 +6,10 @@ stream stays in place).
 
 Run (from the repository root; a few minutes on 2 cores):
     python -m benchmarks.family_sweep [model_type ...]
+
+``--onnx`` takes the same models through the TorchScript ONNX export instead (the corpus's
+exporter; verified on onnxruntime). Float constants of the export (rotary frequencies) are
+initializers there, so they may form classes the torch path, which freezes buffers, has not.
 """
 
 from __future__ import annotations
@@ -80,15 +84,32 @@ def build(model_type: str):
     return _Hidden(model, bool(getattr(cfg, "is_encoder_decoder", False))).eval(), (ids,)
 
 
-def main(types):
+def _onnx_check(model, x, workdir):
+    from tests.corpus import export_script
+
+    path = f"{workdir}/model.onnx"
+    export_script(model, x, path)
+    spec = rebasin.infer_spec(path)
+    sound = all(rebasin.verify(path, rebasin.apply_permutation(path, spec, spec.random_permutations(s))).equal
+                for s in (0, 1))
+    return spec, sound
+
+
+def main(types, onnx: bool = False):
+    import tempfile
+
     print("| family | classes | log-sym | most blocked by (besides inputs and outputs) | sound |")
     print("|---|---:|---:|---|---|")
     for name in types:
         try:
             model, x = build(name)
-            spec = rebasin.infer_spec(model, x)
-            sound = all(rebasin.verify_torch(model, rebasin.apply_permutation(
-                model.state_dict(), spec, spec.random_permutations(s)), x).equal for s in (0, 1))
+            if onnx:
+                with tempfile.TemporaryDirectory() as d:
+                    spec, sound = _onnx_check(model, x, d)
+            else:
+                spec = rebasin.infer_spec(model, x)
+                sound = all(rebasin.verify_torch(model, rebasin.apply_permutation(
+                    model.state_dict(), spec, spec.random_permutations(s)), x).equal for s in (0, 1))
             why = collections.Counter(b.reason.split("': ")[-1].split(" (")[0][:60] for b in spec.blocked
                                       if not b.reason.startswith(("model output", "model input")))
             top = "; ".join(f"{k} ({n})" for k, n in why.most_common(2)) or "-"
@@ -100,4 +121,5 @@ def main(types):
 
 if __name__ == "__main__":
     warnings.simplefilter("ignore")
-    main(sys.argv[1:] or list(CONFIGS))
+    args = [a for a in sys.argv[1:] if a != "--onnx"]
+    main(args or list(CONFIGS), onnx="--onnx" in sys.argv[1:])

@@ -2,12 +2,14 @@
 index of one tensor, which the model never returns.
 
 Three general rules find that the layers' units are independent (each is needed, and tested
-here through the one model that needs all three):
+here through the one model that needs all three), and a fourth reads the ONNX export's writes:
 
 - a reader of a concatenation that reads inside one input reads that input
   (``rebasin.graph.slots.read_pieces``; ``select_scatter`` is lowered to a concatenation);
 - a node no output depends on constrains nothing (the final state);
-- a tensor whose elements are all equal ties nothing (``zeros(..) - 1e3``, the initial state).
+- a tensor whose elements are all equal ties nothing (``zeros(..) - 1e3``, the initial state);
+- a ``ScatterND`` that writes a box cut from one axis, at indices the same for every input, is a
+  concatenation (``rebasin.graph.writes``: the TorchScript exporter's ``state[:, :, i] = h``).
 
 Hand count: the residual stream is the model's input and output (fixed); each layer's hidden
 units (5) are a class of their own: 2 classes of 5.
@@ -63,15 +65,69 @@ def test_layers_writing_one_state_keep_their_own_units():
         assert rebasin.verify_torch(model, sd, inputs).equal
 
 
-def test_onnx_export_of_the_state_writes_is_sound(tmp_path):
-    """The TorchScript exporter writes the slots with ``ScatterND``, which has no rule: blocked."""
+def test_onnx_export_of_the_state_writes_keeps_the_layers_apart(tmp_path):
+    """The TorchScript exporter writes the slots with ``ScatterND`` at indices computed from
+    shapes (graph/writes.py reads them as concatenations): the same classes as the torch path."""
     model, inputs = _model()
     path = tmp_path / "rec.onnx"
     export_script(model, inputs, path)
     spec = rebasin.infer_spec(str(path))
-    assert any("ScatterND" in b.reason for b in spec.blocked)
+    assert sorted(c.size for c in spec.classes) == [5, 5], spec.table()
+    tspec = rebasin.infer_spec(model, inputs)
+    assert {frozenset(m.tensor for m in c.members) for c in spec.classes} == \
+        {frozenset(m.tensor for m in c.members) for c in tspec.classes}
     for s in (0, 1):
         assert rebasin.verify(path, rebasin.apply_permutation(path, spec, spec.random_permutations(s))).equal
+
+
+def _scatter_graph(indices: str):
+    """x (2, 4) @ W0 and @ W1 (hidden 3 each) written into slots 0 and 1 of a zero state (2, 3, 2)
+    by two ScatterND, read back slot by slot and projected apart. ``indices``: "box" (``(n, c,
+    i)`` for every n, c), "reversed" (channels written in reverse order: no box), or "computed"
+    (the box plus a value computed from the input: not the same for every input)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype("f"), n)
+             for n, s in [("w0", (4, 3)), ("w1", (4, 3)), ("a", (3, 2)), ("b", (3, 2))]]
+    inits.append(numpy_helper.from_array(np.zeros((2, 3, 2), "f"), "s0"))
+    n_, c_ = np.meshgrid(np.arange(2), np.arange(3), indexing="ij")
+    for i in (0, 1):
+        c = c_[:, ::-1] if indices == "reversed" and i == 1 else c_
+        inits.append(numpy_helper.from_array(np.stack([n_, c, np.full_like(n_, i)], -1).astype(np.int64),
+                                             f"i{i}"))
+    inits += [numpy_helper.from_array(np.array(i, dtype=np.int64), f"k{i}") for i in (0, 1)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]), helper.make_node("MatMul", ["x", "w1"], ["h1"])]
+    idx1 = "i1"
+    if indices == "computed":
+        nodes += [helper.make_node("ReduceMin", ["x"], ["mn"], keepdims=0),
+                  helper.make_node("Mul", ["mn", "zero"], ["z"]),
+                  helper.make_node("Cast", ["z"], ["zi"], to=7),
+                  helper.make_node("Add", ["i1", "zi"], ["i1c"])]
+        inits.append(numpy_helper.from_array(np.array(0.0, "f"), "zero"))
+        idx1 = "i1c"
+    nodes += [helper.make_node("ScatterND", ["s0", "i0", "h0"], ["s1"]),
+              helper.make_node("ScatterND", ["s1", idx1, "h1"], ["s2"]),
+              helper.make_node("Gather", ["s2", "k0"], ["r0"], axis=2),
+              helper.make_node("Gather", ["s2", "k1"], ["r1"], axis=2),
+              helper.make_node("MatMul", ["r0", "a"], ["y0"]),
+              helper.make_node("MatMul", ["r1", "b"], ["y1"]),
+              helper.make_node("Add", ["y0", "y1"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("indices, sizes", [("box", [3, 3]), ("reversed", []), ("computed", [])])
+def test_scatter_of_a_box_is_a_concatenation(indices, sizes):
+    """A box cut from one axis at indices the same for every input: each slot's writer keeps its
+    own units (3 and 3); a write in another order, or at indices computed from the input, blocks."""
+    m = _scatter_graph(indices)
+    spec = rebasin.infer_spec(m)
+    hidden = sorted(c.size for c in spec.classes if any(mem.tensor in ("w0", "w1") for mem in c.members))
+    assert hidden == sizes, spec.table()
+    assert any("ScatterND" in b.reason for b in spec.blocked) == (indices != "box")
+    for s in (0, 1, 2):
+        assert rebasin.verify(m, rebasin.apply_permutation(m, spec, spec.random_permutations(s))).equal
 
 
 def _filled_graph(fill: str):

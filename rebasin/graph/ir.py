@@ -7,6 +7,7 @@ op vocabulary as :class:`Node` values, so one set of rules (``rules.py``) serves
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -80,3 +81,21 @@ def to_networkx(named_nodes) -> nx.DiGraph:
                 g.add_node(y, kind="tensor")
                 g.add_edge(name, y)
     return g
+
+
+def replace_nodes(g: Graph, rewrite) -> Graph:
+    """``g`` with each node for which ``rewrite(name, node, shapes, values)`` returns ``(name, Node)``
+    pairs replaced by them (None keeps the node; the new tensors' shapes and values go into the
+    dicts it is given). For analysis-only rewrites: where shapes or attributes are missing
+    (``KeyError``, ``IndexError``, ``ValueError``, ``TypeError``) the node is kept."""
+    nodes, shapes, values, changed = [], dict(g.shapes), dict(g.values), False
+    for name, n in g.nodes:
+        try:
+            new = rewrite(name, n, shapes, values)
+        except (KeyError, IndexError, ValueError, TypeError):
+            new = None
+        nodes.extend(new or [(name, n)])
+        changed |= bool(new)
+    if not changed:
+        return g
+    return dataclasses.replace(g, nodes=nodes, nx_graph=to_networkx(nodes), shapes=shapes, values=values)

@@ -59,6 +59,9 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return out
 
 
+_INDICES_MAX = 1 << 20  # elements of a ScatterND index tensor kept for graph/writes.py
+
+
 def build_graph(model, feeds: dict | None = None) -> Graph:
     """Build the :class:`~rebasin.graph.ir.Graph` of ``model`` (path or ModelProto)."""
     if isinstance(model, onnx.ModelProto):  # a path is checked by load_model, before its data loads
@@ -100,8 +103,9 @@ def build_graph(model, feeds: dict | None = None) -> Graph:
         shapes.update(_static_shapes(model))
     for k, v in list(weights.items()) + list(values.items()) + list(results.items()):
         shapes[k] = tuple(np.shape(v))
-    for k, v in results.items():
-        if v.dtype.kind in "iub" and v.size <= 64:
+    scatter_indices = {n.input[1] for n in g.node if n.op_type == "ScatterND" and len(n.input) > 1}
+    for k, v in results.items():  # small integer results; a scatter's indices, read as a whole
+        if v.dtype.kind in "iub" and (v.size <= 64 or k in scatter_indices and v.size <= _INDICES_MAX):
             values[k] = v
     nxg = to_networkx(zip(names, g.node))
     reads = {name: _subgraph_reads(n) for name, n in zip(names, g.node)}

@@ -29,7 +29,7 @@ import dataclasses
 
 import numpy as np
 
-from rebasin.graph.ir import Graph, Node, attr, to_networkx
+from rebasin.graph.ir import Graph, Node, attr, replace_nodes, to_networkx
 from rebasin.graph.rules import reshape_groups
 
 _CHAIN = {"Unsqueeze", "Squeeze", "Identity", "Transpose"}
@@ -93,20 +93,16 @@ def read_pieces(g: Graph) -> Graph:
     """
     producer = {y: n for _, n in g.nodes for y in n.output if y}
     fixed = _fixed_values(g, {y: (None, n) for y, n in producer.items()})
-    nodes, shapes, values, changed = [], dict(g.shapes), dict(g.values), False
-    for name, n in g.nodes:
+
+    written = g.written or frozenset()
+
+    def rewrite(name, n, shapes, values):
         c = producer.get(n.input[0]) if n.input else None
-        new = None
-        if c is not None and c.op_type == "Concat" and _standard(c) and _standard(n):
-            try:
-                new = _piece_reads(g, name, n, c, fixed, shapes, values)
-            except (KeyError, IndexError, ValueError, TypeError):  # shapes or attributes missing
-                new = None
-        nodes.extend(new or [(name, n)])
-        changed |= bool(new)
-    if not changed:
-        return g
-    return dataclasses.replace(g, nodes=nodes, nx_graph=to_networkx(nodes), shapes=shapes, values=values)
+        if c is not None and c.op_type == "Concat" and _standard(c) and _standard(n) \
+                and not written & {*c.input, *c.output}:  # a written tensor's readers see the writes
+            return _piece_reads(g, name, n, c, fixed, shapes, values)
+        return None
+    return replace_nodes(g, rewrite)
 
 
 def _piece_reads(g, name, n, concat, fixed, shapes, values):
@@ -245,7 +241,7 @@ def _nth_big(shape, k):
 
 
 def _plan(g, t, users, producer, consumers, order, fixed):
-    if t in g.outputs or t not in g.shapes or t in g.weights or t in g.values:
+    if t in g.outputs or t not in g.shapes or t in g.weights or t in g.values or t in (g.written or ()):
         return None
     sel = _selectors(g, t, users, fixed)
     if not sel:
@@ -276,7 +272,8 @@ def _plan(g, t, users, producer, consumers, order, fixed):
         chain.append((pname, p))
         cur = src
     x, r = src, cur
-    if x not in g.shapes or r in g.outputs or x in g.values:
+    if x not in g.shapes or r in g.outputs or x in g.values or (g.written or frozenset()) & {x, r, *(
+            y for _, node in chain for y in node.output)}:
         return None
     source = _source_axis(g.shapes[x], g.shapes[r], ax)
     if source is None:

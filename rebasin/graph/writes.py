@@ -1,0 +1,124 @@
+"""In-place writes of ONNX graphs as concatenations: an analysis-only rewrite of the graph IR.
+
+The TorchScript exporter writes ``state[:, :, i] = h`` (a recurrent state, one slot per layer or
+time step) as ``ScatterND(state, indices, h)`` whose indices enumerate every position of the
+written box: ``indices[n, c] = (n, c, i)``. When the indices are computed from shapes and
+constants alone (the same for every input) and form such a box, cut from one axis and whole along
+the others, the scatter computes ``concat(state[.., :i], h, state[.., i + 1:])``: the graph is
+analysed that way, as the torch frontend lowers ``select_scatter``. Other scatters are left as
+they are (ScatterND has no rule: it blocks).
+
+The rewrite only changes what the rules see: the weights are the model's, and the rewritten
+graph computes the same outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rebasin.graph.ir import Graph, Node, attr, replace_nodes
+
+# deterministic ops: outputs computed from shapes and constants alone are the same for every input
+_DETERMINISTIC = {"Identity", "Cast", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Mod", "Min", "Max",
+                  "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Where",
+                  "Expand", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Concat", "Gather", "Slice",
+                  "Range", "Tile", "Transpose", "ConstantOfShape", "ReduceProd", "ReduceSum", "ReduceMin",
+                  "ReduceMax", "CumSum", "Constant"}
+
+
+def scatter_writes(g: Graph) -> Graph:
+    """``g`` with each ``ScatterND`` that writes a box cut from one axis (see the module docstring)
+    replaced by slices of its data and a concatenation."""
+    if not any(n.op_type == "ScatterND" for _, n in g.nodes):
+        return g
+    fixed = _shape_determined(g)
+
+    def rewrite(name, n, shapes, values):
+        if n.op_type == "ScatterND" and n.domain in ("", "ai.onnx") and len(n.input) == 3 \
+                and n.input[1] in fixed and (attr(n, "reduction") or "none") in ("none", b"none"):
+            return _as_concat(g, name, n, shapes, values)
+        return None
+    return replace_nodes(g, rewrite)
+
+
+def _shape_determined(g: Graph) -> set:
+    """Tensors whose values are the same for every input: non-float constants, ``Shape`` / ``Size``
+    outputs (shapes are static in this analysis, as everywhere in the ONNX path), and deterministic
+    ops of such tensors."""
+    made = {y for _, n in g.nodes for y in n.output if y}
+    out = {k for k in g.values if k not in made}
+    for _, n in g.nodes:
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        if n.op_type in ("Shape", "Size") or (n.op_type in _DETERMINISTIC and all(
+                x in out for x in n.input if x)):
+            out.update(y for y in n.output if y)
+    return out
+
+
+def _as_concat(g, name, n, shapes, values):
+    """The nodes computing ``n`` (ScatterND) as slices of its data and a concatenation, or None."""
+    data, idx_name, upd = n.input
+    idx = np.asarray(g.values[idx_name])
+    dshape, ushape = tuple(g.shapes[data]), tuple(g.shapes[upd])
+    k, batch = idx.shape[-1], idx.shape[:-1]
+    if idx.dtype.kind not in "iu" or k > len(dshape) or ushape != tuple(batch) + dshape[k:]:
+        return None
+    runs, used = [], []
+    for a in range(k):
+        col = np.where(idx[..., a] < 0, idx[..., a] + dshape[a], idx[..., a])
+        run = _run(col)
+        if run is None:
+            return None
+        lo, length, b = run
+        if lo < 0 or lo + length > dshape[a]:
+            return None
+        runs.append((lo, lo + length))
+        if b is not None:
+            used.append(b)
+    if used != sorted(set(used)) or any(s > 1 and b not in used for b, s in enumerate(batch)):
+        return None  # the update's axes in another order than the data's, or a batch axis unused
+    cut = [a for a, (lo, hi) in enumerate(runs) if (lo, hi) != (0, dshape[a])]
+    if len(cut) > 1:
+        return None
+    box = tuple(hi - lo for lo, hi in runs) + dshape[k:]
+    y = n.output[0]
+    if not cut:  # every position written
+        return [(f"{name}::write", Node("Reshape", [upd], [y]))]
+    j = cut[0]
+    lo, hi = runs[j]
+    piece = f"{name}::update"
+    shapes[piece] = box
+    out = [(f"{name}::update", Node("Reshape", [upd], [piece]))]
+    parts = []
+    for tag, (a, b) in (("before", (0, lo)), ("after", (hi, dshape[j]))):
+        if a == b:
+            continue
+        part = f"{name}::{tag}"
+        shapes[part] = tuple(b - a if i == j else d for i, d in enumerate(dshape))
+        bounds = [f"{part}::{w}" for w in ("starts", "ends", "axes")]
+        for bound, v in zip(bounds, (a, b, j)):
+            values[bound], shapes[bound] = np.array([v], dtype=np.int64), (1,)
+        out.append((part, Node("Slice", [data, *bounds], [part])))
+        parts.append((tag, part))
+    pieces = [p for t, p in parts if t == "before"] + [piece] + [p for t, p in parts if t == "after"]
+    out.append((f"{name}::write", Node("Concat", pieces, [y], {"axis": j})))
+    return out
+
+
+def _run(col: np.ndarray):
+    """``(start, length, batch axis)`` where ``col`` is one index everywhere (axis None) or
+    ``start + arange`` along one batch axis and constant along the others; else None."""
+    flat = col.ravel()
+    if flat.size and np.all(flat == flat[0]):
+        return int(flat[0]), 1, None
+    for b in range(col.ndim):
+        first = col
+        for i in range(col.ndim):
+            if i != b:
+                first = np.take(first, [0], axis=i)
+        seq = first.ravel()
+        if np.array_equal(np.broadcast_to(first, col.shape), col) and \
+                np.array_equal(seq, seq[0] + np.arange(seq.size)):
+            return int(seq[0]), int(seq.size), b
+    return None
