@@ -237,6 +237,14 @@ def _spatial_gate(s: _State):
 
 
 @st.composite
+def _slot_state(draw, s: _State):
+    """A recurrent-style state: ``x`` written in place into slot ``slot`` of a filled tensor with
+    a new last axis of ``slots``, read back there plus at the next slot (still filled)."""
+    slots = draw(st.integers(2, 3))
+    return {"op": "state", "slots": slots, "slot": draw(st.integers(0, slots - 1))}, s
+
+
+@st.composite
 def _scale(draw, s: _State):
     """LayerScale: ``x * gamma (+ beta)``, learned per channel/feature, broadcast over the rest."""
     return {"op": "scale", "c": s.c, "shift": draw(st.booleans())}, s
@@ -340,7 +348,7 @@ def _torch_mha(draw, s: _State):
 def _block_choices(s: _State) -> list:
     """Block strategies that fit state ``s``; the simplest first (hypothesis shrinks to it)."""
     choices = [_dense(s), _act(s), _norm(s), _residual(s), _concat(s), _split(s), _scale(s),
-               _channel_pad(s)]
+               _channel_pad(s), _slot_state(s)]
     if s.c >= 3:
         choices += [_narrow(s), _channel_slice(s)]
     if s.c <= 12:
@@ -534,6 +542,21 @@ class Split(nn.Module):
     def forward(self, x):
         a, b = self.dense(x).split(self.sizes, dim=self.dim)
         return self.pa(a) + self.pb(b)
+
+
+class SlotState(nn.Module):
+    """``state = zeros(*x.shape, slots) - 1; state[..., slot] = x``, then ``state[..., slot] +
+    state[..., slot + 1]`` (the torch frontend lowers the write to a concatenation of pieces, the
+    TorchScript exporter writes a ScatterND)."""
+
+    def __init__(self, slots: int, slot: int):
+        super().__init__()
+        self.slots, self.slot = slots, slot
+
+    def forward(self, x):
+        state = torch.stack([torch.zeros_like(x)] * self.slots, -1) - 1.0
+        state[..., self.slot] = x
+        return state[..., self.slot] + state[..., (self.slot + 1) % self.slots]
 
 
 class Narrow(nn.Module):
@@ -741,7 +764,9 @@ class MoE(nn.Module):
     def __init__(self, b: dict):
         super().__init__()
         d, self.k, self.residual, e, h = b["d"], b["k"], b["residual"], b["experts"], b["hidden"]
-        self.router = nn.Linear(d, e, bias=False)
+        # a router bias: no exact ties among the scores where the input is zero (after a ReLU);
+        # top-k breaks ties by position, which no permutation of the experts keeps (rules.top_k)
+        self.router = nn.Linear(d, e)
         self.stacked = b.get("stacked", False)
         self.routing = b.get("routing", "sorted")
         if self.stacked:  # [E, H, D], [E, H], [E, D, H], [E, D]
@@ -858,6 +883,7 @@ def _block_module(domain: str, b: dict) -> nn.Module:
               "heads": lambda: Heads(b["heads"], b["head_dim"], b["kind"]),
               "attention": lambda: Attention(b), "mha": lambda: TorchMHA(b), "moe": lambda: MoE(b),
               "narrow": lambda: Narrow(b["start"], b["length"], _channel_dim(domain)),
+              "state": lambda: SlotState(b["slots"], b["slot"]),
               "slice": lambda: ChannelSlice(b["start"], b["step"], domain),
               "pad": lambda: ChannelPad(b["before"], b["after"], domain),
               "tile": lambda: Tile(b["times"], domain), "spatial_gate": lambda: SpatialGate(domain)}

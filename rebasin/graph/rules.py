@@ -731,6 +731,10 @@ def top_k(cx, node):
     selected axis may move only if every reader of that axis is indifferent to its order within
     each row (checked once all rules ran: :meth:`~rebasin.graph.infer._Context.unordered`).
 
+    Assumes no exact ties among the scores: TopK (and ArgMax) break a tie by position, so where
+    the scores of a row are exactly equal (a bias-free router reading a ReLU output that is zero
+    there), a permutation of the selected axis changes which item is chosen.
+
     Pins: the k axis of sorted outputs; the selected axis when the indices are used otherwise, or
     when an unsorted order reaches anything that reads it.
     """
