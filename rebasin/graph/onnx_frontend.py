@@ -59,7 +59,7 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return out
 
 
-_INDICES_MAX = 1 << 20  # elements of a ScatterND index tensor kept for graph/writes.py
+_INDICES_MAX = 1 << 18  # elements (2 MiB of int64) of a ScatterND index tensor kept for graph/writes.py
 
 
 def build_graph(model, feeds: dict | None = None) -> Graph:
