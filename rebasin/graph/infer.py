@@ -522,7 +522,7 @@ def _filled(g: Graph, uniform: dict) -> list[str]:
         return x in filled or math.prod(shape) == 1 or (
             x in uniform and uniform[x] == {k for k, n in enumerate(shape) if n > 1})
 
-    filled: list[str] = []
+    filled: dict[str, None] = {}  # in graph order
     for _, node in g.nodes:
         if node.domain not in ("", "ai.onnx") or len(node.output) != 1 or node.output[0] in written \
                 or node.output[0] not in g.shapes:
@@ -530,8 +530,8 @@ def _filled(g: Graph, uniform: dict) -> list[str]:
         op, data = node.op_type, [x for x in node.input if x]
         if op == "ConstantOfShape" or (op in _ELEMENTWISE and data and all(map(even, data))) or (
                 op in _VIEWS and data and even(data[0])):
-            filled.append(node.output[0])
-    return filled
+            filled[node.output[0]] = None
+    return list(filled)
 
 
 def _pin_shared_uniform(cx: _Context) -> None:
