@@ -21,7 +21,7 @@ from rebasin.graph.axes import AxisAlgebra
 from rebasin.graph.ir import Graph, attr
 from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.picked_rows import dense_label_picks
-from rebasin.graph.rules import PACKED_INPUTS, RULES, UNARY, reads_shape_only
+from rebasin.graph.rules import BROADCAST, PACKED_INPUTS, RULES, UNARY, reads_shape_only
 from rebasin.graph.slots import read_pieces, split_slots
 from rebasin.graph.writes import scatter_writes
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
@@ -257,8 +257,6 @@ def _unread(g: Graph) -> set:
     The torch IR keeps a tensor written in place under one name (its readers see the written
     values, see ``Graph.written``): a node that reads or makes such a tensor may write it, and is
     kept with everything it reads."""
-    if g.written is None:
-        return set()
     readers: dict[str, list] = {}
     for name, node in g.nodes:
         for x in [*node.input, *sorted(g.subgraph_reads.get(name, ()))]:  # a sub-graph's reads too
@@ -500,9 +498,7 @@ def _uniform_axes(g: Graph) -> dict[str, set[int]]:
 
 # element-wise ops (every input's element at one position makes the output's there) and views:
 # all-equal inputs make an all-equal output; for views only the data input counts
-_ELEMENTWISE = set(UNARY) | {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Max", "Min", "Sum", "Mean",
-                             "Where", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
-                             "And", "Or", "Xor", "Clip", "Dropout"}
+_ELEMENTWISE = (set(UNARY) | set(BROADCAST) | {"Equal", "Clip", "Dropout"}) - {"PRelu", "BitShift"}
 _VIEWS = {"Expand", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Tile"}
 
 
@@ -513,7 +509,7 @@ def _filled(g: Graph, uniform: dict) -> list[str]:
     that each layer of a recurrent model reads at its own index). Such a tensor is unchanged by
     every permutation of every axis, so it ties nothing. Not a tensor written in place (torch IR:
     its readers see the written values)."""
-    written = g.written or frozenset()
+    written = g.written
 
     def even(x):
         shape = g.shapes.get(x)

@@ -50,9 +50,8 @@ class Graph:
     # values of fixed float tensors that are not weights (non-persistent buffers, traced constants),
     # read only to find the axes along which they are constant
     constant_values: dict[str, np.ndarray] = field(default_factory=dict)
-    # torch IR: tensors an op writes in place (its readers see the written values), or None where
-    # the frontend cannot tell (a node whose outputs nothing reads may still have written them)
-    written: frozenset | None = frozenset()
+    # torch IR: tensors an op writes in place (its readers see the written values)
+    written: frozenset = frozenset()
 
 
 def attr(node, name: str, default=None):
@@ -99,3 +98,14 @@ def replace_nodes(g: Graph, rewrite) -> Graph:
     if not changed:
         return g
     return dataclasses.replace(g, nodes=nodes, nx_graph=to_networkx(nodes), shapes=shapes, values=values)
+
+
+def slice_node(label: str, x: str, lo: int, hi: int, axis: int, shapes: dict, values: dict) -> tuple:
+    """``(label, Node)``: a ``Slice`` of items ``lo:hi`` of ``x``'s ``axis`` into the tensor ``label``,
+    for analysis rewrites (see :func:`replace_nodes`): its constant bounds go into ``values``, every
+    new shape into ``shapes``."""
+    shapes[label] = tuple(hi - lo if i == axis else d for i, d in enumerate(shapes[x]))
+    bounds = [f"{label}::{what}" for what in ("starts", "ends", "axes")]
+    for b, v in zip(bounds, (lo, hi, axis)):
+        values[b], shapes[b] = np.array([v], dtype=np.int64), (1,)
+    return label, Node("Slice", [x, *bounds], [label])

@@ -86,8 +86,11 @@ def clip(cx, node):
     cx.invariant(node.input[1:])
 
 
-@rule("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Mod", "Less", "Greater", "LessOrEqual",
-      "GreaterOrEqual", "And", "Or", "Xor", "BitShift", "Sum", "Mean", "Max", "Min", "Where")
+BROADCAST = ["Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Mod", "Less", "Greater", "LessOrEqual",
+             "GreaterOrEqual", "And", "Or", "Xor", "BitShift", "Sum", "Mean", "Max", "Min", "Where"]
+
+
+@rule(*BROADCAST)
 def elementwise_broadcast(cx, node):
     """Numpy broadcasting: an input axis of the output's size is the output's axis.
 
@@ -436,24 +439,13 @@ def slice_(cx, node):
     shape = cx.shape(x)
     rank = len(shape)
     starts, ends = cx.value(node.input[1]), cx.value(node.input[2])
-    axes = cx.value(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(
-        len(starts) if starts is not None else 0)
+    has_axes = len(node.input) > 3 and node.input[3]
+    axes = cx.value(node.input[3]) if has_axes else None
     steps = cx.value(node.input[4]) if len(node.input) > 4 and node.input[4] else None
-    if starts is None or ends is None or axes is None:
+    if starts is None or ends is None or has_axes and axes is None:
         cx.block(node, "slice bounds are not constant")
         return
-    sliced = {}
-    for i, a in enumerate(np.ravel(axes)):
-        a = _norm(int(a), rank)
-        n = shape[a]
-        st = int(np.ravel(steps)[i]) if steps is not None else 1
-        s, e = int(np.ravel(starts)[i]), int(np.ravel(ends)[i])
-        if st < 1:
-            sliced[a] = None
-            continue
-        s = min(max(s + n if s < 0 else s, 0), n)
-        e = min(max(e + n if e < 0 else e, 0), n)
-        sliced[a] = (s, max(e, s), st)
+    sliced = slice_ranges(shape, starts, ends, axes, steps)
     xa, ya = cx.ax(x), cx.ax(y)
     for k in range(rank):
         if k not in sliced:
@@ -467,6 +459,25 @@ def slice_(cx, node):
             s, e, _ = sliced[k]
             alg = cx.alg
             cx.tie(xa[k], alg.sum([alg.new(s), ya[k], alg.new(shape[k] - e)]))
+
+
+def slice_ranges(shape, starts, ends, axes, steps) -> dict:
+    """Axis -> ``(start, end, step)`` that a ``Slice`` with these constant inputs takes of a tensor
+    of ``shape``, clamped as ONNX does (``axes`` None: the first axes; ``steps`` None: 1), or None
+    for a step below 1 (a reversed slice)."""
+    rank = len(shape)
+    out = {}
+    for i, a in enumerate(np.ravel(np.arange(np.size(starts)) if axes is None else axes)):
+        a = _norm(int(a), rank)
+        n = shape[a]
+        st = int(np.ravel(steps)[i]) if steps is not None else 1
+        if st < 1:
+            out[a] = None
+            continue
+        s, e = (int(np.ravel(v)[i]) for v in (starts, ends))
+        s, e = (min(max(v + n if v < 0 else v, 0), n) for v in (s, e))
+        out[a] = (s, max(e, s), st)
+    return out
 
 
 @rule("Gather")

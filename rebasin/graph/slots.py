@@ -29,11 +29,10 @@ import dataclasses
 
 import numpy as np
 
-from rebasin.graph.ir import Graph, Node, attr, replace_nodes, to_networkx
-from rebasin.graph.rules import reshape_groups
+from rebasin.graph.ir import Graph, Node, attr, replace_nodes, slice_node, to_networkx
+from rebasin.graph.rules import _INDEX_VIEWS, reshape_groups, slice_ranges
 
 _CHAIN = {"Unsqueeze", "Squeeze", "Identity", "Transpose"}
-_VIEWS = {"Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
 # deterministic ops whose result the shape-discovery run computed: from constants, a constant
 _ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Neg", "Concat", "Cast", "Range", "Min", "Max", "Abs", "Mod"}
 
@@ -54,7 +53,7 @@ def split_slots(g: Graph) -> Graph:
             if x:
                 consumers.setdefault(x, []).append((name, n))
     plans, order = [], {name: i for i, (name, _) in enumerate(g.nodes)}
-    fixed = _fixed_values(g, producer)
+    fixed = _fixed_values(g)
     for t, users in consumers.items():
         try:
             plan = _plan(g, t, users, producer, consumers, order, fixed)
@@ -92,9 +91,7 @@ def read_pieces(g: Graph) -> Graph:
     (a node nothing reads constrains nothing). The function is unchanged; weights are not touched.
     """
     producer = {y: n for _, n in g.nodes for y in n.output if y}
-    fixed = _fixed_values(g, {y: (None, n) for y, n in producer.items()})
-
-    written = g.written or frozenset()
+    fixed, written = _fixed_values(g), g.written
 
     def rewrite(name, n, shapes, values):
         c = producer.get(n.input[0]) if n.input else None
@@ -129,24 +126,21 @@ def _piece_reads(g, name, n, concat, fixed, shapes, values):
         src = x
         if (lo - a, hi - a) != (0, g.shapes[x][axis]):
             src = f"{name}::piece{k}"
-            shapes[src] = tuple(hi - lo if i == axis else d for i, d in enumerate(g.shapes[x]))
-            bounds = [f"{src}::{what}" for what in ("starts", "ends", "axes")]
-            for b, v in zip(bounds, (lo - a, hi - a, axis)):
-                values[b], shapes[b] = np.array([v], dtype=np.int64), (1,)
-            out.append((f"{name}::piece{k}", Node("Slice", [x, *bounds], [src])))
+            out.append(slice_node(src, x, lo - a, hi - a, axis, shapes, values))
         out.append((f"{name}::read{k}", Node("Reshape", [src], [y])))
     return out
 
 
-def _fixed_values(g, producer) -> dict:
+def _fixed_values(g) -> dict:
     """Tensor -> values, for those that hold the same values for every input: initializers,
     ``Constant`` outputs, and views of them (a traced ``torch.tensor([-2])``, an Unsqueeze of a
     scalar bound); a value the shape-discovery run computed from an input may depend on it."""
-    fixed = {k: v for k, v in g.values.items() if k not in producer or producer[k][1].op_type == "Constant"}
+    computed = {y for _, n in g.nodes if n.op_type != "Constant" for y in n.output}
+    fixed = {k: v for k, v in g.values.items() if k not in computed}
     for _, n in g.nodes:
         if not _standard(n) or not n.input or not all(x in fixed for x in n.input if x):
             continue
-        if n.op_type in _VIEWS and n.output and n.output[0] in g.shapes:
+        if n.op_type in _INDEX_VIEWS and n.output and n.output[0] in g.shapes:
             fixed[n.output[0]] = np.reshape(fixed[n.input[0]], g.shapes[n.output[0]])
         elif n.op_type in _ARITHMETIC and len(n.output) == 1 and n.output[0] in g.values:
             fixed[n.output[0]] = g.values[n.output[0]]  # computed from constants alone
@@ -156,8 +150,7 @@ def _fixed_values(g, producer) -> dict:
 def _selectors(g, t, users, fixed):
     """Slot readers of ``t``: [(name, node, {(lo, hi): output}, axis)], all on one axis, each output
     reading one run ``lo:hi`` of it (a constant-index ``Gather`` of one index or of one ascending run,
-    a ``Split``, a ``Slice`` of that axis alone with step 1), the runs of all readers cutting the axis
-    into segments (two runs overlap only where they are equal); or None."""
+    a ``Split``, a ``Slice`` of that axis alone with step 1); or None."""
     out, axis = [], None
     rank = len(g.shapes[t])
     for name, n in users:
@@ -170,13 +163,16 @@ def _selectors(g, t, users, fixed):
         if axis is not None and out[-1][3] != axis:
             return None
         axis = out[-1][3]
-    if not out:
-        return out
-    size = g.shapes[t][axis]
-    cuts = {0, size} | {b for _, _, runs, _ in out for run in runs for b in run}
-    if any(c for _, _, runs, _ in out for lo, hi in runs for c in cuts if lo < c < hi):
-        return None
     return out
+
+
+def _segments(size, sel):
+    """The segments ``(lo, hi)`` that the runs of the readers ``sel`` cut an axis of ``size`` into,
+    or None where two runs overlap without being equal (a run holds another's end)."""
+    cuts = sorted({0, size} | {b for _, _, runs, _ in sel for run in runs for b in run})
+    if any(lo < c < hi for _, _, runs, _ in sel for lo, hi in runs for c in cuts):
+        return None
+    return list(zip(cuts, cuts[1:]))
 
 
 def _runs(g, n, rank, fixed):
@@ -209,12 +205,10 @@ def _runs(g, n, rank, fixed):
         if starts is None or ends is None or np.size(starts) != 1 or len(n.input) > 3 and n.input[3] \
                 and axes is None or len(n.input) > 4 and n.input[4] and steps is None:
             return None
-        if steps is not None and int(np.ravel(steps)[0]) != 1:
+        (a, taken), = slice_ranges(shape, starts, ends, axes, steps).items()
+        if taken is None or taken[2] != 1 or taken[0] == taken[1]:
             return None
-        a = _norm(int(np.ravel(axes)[0]), rank) if axes is not None else 0
-        lo, hi = (int(np.ravel(v)[0]) for v in (starts, ends))
-        lo, hi = (min(max(v + shape[a] if v < 0 else v, 0), shape[a]) for v in (lo, hi))
-        return (a, {(lo, hi): n.output[0]}) if lo < hi else None
+        return a, {taken[:2]: n.output[0]}
     return None
 
 
@@ -241,14 +235,15 @@ def _nth_big(shape, k):
 
 
 def _plan(g, t, users, producer, consumers, order, fixed):
-    if t in g.outputs or t not in g.shapes or t in g.weights or t in g.values or t in (g.written or ()):
+    if t in g.outputs or t not in g.shapes or t in g.weights or t in g.values or t in g.written:
         return None
     sel = _selectors(g, t, users, fixed)
     if not sel:
         return None
     ax = sel[0][3]
     n = g.shapes[t][ax]
-    if n < 2:
+    segments = _segments(n, sel)
+    if n < 2 or segments is None:
         return None
     chain, cur = [], t
     while True:  # walk up single-consumer shape ops to the reshape that made the slot axis
@@ -272,15 +267,14 @@ def _plan(g, t, users, producer, consumers, order, fixed):
         chain.append((pname, p))
         cur = src
     x, r = src, cur
-    if x not in g.shapes or r in g.outputs or x in g.values or (g.written or frozenset()) & {x, r, *(
+    if x not in g.shapes or r in g.outputs or x in g.values or g.written & {x, r, *(
             y for _, node in chain for y in node.output)}:
         return None
     source = _source_axis(g.shapes[x], g.shapes[r], ax)
     if source is None:
         return None
     k, outer = source
-    cuts = sorted({0, n} | {b for _, _, runs, _ in sel for run in runs for b in run})
-    return {"x": x, "k": k, "n": n, "outer": outer, "segments": list(zip(cuts, cuts[1:])),
+    return {"x": x, "k": k, "n": n, "outer": outer, "segments": segments,
             "reshape": (pname, p), "r_axis": ax, "chain": chain[::-1],
             "selectors": sel, "at": min((s[0] for s in sel), key=order.__getitem__),
             "removed": {pname, *(c[0] for c in chain), *(s[0] for s in sel)}}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rebasin.graph.ir import Graph, Node, attr, replace_nodes
+from rebasin.graph.ir import Graph, Node, attr, replace_nodes, slice_node
 
 # deterministic ops: outputs computed from shapes and constants alone are the same for every input
 _DETERMINISTIC = {"Identity", "Cast", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Mod", "Min", "Max",
@@ -89,19 +89,13 @@ def _as_concat(g, name, n, shapes, values):
     lo, hi = runs[j]
     piece = f"{name}::update"
     shapes[piece] = box
-    out = [(f"{name}::update", Node("Reshape", [upd], [piece]))]
-    parts = []
-    for tag, (a, b) in (("before", (0, lo)), ("after", (hi, dshape[j]))):
-        if a == b:
-            continue
-        part = f"{name}::{tag}"
-        shapes[part] = tuple(b - a if i == j else d for i, d in enumerate(dshape))
-        bounds = [f"{part}::{w}" for w in ("starts", "ends", "axes")]
-        for bound, v in zip(bounds, (a, b, j)):
-            values[bound], shapes[bound] = np.array([v], dtype=np.int64), (1,)
-        out.append((part, Node("Slice", [data, *bounds], [part])))
-        parts.append((tag, part))
-    pieces = [p for t, p in parts if t == "before"] + [piece] + [p for t, p in parts if t == "after"]
+    out, pieces = [(piece, Node("Reshape", [upd], [piece]))], [piece]
+    if lo > 0:
+        out.append(slice_node(f"{name}::before", data, 0, lo, j, shapes, values))
+        pieces.insert(0, f"{name}::before")
+    if hi < dshape[j]:
+        out.append(slice_node(f"{name}::after", data, hi, dshape[j], j, shapes, values))
+        pieces.append(f"{name}::after")
     out.append((f"{name}::write", Node("Concat", pieces, [y], {"axis": j})))
     return out
 
