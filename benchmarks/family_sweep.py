@@ -8,8 +8,11 @@ Run (from the repository root; a few minutes on 2 cores):
     python -m benchmarks.family_sweep [model_type ...]
 
 ``--onnx`` takes the same models through the TorchScript ONNX export instead (the corpus's
-exporter; verified on onnxruntime). Float constants of the export (rotary frequencies) are
-initializers there, so they may form classes the torch path, which freezes buffers, has not.
+exporter; verified on onnxruntime), ``--dynamo`` through the dynamo exporter with its optimizer
+(the default of ``torch.onnx.export``). Float constants of the export (rotary frequencies) are
+initializers there, so they may form classes the torch path, which freezes buffers, has not; the
+dynamo exporter drops weights no output reads (BERT's pooler), which the torch path lists as
+classes of their own.
 """
 
 from __future__ import annotations
@@ -84,18 +87,22 @@ def build(model_type: str):
     return _Hidden(model, bool(getattr(cfg, "is_encoder_decoder", False))).eval(), (ids,)
 
 
-def _onnx_check(model, x, workdir):
+def _onnx_check(model, x, workdir, exporter: str = "script"):
     from tests.corpus import export_script
 
     path = f"{workdir}/model.onnx"
-    export_script(model, x, path)
+    if exporter == "script":
+        export_script(model, x, path)
+    else:
+        torch.onnx.export(model, x, path, dynamo=True, opset_version=18, optimize=True, verbose=False,
+                          input_names=["input"], output_names=["output"])
     spec = rebasin.infer_spec(path)
     sound = all(rebasin.verify(path, rebasin.apply_permutation(path, spec, spec.random_permutations(s))).equal
                 for s in (0, 1))
     return spec, sound
 
 
-def main(types, onnx: bool = False):
+def main(types, onnx: str | None = None):
     import tempfile
 
     print("| family | classes | log-sym | most blocked by (besides inputs and outputs) | sound |")
@@ -105,7 +112,7 @@ def main(types, onnx: bool = False):
             model, x = build(name)
             if onnx:
                 with tempfile.TemporaryDirectory() as d:
-                    spec, sound = _onnx_check(model, x, d)
+                    spec, sound = _onnx_check(model, x, d, onnx)
             else:
                 spec = rebasin.infer_spec(model, x)
                 sound = all(rebasin.verify_torch(model, rebasin.apply_permutation(
@@ -121,5 +128,6 @@ def main(types, onnx: bool = False):
 
 if __name__ == "__main__":
     warnings.simplefilter("ignore")
-    args = [a for a in sys.argv[1:] if a != "--onnx"]
-    main(args or list(CONFIGS), onnx="--onnx" in sys.argv[1:])
+    args = [a for a in sys.argv[1:] if a not in ("--onnx", "--dynamo")]
+    main(args or list(CONFIGS), onnx="script" if "--onnx" in sys.argv[1:] else
+         "dynamo" if "--dynamo" in sys.argv[1:] else None)

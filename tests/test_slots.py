@@ -90,6 +90,24 @@ def _grouped(selectors: str, pin_qk: bool = False):
              helper.make_node("Reshape", ["p", "shape"], ["r"])]
     if selectors == "split":
         nodes.append(helper.make_node("Split", ["r", "sp"], ["q", "k", "v1"], axis=3))
+    elif selectors == "transposed":  # every reader behind a Transpose moving the slot axis first
+        inits += [numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in
+                  {"t0": [0], "i2s": 2}.items()]
+        nodes += [helper.make_node("Transpose", ["r"], ["t"], perm=[3, 0, 1, 2, 4]),
+                  helper.make_node("Slice", ["t", "t0", "s1", "t0"], ["q0"]),
+                  helper.make_node("Transpose", ["q0"], ["q"], perm=[1, 2, 3, 0, 4]),
+                  helper.make_node("Gather", ["t", "i2s"], ["k0"], axis=0),
+                  helper.make_node("Unsqueeze", ["k0", "sax"], ["k"]),
+                  helper.make_node("Gather", ["t", "i3"], ["v0"], axis=0),
+                  helper.make_node("Unsqueeze", ["v0", "sax"], ["v1"])]
+    elif selectors == "dynamo":  # the dynamo exporter's: a Slice, and GatherND behind a Transpose
+        inits += [numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in
+                  {"n2": [[2]], "n3": [[-1]]}.items()]
+        nodes += [helper.make_node("Slice", ["r", "s0", "s1", "sax"], ["q"]),
+                  helper.make_node("Transpose", ["r"], ["t"], perm=[3, 0, 1, 2, 4])]
+        for i, out in (("n2", "k"), ("n3", "v1")):
+            nodes += [helper.make_node("GatherND", ["t", i], [f"{out}0"]),
+                      helper.make_node("Transpose", [f"{out}0"], [out], perm=[1, 2, 3, 0, 4])]
     else:
         nodes += [helper.make_node("Slice", ["r", "s0", "s1", "sax"], ["q"]),
                   helper.make_node("Gather", ["r", "i2"], ["k"], axis=3),
@@ -104,11 +122,13 @@ def _grouped(selectors: str, pin_qk: bool = False):
                              opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("selectors", ["slice_gather", "split"])
+@pytest.mark.parametrize("selectors", ["slice_gather", "split", "transposed", "dynamo"])
 @pytest.mark.parametrize("pin_qk", [False, True])
 def test_slot_axis_inside_its_reshape_group(selectors, pin_qk):
     """The slot axis is the middle factor of its reshape group (kv heads outside it, dims inside):
-    the value dims move on their own, also where the query/key dims are pinned. Hand count: y keeps
+    the value dims move on their own, also where the query/key dims are pinned; so too where the
+    readers sit behind a Transpose (a GatherND of fixed one-component tuples is a Gather). Hand
+    count: y keeps
     kv heads, query heads and positions in place (an output), and A and B read the dims of every kv
     head alike, so the classes are the query/key dims (3, unless pinned) and the value dims (3)."""
     m = _grouped(selectors, pin_qk)

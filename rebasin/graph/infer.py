@@ -22,7 +22,7 @@ from rebasin.graph.ir import Graph, attr
 from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.picked_rows import dense_label_picks
 from rebasin.graph.rules import BROADCAST, PACKED_INPUTS, RULES, UNARY, reads_shape_only
-from rebasin.graph.slots import read_pieces, split_slots
+from rebasin.graph.slots import nd_row_gathers, read_pieces, readers_before_transposes, split_slots
 from rebasin.graph.writes import scatter_writes
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 
@@ -198,7 +198,8 @@ def infer_spec(model, example_inputs=None, *, strict: bool = False, feeds=None, 
     else:
         g = build_graph(model, feeds)
     hashed = graph_hash(g)  # of the graph as the frontend gave it (what model_graph_hash sees)
-    g = dense_label_picks(split_slots(read_pieces(scatter_writes(g))))
+    g = scatter_writes(g)
+    g = dense_label_picks(split_slots(read_pieces(readers_before_transposes(nd_row_gathers(g)))))
     cx = _Context(g, strict)
     for name, node in g.nodes:
         cx.node, cx.node_name = node, name

@@ -83,9 +83,9 @@ def to_networkx(named_nodes) -> nx.DiGraph:
 
 
 def replace_nodes(g: Graph, rewrite) -> Graph:
-    """``g`` with each node for which ``rewrite(name, node, shapes, values)`` returns ``(name, Node)``
-    pairs replaced by them (None keeps the node; the new tensors' shapes and values go into the
-    dicts it is given). For analysis-only rewrites: where shapes or attributes are missing
+    """``g`` with each node for which ``rewrite(name, node, shapes, values)`` returns a list of
+    ``(name, Node)`` pairs replaced by them (None keeps the node, an empty list drops it; the new
+    tensors' shapes and values go into the dicts it is given). For analysis-only rewrites: where shapes or attributes are missing
     (``KeyError``, ``IndexError``, ``ValueError``, ``TypeError``) the node is kept."""
     nodes, shapes, values, changed = [], dict(g.shapes), dict(g.values), False
     for name, n in g.nodes:
@@ -93,8 +93,8 @@ def replace_nodes(g: Graph, rewrite) -> Graph:
             new = rewrite(name, n, shapes, values)
         except (KeyError, IndexError, ValueError, TypeError):
             new = None
-        nodes.extend(new or [(name, n)])
-        changed |= bool(new)
+        nodes.extend([(name, n)] if new is None else new)
+        changed |= new is not None
     if not changed:
         return g
     return dataclasses.replace(g, nodes=nodes, nx_graph=to_networkx(nodes), shapes=shapes, values=values)

@@ -102,6 +102,82 @@ def read_pieces(g: Graph) -> Graph:
     return replace_nodes(g, rewrite)
 
 
+def nd_row_gathers(g: Graph) -> Graph:
+    """``g`` with each ``GatherND`` of fixed one-component index tuples and no batch axes (the dynamo
+    exporter's ``x[[-2]]``) as the ``Gather`` along axis 0 it computes: ``GatherND(x, idx)`` is
+    ``Gather(x, idx[..., 0])``, outputs of shape ``idx.shape[:-1] + x.shape[1:]`` alike. The slot and
+    piece readers, and the Gather rule, then read its indices as positions of that axis. Index
+    tuples a model computes (top-k picks) stay ``GatherND``, whose rule handles them."""
+    fixed = _fixed_values(g)
+
+    def rewrite(name, n, shapes, values):
+        if n.op_type != "GatherND" or not _standard(n) or len(n.input) != 2 or n.input[1] not in fixed \
+                or int(attr(n, "batch_dims", 0)) != 0:
+            return None
+        idx = np.asarray(fixed[n.input[1]])
+        if idx.ndim < 1 or idx.shape[-1] != 1 or idx.dtype.kind not in "iu":
+            return None
+        rows = f"{name}::rows"
+        values[rows], shapes[rows] = idx[..., 0], idx.shape[:-1]
+        return [(name, Node("Gather", [n.input[0], rows], list(n.output), {"axis": 0}))]
+    return replace_nodes(g, rewrite)
+
+
+def readers_before_transposes(g: Graph) -> Graph:
+    """``g`` with each ``Transpose`` that only fixed-index readers read (``Gather`` of a scalar or of
+    a 1-D index tensor, ``Slice`` of known axes) moved below them: each reader takes the axis the
+    transpose would have given it from the transpose's input, and its result is transposed alike
+    (``Gather(Transpose(x, p), i, a)`` is ``Transpose(Gather(x, i, p[a]), p)`` for a 1-D ``i``). The
+    dynamo exporter reads packed q/k/v that way (``qkv.permute(..)[[-2]]``); below the readers the
+    slot readers sit on the reshape's output, as :func:`split_slots` needs. The transpose goes."""
+    consumers: dict = {}
+    for _, n in g.nodes:
+        for x in n.input:
+            if x:
+                consumers.setdefault(x, []).append(n)
+    fixed = _fixed_values(g)
+    moved = {}  # transpose output -> (input, perm)
+    for _, n in g.nodes:
+        y = n.output[0] if n.output else None
+        if n.op_type == "Transpose" and _standard(n) and y in g.shapes and y not in g.outputs \
+                and not g.written & {n.input[0], y} and consumers.get(y) \
+                and all(_pushable(c, y, fixed) for c in consumers[y]):
+            rank = len(g.shapes[y])
+            moved[y] = (n.input[0], [int(a) for a in (attr(n, "perm") or range(rank)[::-1])])
+
+    def rewrite(name, n, shapes, values):
+        if n.op_type == "Transpose" and n.output and n.output[0] in moved:
+            return []  # every reader reads its input now
+        if not n.input or n.input[0] not in moved or not _standard(n) or n.op_type not in ("Gather", "Slice"):
+            return None
+        x, perm = moved[n.input[0]]
+        rank, y = len(perm), n.output[0]
+        pre = f"{name}::first"
+        if n.op_type == "Gather":
+            a = _norm(int(attr(n, "axis", 0)), rank)
+            node = Node("Gather", [x, n.input[1]], [pre], {"axis": perm[a]})
+            if np.ndim(fixed[n.input[1]]) == 0:  # the axis goes: renumber the others
+                perm = [p - (p > perm[a]) for i, p in enumerate(perm) if i != a]
+        else:
+            axes = f"{name}::axes"
+            values[axes] = np.array([perm[_norm(int(a), rank)] for a in np.ravel(fixed[n.input[3]])], np.int64)
+            shapes[axes] = values[axes].shape
+            node = Node("Slice", [x, n.input[1], n.input[2], axes, *n.input[4:]], [pre])
+        shapes[pre] = tuple(shapes[y][perm.index(i)] for i in range(len(perm)))
+        return [(f"{name}::first", node), (name, Node("Transpose", [pre], [y], {"perm": perm}))]
+    return replace_nodes(g, rewrite)
+
+
+def _pushable(n, y, fixed) -> bool:
+    """``n`` reads ``y`` (only as its data) at fixed indices: a ``Gather`` of a scalar or a 1-D
+    index tensor, or a ``Slice`` whose axes are given."""
+    if not _standard(n) or n.input[0] != y or y in n.input[1:] or len(n.output) != 1:
+        return False
+    if n.op_type == "Gather":
+        return len(n.input) == 2 and n.input[1] in fixed and np.ndim(fixed[n.input[1]]) <= 1
+    return n.op_type == "Slice" and len(n.input) >= 4 and n.input[3] in fixed
+
+
 def _piece_reads(g, name, n, concat, fixed, shapes, values):
     """The nodes that read ``n``'s runs from ``concat``'s inputs, or None."""
     t = n.input[0]

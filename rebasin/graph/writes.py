@@ -5,8 +5,10 @@ time step) as ``ScatterND(state, indices, h)`` whose indices enumerate every pos
 written box: ``indices[n, c] = (n, c, i)``. When the indices are computed from shapes and
 constants alone (the same for every input) and form such a box, cut from one axis and whole along
 the others, the scatter computes ``concat(state[.., :i], h, state[.., i + 1:])``: the graph is
-analysed that way, as the torch frontend lowers ``select_scatter``. Other scatters are left as
-they are (ScatterND has no rule: it blocks).
+analysed that way, as the torch frontend lowers ``select_scatter``. The dynamo exporter writes the
+same as ``ScatterElements`` whose indices are ``i`` (or ``lo + j`` along the axis) everywhere: that
+is rewritten alike. Other scatters are left as they are (ScatterND has no rule: it blocks;
+ScatterElements follows its rule).
 
 The rewrite only changes what the rules see: the weights are the model's, and the rewritten
 graph computes the same outputs.
@@ -29,14 +31,15 @@ _DETERMINISTIC = {"Identity", "Cast", "Add", "Sub", "Mul", "Div", "Neg", "Abs", 
 def scatter_writes(g: Graph) -> Graph:
     """``g`` with each ``ScatterND`` that writes a box cut from one axis (see the module docstring)
     replaced by slices of its data and a concatenation."""
-    if not any(n.op_type == "ScatterND" for _, n in g.nodes):
+    if not any(n.op_type in ("ScatterND", "ScatterElements") for _, n in g.nodes):
         return g
     fixed = _shape_determined(g)
 
     def rewrite(name, n, shapes, values):
-        if n.op_type == "ScatterND" and n.domain in ("", "ai.onnx") and len(n.input) == 3 \
-                and n.input[1] in fixed and (attr(n, "reduction") or "none") in ("none", b"none"):
-            return _as_concat(g, name, n, shapes, values)
+        if n.op_type in ("ScatterND", "ScatterElements") and n.domain in ("", "ai.onnx") \
+                and len(n.input) == 3 and n.input[1] in fixed \
+                and (attr(n, "reduction") or "none") in ("none", b"none"):
+            return (_as_concat if n.op_type == "ScatterND" else _elements_as_concat)(g, name, n, shapes, values)
         return None
     return replace_nodes(g, rewrite)
 
@@ -86,9 +89,14 @@ def _as_concat(g, name, n, shapes, values):
     if not cut:  # every position written
         return [(f"{name}::write", Node("Reshape", [upd], [y]))]
     j = cut[0]
-    lo, hi = runs[j]
+    return _pieces_written(name, data, upd, y, j, *runs[j], dshape, box, shapes, values)
+
+
+def _pieces_written(name, data, upd, y, j, lo, hi, dshape, box, shapes, values):
+    """``y = concat(data[.., :lo], update, data[.., hi:])`` along axis ``j`` (the update viewed as
+    ``box``): the nodes."""
     piece = f"{name}::update"
-    shapes[piece] = box
+    shapes[piece] = tuple(box)
     out, pieces = [(piece, Node("Reshape", [upd], [piece]))], [piece]
     if lo > 0:
         out.append(slice_node(f"{name}::before", data, 0, lo, j, shapes, values))
@@ -98,6 +106,29 @@ def _as_concat(g, name, n, shapes, values):
         pieces.append(f"{name}::after")
     out.append((f"{name}::write", Node("Concat", pieces, [y], {"axis": j})))
     return out
+
+
+def _elements_as_concat(g, name, n, shapes, values):
+    """The nodes computing ``n`` (ScatterElements) as slices of its data and a concatenation, or
+    None: its indices must be ``lo + j`` at position ``j`` of the scatter axis and the same along
+    every other axis, which the update covers whole (the dynamo exporter's ``select_scatter`` /
+    ``slice_scatter``): ``data[.., lo + j, ..] = update[.., j, ..]``."""
+    data, idx_name, upd = n.input
+    idx = np.asarray(g.values[idx_name])
+    dshape = tuple(g.shapes[data])
+    if idx.dtype.kind not in "iu" or idx.ndim != len(dshape) or tuple(g.shapes[upd]) != idx.shape:
+        return None
+    j = int(attr(n, "axis", 0))
+    j += len(dshape) if j < 0 else 0
+    if any(a != b for k, (a, b) in enumerate(zip(idx.shape, dshape)) if k != j):
+        return None
+    run = _run(np.where(idx < 0, idx + dshape[j], idx))
+    if run is None or run[2] not in (None, j) or run[1] != idx.shape[j]:
+        return None
+    lo, hi = run[0], run[0] + run[1]
+    if lo < 0 or hi > dshape[j]:
+        return None
+    return _pieces_written(name, data, upd, n.output[0], j, lo, hi, dshape, idx.shape, shapes, values)
 
 
 def _run(col: np.ndarray):
