@@ -66,6 +66,33 @@ class _Hidden(torch.nn.Module):
         return self.m(input_ids=ids, **kw).last_hidden_state
 
 
+def perturb(model):
+    """``model`` with trained-like values: every parameter perturbed (biases and norm weights by
+    0.3), BatchNorm statistics randomized (``tests.corpus.randomize_bn``). Seeds torch's generator."""
+    randomize_bn(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() <= 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def blocking(spec, n: int = 2) -> str:
+    """The ``n`` most frequent reasons of ``spec``'s blocked axes, model inputs and outputs left out."""
+    why = collections.Counter(b.reason.split("': ")[-1].split(" (")[0][:60] for b in spec.blocked
+                              if not b.reason.startswith(("model output", "model input")))
+    return "; ".join(f"{k} ({c})" for k, c in why.most_common(n)) or "-"
+
+
+def torch_check(model, x):
+    """The torch path's spec of ``model`` and whether every class permuted at random (seeds 0 and 1)
+    leaves its output on ``x`` unchanged."""
+    spec = rebasin.infer_spec(model, x)
+    sound = all(rebasin.verify_torch(model, rebasin.apply_permutation(
+        model.state_dict(), spec, spec.random_permutations(s)), x).equal for s in (0, 1))
+    return spec, sound
+
+
 def build(model_type: str):
     import transformers as tf
 
@@ -77,12 +104,7 @@ def build(model_type: str):
     if getattr(cfg, "pad_token_id", 0) is None:
         cfg.pad_token_id = 0
     torch.manual_seed(0)
-    model = tf.AutoModel.from_config(cfg).eval()
-    randomize_bn(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() <= 1:
-                p.add_(torch.randn_like(p) * 0.3)
+    model = perturb(tf.AutoModel.from_config(cfg).eval())
     ids = torch.randint(3, 40, (2, 8), generator=torch.Generator().manual_seed(1))
     return _Hidden(model, bool(getattr(cfg, "is_encoder_decoder", False))).eval(), (ids,)
 
@@ -114,14 +136,9 @@ def main(types, onnx: str | None = None):
                 with tempfile.TemporaryDirectory() as d:
                     spec, sound = _onnx_check(model, x, d, onnx)
             else:
-                spec = rebasin.infer_spec(model, x)
-                sound = all(rebasin.verify_torch(model, rebasin.apply_permutation(
-                    model.state_dict(), spec, spec.random_permutations(s)), x).equal for s in (0, 1))
-            why = collections.Counter(b.reason.split("': ")[-1].split(" (")[0][:60] for b in spec.blocked
-                                      if not b.reason.startswith(("model output", "model input")))
-            top = "; ".join(f"{k} ({n})" for k, n in why.most_common(2)) or "-"
-            print(f"| {name} | {len(spec)} | {spec.log_symmetry:.1f} | {top} | {'yes' if sound else 'NO'} |",
-                  flush=True)
+                spec, sound = torch_check(model, x)
+            print(f"| {name} | {len(spec)} | {spec.log_symmetry:.1f} | {blocking(spec)} | "
+                  f"{'yes' if sound else 'NO'} |", flush=True)
         except Exception as e:  # a family this transformers version cannot build: say so, go on
             print(f"| {name} | {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | |", flush=True)
 
