@@ -124,9 +124,9 @@ def _scatter_graph(indices: str):
         nodes += [helper.make_node("Reshape", [f"h{i}", "col"], [f"c{i}"]) for i in (0, 1)]
         if indices == "elements_computed":
             nodes.append(helper.make_node("Add", ["e1", "zi"], ["e1c"]))
+        e1 = "e1c" if indices == "elements_computed" else "e1"
         nodes += [helper.make_node("ScatterElements", ["s0", "e0", "c0"], ["s1"], axis=2),
-                  helper.make_node("ScatterElements", ["s1", "e1c" if indices == "elements_computed" else "e1",
-                                                       "c1"], ["s2"], axis=2)]
+                  helper.make_node("ScatterElements", ["s1", e1, "c1"], ["s2"], axis=2)]
     else:
         nodes += [helper.make_node("ScatterND", ["s0", "i0", "h0"], ["s1"]),
                   helper.make_node("ScatterND", ["s1", idx1, "h1"], ["s2"])]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import rebasin
 from rebasin.errors import UnsupportedModelError
-from tests.corpus import AGREEMENT_GAPS, BUILDERS, FAST, TORCH_ONLY, build, export, frozen_in
+from tests.corpus import AGREEMENT_GAPS, BUILDERS, FAST, TORCH_ONLY, build, export, export_script, frozen_in
 
 SLOW_TORCH = [n for n in BUILDERS if n not in FAST]
 
@@ -562,7 +562,6 @@ def test_gather_at_fixed_positions_reads_pieces(index, tmp_path):
     both frontends find the pieces, and every class permuted at random keeps the outputs."""
     import onnx
 
-    from tests.corpus import export_script
 
     torch.manual_seed(0)
     idx = list(index) if isinstance(index, tuple) else index
@@ -621,3 +620,48 @@ def test_fx_trace_that_writes_into_a_captured_constant_is_refused():
     torch.manual_seed(0)
     with pytest.raises(UnsupportedModelError, match="captured as a constant"):
         rebasin.infer_spec(_SliceWrites().eval(), (torch.randn(4, 3),), tracer="fx")
+
+
+# ------------------------------------------------------------------ lowerings the modality sweep asked for
+
+
+def _rows_picked(m, h):
+    """``h[arange(2), i]`` with ``i`` computed from ``h``: a row of each pair, picked per example."""
+    pairs = h.reshape(2, 2, 8)
+    return pairs[torch.arange(2), pairs.sum(-1).argmax(-1)]
+
+
+LOWERED = {  # body, extra modules, sizes of the classes holding a.weight's rows
+    # roll of the hidden axis: the two pieces it cuts move on their own
+    "roll": (lambda m, h: torch.roll(h, shifts=(-3, 1), dims=(1, 0)), {}, [3, 5]),
+    # weight-normed grouped conv in a residual (Wav2Vec2's positional conv): groups, and their channels
+    "weight_norm": (lambda m, h: h + m.extra["conv"](h.unsqueeze(-1)).squeeze(-1),
+                    {"conv": nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 1, groups=2))}, [2, 4]),
+    # several index tensors (CLIP's pooled token): the hidden axis carries through
+    "index_tuples": (_rows_picked, {}, [8]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOWERED))
+def test_lowerings_agree_with_the_onnx_export(case, tmp_path):
+    """``aten::roll``, ``aten::_weight_norm`` and indexing with several index tensors are lowered as
+    the ONNX exporters write them: the torch path finds what the export's does, class for class."""
+    fn, extra, sizes = LOWERED[case]
+    torch.manual_seed(0)
+    model = Ops(fn, extra=extra).eval()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn_like(q) * 0.3)
+    x = (torch.randn(4, 6),)
+    spec = rebasin.infer_spec(model, x)
+    assert_sound(model, x, spec)
+    assert sorted(c.size for c in spec.classes if _members_of(c, "a.weight")) == sizes, spec.table()
+    path = tmp_path / "m.onnx"
+    export_script(model, x, path)
+    ospec = rebasin.infer_spec(str(path))
+    keys = set(model.state_dict())
+    assert signature(spec, keys) == signature(ospec, keys)
+
+
+def _members_of(c, tensor):
+    return [m for m in c.members if m.tensor == tensor]

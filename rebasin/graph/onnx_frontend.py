@@ -103,7 +103,8 @@ def build_graph(model, feeds: dict | None = None) -> Graph:
         shapes.update(_static_shapes(model))
     for k, v in list(weights.items()) + list(values.items()) + list(results.items()):
         shapes[k] = tuple(np.shape(v))
-    scatter_indices = {n.input[1] for n in g.node if n.op_type in ("ScatterND", "ScatterElements") and len(n.input) > 1}
+    scatter_indices = {n.input[1] for n in g.node
+                       if n.op_type in ("ScatterND", "ScatterElements") and len(n.input) > 1}
     for k, v in results.items():  # small integer results; a scatter's indices, read as a whole
         if v.dtype.kind in "iub" and (v.size <= 64 or k in scatter_indices and v.size <= _INDICES_MAX):
             values[k] = v

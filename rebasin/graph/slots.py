@@ -160,7 +160,8 @@ def readers_before_transposes(g: Graph) -> Graph:
                 perm = [p - (p > perm[a]) for i, p in enumerate(perm) if i != a]
         else:
             axes = f"{name}::axes"
-            values[axes] = np.array([perm[_norm(int(a), rank)] for a in np.ravel(fixed[n.input[3]])], np.int64)
+            given = np.ravel(fixed[n.input[3]])
+            values[axes] = np.array([perm[_norm(int(a), rank)] for a in given], np.int64)
             shapes[axes] = values[axes].shape
             node = Node("Slice", [x, n.input[1], n.input[2], axes, *n.input[4:]], [pre])
         shapes[pre] = tuple(shapes[y][perm.index(i)] for i in range(len(perm)))

@@ -699,6 +699,20 @@ def _layer_norm(b, n, p, name):
     b.emit(op, [b.t(p["input"]), b.t(p["weight"]), b.t(p.get("bias"))], outs, axis=axis)
 
 
+@lowering("_weight_norm", "_weight_norm_interface")
+def _weight_norm(b, n, p, name):
+    """``v * (g / norm(v))``, the norm over every dim of ``v`` but ``dim`` (kept, size 1 elsewhere);
+    ``_weight_norm_interface`` also returns that norm."""
+    v, vs = b.t(p["v"]), b.shape(p["v"])
+    dim = _norm(int(p.get("dim", 0) or 0), len(vs))
+    kept = [d if i == dim else 1 for i, d in enumerate(vs)]
+    norm = b.out(1) if name == "_weight_norm_interface" else b.tmp(kept)
+    scale = b.tmp(kept)
+    b.emit("ReduceL2", [v], [norm], axes=[i for i in range(len(vs)) if i != dim], keepdims=1)
+    b.emit("Div", [b.t(p["g"]), norm], [scale])
+    b.emit("Mul", [v, scale], [b.out(0) if name == "_weight_norm_interface" else b.out()])
+
+
 @lowering("group_norm", "native_group_norm")
 def _group_norm(b, n, p, name):
     """GroupNorm as ONNX exporters write it: view ``[N, C, *S]`` as ``[N, G, C/G * prod(S)]``,
@@ -878,6 +892,25 @@ def _slice(b, n, p, name):
            [b.out()])
 
 
+@lowering("roll")
+def _roll(b, n, p, name):
+    """``roll(x, s, d)`` is ``cat(x[.., -s:], x[.., :-s])`` along ``d``, one dim after the other (as
+    ONNX exporters write it). A roll of the flattened tensor (no dims) is left unknown."""
+    x, xs = b.t(p["self"]), b.shape(p["self"])
+    shifts, dims = p["shifts"], p.get("dims")
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
+    if not dims or len(dims) != len(shifts):
+        return _unknown(b, n, "roll of the flattened tensor")
+    for k, (s, d) in enumerate(zip(shifts, dims)):
+        d = _norm(int(d), len(xs))
+        s = int(s) % xs[d]
+        out = b.out() if k == len(dims) - 1 else b.tmp(xs)
+        pieces = [q for q in (_piece(b, x, xs, d, xs[d] - s, xs[d]), _piece(b, x, xs, d, 0, xs[d] - s)) if q]
+        b.emit("Concat", pieces, [out], axis=d)
+        x = out
+
+
 @lowering("copy")
 def _copy(b, n, p, name):
     """``copy(self, src)``: src's values broadcast to self's shape. Written as an element-wise op
@@ -947,12 +980,36 @@ def _index(b, n, p, name):
     idx = list(p["indices"])
     used = [i for i, t in enumerate(idx) if t is not None]
     vals = [t.meta.get("val") for t in idx if t is not None]
-    if len(used) != 1 or any(getattr(v, "dtype", None) is None or v.dtype.is_floating_point
-                             or str(v.dtype) == "torch.bool" for v in vals):
-        return _unknown(b, n, "advanced indexing with several or boolean indices")
+    if any(getattr(v, "dtype", None) is None or v.dtype.is_floating_point or str(v.dtype) == "torch.bool"
+           for v in vals):
+        return _unknown(b, n, "advanced indexing with boolean indices")
+    if len(used) > 1:
+        return _index_tuples(b, n, p, [idx[i] for i in used], used)
     if used == [0] and len(idx) == 1 and _pick_rows(b, p["self"], idx[0]):
         return
     b.emit("Gather", [b.t(p["self"]), b.t(idx[used[0]])], [b.out()], axis=used[0])
+
+
+def _index_tuples(b, n, p, idx, used):
+    """``x[i0, i1, ..]`` on the leading dims: the index tensors broadcast to one shape ``S`` and
+    stacked along a new last axis, ``GatherND`` of those tuples (output ``S + x.shape[k:]``), as ONNX
+    exporters write it. Indices on other dims (torch then moves or keeps the indexed dims by rules
+    of their own) are left unknown."""
+    if used != list(range(len(used))):
+        return _unknown(b, n, "advanced indexing of several dims that are not the leading ones")
+    shape = tuple(np.broadcast_shapes(*(b.shape(t) for t in idx)))
+    cols = []
+    for t in idx:
+        col = b.t(t)
+        if b.shape(t) != shape:
+            col = b.tmp(shape)
+            b.emit("Expand", [b.t(t), b.const(list(shape))], [col])
+        one = b.tmp(shape + (1,))
+        b.emit("Reshape", [col], [one])
+        cols.append(one)
+    tuples = b.tmp(shape + (len(idx),))
+    b.emit("Concat", cols, [tuples], axis=len(shape))
+    b.emit("GatherND", [b.t(p["self"]), tuples], [b.out()], batch_dims=0)
 
 
 @lowering("gather")

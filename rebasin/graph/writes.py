@@ -39,7 +39,8 @@ def scatter_writes(g: Graph) -> Graph:
         if n.op_type in ("ScatterND", "ScatterElements") and n.domain in ("", "ai.onnx") \
                 and len(n.input) == 3 and n.input[1] in fixed \
                 and (attr(n, "reduction") or "none") in ("none", b"none"):
-            return (_as_concat if n.op_type == "ScatterND" else _elements_as_concat)(g, name, n, shapes, values)
+            write = _as_concat if n.op_type == "ScatterND" else _elements_as_concat
+            return write(g, name, n, shapes, values)
         return None
     return replace_nodes(g, rewrite)
 
