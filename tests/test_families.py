@@ -8,9 +8,11 @@ in test_torch_frontend.py / test_corpus_soundness.py (the corpus covers these mo
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -379,30 +381,36 @@ def test_diffusers_unet_below_hand_count(specs):
     assert spec.log_symmetry <= _log_symmetry(_add(DIFFUSERS_INSIDE, DIFFUSERS_STREAMS)) + 1e-6
 
 
-# What the analysis reaches: every stream at its hand count but A, where the swap of groups 6 and 7
-# of GroupNorm(8, 96) is missing (1 class of 2).
-DIFFUSERS_REACHED = _add(DIFFUSERS_INSIDE, DIFFUSERS_STREAMS, {2: -1})
-
-
-def test_diffusers_unet_reaches_all_but_stream_a(specs):
-    """Streams B to H at their hand counts (each group of a concatenation with its own channel
-    layout: rebasin/graph/axes.py's families), stream A short of one swap; A's eight 4-blocks each
-    with its own channel permutation (blocks 2 to 7 nest under the cells the 8- and 12-wide
-    layouts cut them into: infer._cell_names)."""
-    spec = specs("diffusers_unet_cond")
-    assert _sizes(spec) == DIFFUSERS_REACHED, spec.table()
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="stream A (32) meets groups of 8 (cat(32, A) under GroupNorm(8, 64)) and of 12 "
-                          "(cat(64, A) under GroupNorm(8, 96)); the swap of groups 6 and 7, which maps "
-                          "blocks 2, 3 onto 6, 7 and 4 onto 5 (layouts 8 + 4 and 4 + 8), moves no group "
-                          "position for position: the algebra pins the 12-groups where the layouts overlap "
-                          "(AxisAlgebra._groups_across), and a class for it needs two members per axis with "
-                          "different layouts (1 class of 2 short; the spec format could state it)")
 def test_diffusers_unet_reaches_hand_count(specs):
+    """Every stream at its hand count (each group of a concatenation with its own channel layout:
+    rebasin/graph/axes.py's families); A's eight 4-blocks each with its own channel permutation
+    (blocks 2 to 7 nest under the cells the 8- and 12-wide layouts cut them into:
+    infer._cell_names), and the swap of groups 6 and 7 as the reflection of their period
+    (infer._mirrors)."""
     spec = specs("diffusers_unet_cond")
     assert _sizes(spec) == _add(DIFFUSERS_INSIDE, DIFFUSERS_STREAMS), spec.table()
+
+
+def test_diffusers_unet_swap_of_groups_6_and_7(specs):
+    """The swap class alone keeps the output (blocks 2, 3 <-> 6, 7 and 4 <-> 5 of A); moving the
+    two 12-groups position for position instead cuts the 8-groups and changes it: the check can
+    fail, and the swap is the one that maps every group of both layouts onto a group."""
+    model, x = build("diffusers_unet_cond")
+    spec = specs("diffusers_unet_cond")
+    swap, = [c for c in spec.classes if c.size == 2 and  # two layouts on conv_in's rows
+             len({m.block for m in c.members if m.tensor == "m.conv_in.weight"}) > 1]
+    assert {(m.offset, m.block, m.stride) for m in swap.members if m.tensor == "m.conv_in.weight"} == \
+        {(8, 8, 16), (16, 4, 4)}  # conv_in's 32 rows: cells 8:16 <-> 24:32, 16:20 <-> 20:24
+    perms = {c.name: np.arange(c.size) for c in spec.classes}
+    perms[swap.name] = np.array([1, 0])
+    assert rebasin.verify_torch(model, rebasin.apply_permutation(model.state_dict(), spec, perms), x).equal
+    cells = [m for m in swap.members if (m.block, m.stride) == (8, 16)]  # the 8-cells' members of unit 1
+    shifted = dataclasses.replace(swap, members=tuple(  # moved as 12-groups, position for position
+        dataclasses.replace(m, block=12, stride=12) for m in cells))
+    wrong = rebasin.Spec((shifted,), (), shapes=spec.shapes)
+    sd = rebasin.apply_permutation(model.state_dict(), wrong, {shifted.name: [1, 0]})
+    res = rebasin.verify_torch(model, sd, x)
+    assert not res.equal, res
 
 
 # --------------------------------------------------------------------------- routing ops, one at a time

@@ -162,14 +162,14 @@ CASES = {
     # U: group 1's channels (8)
     "two_concatenations": (TwoConcatenations, {2: 1, 4: 3, 8: 1}, None),
     # S: blocks {0..3}{4..7}{8..11} and {0..5}{6..11} meet in cells {0..3}{4 5}{6 7}{8..11}: each
-    # cell's channels (2 x 4, 2 x 2), and the swap of the two 6-blocks, cell for cell (2); U: its
-    # two groups swap (2), each group's channels (2 x 6). The analysis misses the swap of S's
-    # 6-blocks (a class with two members per axis, its items laid out differently in each: the
-    # algebra pins groups whose layouts differ).
-    "overlapping_groups": (OverlappingGroups, {4: 2, 2: 2 + 1 + 1, 6: 2}, {4: 2, 2: 2 + 1, 6: 2}),
+    # cell's channels (2 x 4, 2 x 2), and the swap of the two 6-blocks, cell for cell (2: the
+    # period's reflection, a class with two members per axis, infer._mirrors); U: its two groups
+    # swap (2), each group's channels (2 x 6).
+    "overlapping_groups": (OverlappingGroups, {4: 2, 2: 2 + 1 + 1, 6: 2}, None),
     # two periods of 12, each cut like S above: the periods swap (2), each cell's channels (2 x (2
-    # x 4, 2 x 2)) and each period's swap of its 6-blocks (2). The analysis misses the last two.
-    "two_layouts_repeating": (TwoLayoutsRepeating, {4: 4, 2: 1 + 4 + 2}, {4: 4, 2: 1 + 4}),
+    # x 4, 2 x 2)) and each period's swap of its 6-blocks (2). The analysis reflects both periods
+    # at once (one class: the period is one variable), not each on its own.
+    "two_layouts_repeating": (TwoLayoutsRepeating, {4: 4, 2: 1 + 4 + 2}, {4: 4, 2: 1 + 4 + 1}),
     # D and B share one channel permutation (8): the sum over groups meets D's channel j and B's
     "groups_summed": (GroupsSummed, {8: 1}, None),
     # D, B and the scale share one channel permutation (8)
@@ -178,10 +178,9 @@ CASES = {
     # 8-block inside one 12-group); the swap of groups 6 and 7 that keeps the 8-blocks (blocks 2, 3
     # <-> 6, 7 with 4 <-> 5: a class with two members per axis) (2). P: its 4 groups (4), each
     # group's channels (4 x 8). Q: its 5 whole groups (5), their channels (5 x 12), its 4 channels
-    # of group 5 (4). The analysis misses the swap of groups 6 and 7 (it pins groups whose layouts
-    # overlap); blocks 2 to 7 nest under the cells of the two layouts (infer._cell_names).
-    "three_layouts": (ThreeLayouts, {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5},
-                      {4: 8 + 1 + 1, 2: 3, 8: 4, 5: 1, 12: 5}),
+    # of group 5 (4). Blocks 2 to 7 nest under the cells of the two layouts (infer._cell_names);
+    # the swap of groups 6 and 7 is the reflection of their period (infer._mirrors).
+    "three_layouts": (ThreeLayouts, {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5}, None),
     # The same model, its own GroupNorm read last: its 4-blocks refine the 8-blocks' channels after
     # the concatenations gave each run of 8-blocks its instance (AxisAlgebra._distribute); the
     # families' check then finds the own GroupNorm combining the 4-blocks' channels across the
@@ -484,3 +483,54 @@ def test_random_layouts_sound(monkeypatch):
     for k in range(40):
         _sound_layouts(*_random_layouts(random.Random(KEEP + k)), seed=k)
     assert sum(nested) > 0
+
+
+# --------------------------------------------------------------------------- mirrored periods
+
+
+class OverlapRead(OverlappingGroups):
+    """OverlappingGroups with one more reader of the stream S or of the 6-groups of cat(S, U):
+    ``"cell"`` a conv of S's channels 4 and 5 (one cell of the period), ``"group_scale"`` a learned
+    scale per 6-group of the concatenation (a weight on the groups' axis alone)."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.extra = extra
+        self.more = _conv(2, 3) if extra == "cell" else nn.Parameter(torch.randn(4, 1))
+
+    def forward(self, x):
+        y = super().forward(x)
+        s = self.s(x)
+        if self.extra == "cell":
+            return y + self.more(torch.tanh(s[:, 4:6]))
+        c = torch.cat([s, self.u(x)], 1)
+        z = (c.view(c.shape[0], 4, -1) * self.more).view(c.shape)
+        return y + self.out2(torch.tanh(z))
+
+
+def _swap(spec):
+    """The classes with two members of different layouts on one tensor axis (a mirrored period)."""
+    return [c for c in spec.classes
+            if any(len({(m.block, m.stride) for m in c.members if (m.tensor, m.axis) == ta}) > 1
+                   for ta in {(m.tensor, m.axis) for m in c.members})]
+
+
+@pytest.mark.parametrize("extra", ["cell", "group_scale"])
+def test_mirror_needs_every_reader_to_hold_the_period(extra):
+    """The reflection of S's period (cells 4, 2, 2, 4 reversed) is a class in OverlappingGroups;
+    a reader of one cell, or a weight on the 6-groups alone, would have to move with it but cannot:
+    no such class, the spec sound, and the base model's reflection applied to this model changes
+    its output (so the class would have been unsound)."""
+    base, x = _build("overlapping_groups")
+    swap, = _swap(rebasin.infer_spec(base, x))
+    torch.manual_seed(0)
+    model = OverlapRead(extra).eval()
+    with torch.no_grad():  # the same values as the base model's, then the extra reader's
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    spec = rebasin.infer_spec(model, x)
+    assert not _swap(spec), spec.table()
+    assert_sound(model, x, spec)
+    alone = rebasin.Spec((swap,), (), shapes={k: tuple(v.shape) for k, v in model.state_dict().items()})
+    sd = rebasin.apply_permutation(model.state_dict(), alone, {swap.name: [1, 0]})
+    assert not rebasin.verify_torch(model, sd, x).equal

@@ -33,6 +33,25 @@ class _Var:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """One period of two overlapping group layouts (:meth:`AxisAlgebra._groups_across`): the fixed
+    layout's groups stay in place (``outer`` pinned), each with its own instance (``pieces``, the
+    family ``fixed``), cut by the other layout's groups (``other``, the family ``cut``). Both
+    layouts are regular over the period, so its reflection maps every group of either layout onto
+    one of the same layout: reversing the order of the cells (the common refinement), each cell's
+    own channels kept in order, is a permutation that no group sees. :meth:`AxisAlgebra.mirror_cells`
+    says where that is sound."""
+
+    outer: int
+    other: int
+    pieces: tuple[int, ...]
+    fixed: "_Family"
+    cut: "_Family"
+    parts: tuple[tuple[int, ...], ...]  # each piece's parts as made (leaves, or run products)
+    groups: tuple[int, ...]  # ``other``'s parts as made
+
+
+@dataclass(frozen=True)
 class _Family:
     """``inner`` of ``prod(outer, inner)`` stands for ``instance`` at items ``lo <= i < hi`` of
     ``outer`` (``spans`` of ``(lo, hi, instance)``): each group's channels, laid out on their own."""
@@ -51,6 +70,8 @@ class AxisAlgebra:
         self._distributed: set = set()  # families whose inner product the instances took
         self._derived: dict = {}  # family of a factor -> the family whose inner product it is in
         self._index: tuple | None = None  # (families and instances by inner, holders)
+        self.mirrors: list[Mirror] = []
+        self._repinned: set = set()  # variables pinned again, or united while both pinned
 
     # ----------------------------------------------------------------- basics
     def new(self, size: int) -> int:
@@ -75,6 +96,8 @@ class AxisAlgebra:
         r = self.root(v)
         if r.pinned is None and r.size > 1:
             r.pinned = reason
+        elif r.pinned is not None:
+            self._repinned.add(v)
 
     # ----------------------------------------------------------------- structure
     def prod(self, factors: list[int]) -> int:
@@ -109,6 +132,8 @@ class AxisAlgebra:
             self.pin(rb, f"{reason}: axis sizes differ ({va.size} vs {vb.size})")
             return
         vb.parent = ra
+        if va.pinned and vb.pinned:
+            self._repinned.add(ra)
         pinned = va.pinned or vb.pinned
         ka, ca, kb, cb = va.kind, va.children, vb.kind, vb.children
         va.kind, va.children, va.pinned = None, (), pinned
@@ -218,12 +243,17 @@ class AxisAlgebra:
         fixed, other = (cb, ca) if self.size(cb[0]) <= self.size(ca[0]) else (ca, cb)
         outer, inner = fixed[0], fixed[1] if len(fixed) == 2 else self.prod(list(fixed[1:]))
         width = self.size(inner)
+        free = self.root(outer).pinned is None
         self.pin(outer, f"{reason}: groups of {width} and of {root_inner(self, other)} items "
                         "overlap (neither layout is a product of the other)")
         pieces = [self.new(width) for _ in range(self.size(outer))]
-        self.families.append(_Family(inner, outer, tuple((i, i + 1, p) for i, p in enumerate(pieces)),
-                                     reason))
+        fam = _Family(inner, outer, tuple((i, i + 1, p) for i, p in enumerate(pieces)), reason)
+        self.families.append(fam)
         self._groups_in_pieces(root, pieces, other, reason)
+        if free and len(other) == 2 and self.families[-1].outer == other[0]:
+            self.mirrors.append(Mirror(outer, other[0], tuple(pieces), fam, self.families[-1],
+                                       tuple(self.root(p).children for p in pieces),
+                                       self.root(other[0]).children))
 
     # ----------------------------------------------------------------- per-group instances
     def settle(self, tensor_axes, mixing) -> None:
@@ -456,6 +486,47 @@ class AxisAlgebra:
             for c in self.vars[r].children:
                 self._plain_tree(c, out)
         return out
+
+    # ----------------------------------------------------------------- mirrored periods
+    def mirror_cells(self, m: Mirror) -> list[tuple[int, int]] | None:
+        """The cells of ``m``'s period in order, as ``(leaf root, size)``, where reversing their order
+        is sound as far as the algebra can tell; else None. Its reflection moves the fixed layout's
+        groups (``m.outer``, pinned only for the overlap) and the other layout's (``m.other``) and
+        maps each cell onto its mirror image, so it needs: both families still held (each group's
+        channels independent of the other groups', no op mixing groups), both layouts as they were
+        made (no structure added to a group or a cell since), and nothing pinned in them or in any
+        structure holding them but the overlap's own pin. The extraction checks the tensors: each
+        that holds a cell must hold the whole period in order (:func:`rebasin.graph.infer._mirrors`).
+        """
+        if m.fixed not in self.families or m.cut not in self.families:
+            return None
+        fo, oo = self.find(m.outer), self.find(m.other)
+        if self.vars[fo].kind is not None or fo in {self.find(v) for v in self._repinned}:
+            return None
+        if self.vars[oo].kind != "sum" or self.vars[oo].children != m.groups:
+            return None
+        cells: list[tuple[int, int]] = []
+        for p, parts in zip(m.pieces, m.parts):
+            if self.root(p).children != parts or self.root(p).kind not in ("sum", None):
+                return None
+            for part in parts or (p,):
+                v = self.root(part)
+                if v.kind is None:
+                    cells.append((self.find(part), v.size))
+                elif v.kind == "prod" and len(v.children) == 2 and \
+                        all(self.root(c).kind is None for c in v.children):
+                    g, inst = v.children
+                    cells += [(self.find(inst), self.size(inst))] * self.size(g)
+                else:
+                    return None
+        sizes = [n for _, n in cells]
+        period = self.size(m.outer) * self.size(m.pieces[0])
+        if len(cells) < 2 or sizes != sizes[::-1] or sum(sizes) != period:
+            return None
+        near = set().union(*(self.combined(r) for r, _ in cells), self.combined(oo), self.combined(fo))
+        if any(self.vars[r].pinned for r in near - {fo}) or any(self.vars[r].pinned for r, _ in cells):
+            return None
+        return cells
 
     # ----------------------------------------------------------------- final answers
     def propagate_pins(self) -> None:

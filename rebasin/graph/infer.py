@@ -858,6 +858,63 @@ def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> None:
             nest[r] -= across_all
 
 
+def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list) -> list:
+    """The members of a size-2 class per sound mirrored period (``AxisAlgebra.mirror_cells``): in
+    every weight axis holding the period, cell ``i`` and cell ``n - 1 - i`` swap places (one member
+    per pair of equal cells; the cells keep their channels' order, the per-cell classes permute
+    those, also per index of another axis where they nest: the reflection is one permutation of
+    the period wherever it is held). Sound where every tensor, weight or not, that holds a cell
+    holds whole periods, each in order and contiguous, and no weight axis reads either layout's
+    groups without their cells (a per-group weight would have to move with them): otherwise no
+    class. A cell of one item shows in no occurrence: the cells around it place it, and a tensor
+    whose own structure holds it (a slice of it) must show the period.
+
+    The swap of groups 6 and 7 in a diffusers UNet stream: groups of 8 (``cat(32, A)`` under
+    ``GroupNorm(8, 64)``) and of 12 (``cat(64, A)`` under ``GroupNorm(8, 96)``) cut the last 24
+    channels of ``A`` into cells of 8, 4, 4, 8; reversed, they are 8 + 4 and 4 + 8 again.
+    """
+    alg = cx.alg
+    out = []
+    for m in alg.mirrors:
+        cells = alg.mirror_cells(m)
+        if cells is None:
+            continue
+        leaves = {r for r, _ in cells}
+        seen = [i for i, (_, n) in enumerate(cells) if n > 1]
+        if not seen:
+            continue
+        before = [sum(n for _, n in cells[:i]) for i in range(len(cells) + 1)]
+        at: dict = {}
+        for r, tensor, axis, offset, unit, _ in [*occurrences, *others]:
+            if r in leaves:
+                at.setdefault((tensor, axis), []).append((offset, r, unit))
+        groups = alg.tree(m.outer) | alg.tree(m.other)
+        ok = all((name, axis) in at for name, axes in cx.axes.items() for axis, v in enumerate(axes)
+                 if alg._plain_tree(v, set()) & leaves or name in weights and alg.tree(v) & groups)
+        mems = []
+        for (tensor, axis), occ in at.items() if ok else ():
+            occ.sort()
+            if len(occ) % len(seen):
+                ok = False
+                break
+            for k in range(0, len(occ), len(seen)):
+                run = occ[k:k + len(seen)]
+                unit = run[0][2]
+                base = run[0][0] - unit * before[seen[0]]
+                starts = [base + unit * b for b in before[:-1]]
+                if run != [(starts[i], cells[i][0], unit) for i in seen]:
+                    ok = False
+                    break
+                if tensor in weights:
+                    mems += [Member(tensor, axis, starts[i], cells[i][1] * unit, starts[-1 - i] - starts[i])
+                             for i in range(len(cells) // 2)]
+            if not ok:
+                break
+        if ok and mems:
+            out.append(tuple(dict.fromkeys(mems)))
+    return out
+
+
 def _extract(cx: _Context, weights: dict) -> Spec:
     """Expand every weight axis into class members.
 
@@ -952,4 +1009,12 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             acts[k][Member(tensor, axis, offset, unit, unit)] = None
     out = [PermutationClass(f"P{i}", alg.size(k[0]), tuple(mems), tuple(acts.get(k, ())))
            for i, (k, mems) in enumerate(classes.items())]
+    if alg.mirrors:  # every tensor's cells, to check that each holds whole periods
+        sink = []
+        for name, axes in cx.axes.items():
+            if name not in weights:
+                for axis, v in enumerate(axes):
+                    expand(v, name, axis, 0, 1, [], [])
+        out += [PermutationClass(f"P{len(out) + i}", 2, mems)
+                for i, mems in enumerate(_mirrors(cx, weights, occurrences, sink))]
     return Spec(tuple(out), tuple(blocked), shapes={k: tuple(v.shape) for k, v in weights.items()})
