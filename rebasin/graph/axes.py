@@ -33,6 +33,17 @@ class _Var:
 
 
 @dataclass(frozen=True)
+class _Family:
+    """``inner`` of ``prod(outer, inner)`` stands for ``instance`` at items ``lo <= i < hi`` of
+    ``outer`` (``spans`` of ``(lo, hi, instance)``): each group's channels, laid out on their own."""
+
+    inner: int
+    outer: int
+    spans: tuple[tuple[int, int, int], ...]
+    reason: str
+
+
+@dataclass(frozen=True)
 class Mirror:
     """One period of two overlapping group layouts (:meth:`AxisAlgebra._groups_across`): the fixed
     layout's groups stay in place (``outer`` pinned), each with its own instance (``pieces``, the
@@ -45,21 +56,10 @@ class Mirror:
     outer: int
     other: int
     pieces: tuple[int, ...]
-    fixed: "_Family"
-    cut: "_Family"
+    fixed: _Family
+    cut: _Family
     parts: tuple[tuple[int, ...], ...]  # each piece's parts as made (leaves, or run products)
     groups: tuple[int, ...]  # ``other``'s parts as made
-
-
-@dataclass(frozen=True)
-class _Family:
-    """``inner`` of ``prod(outer, inner)`` stands for ``instance`` at items ``lo <= i < hi`` of
-    ``outer`` (``spans`` of ``(lo, hi, instance)``): each group's channels, laid out on their own."""
-
-    inner: int
-    outer: int
-    spans: tuple[tuple[int, int, int], ...]
-    reason: str
 
 
 class AxisAlgebra:
@@ -277,7 +277,7 @@ class AxisAlgebra:
                 continue
             held = [set().union(*(self.tree(v) for v in axes)) for axes in tensor_axes if axes]
             mixed = [(self.combined(v),
-                      set().union(*(self._plain_tree(w, set()) for w in others))) for v, others in mixing]
+                      set().union(*(self.plain_tree(w, set()) for w in others))) for v, others in mixing]
             bad = [f for f in self.families if not self._family_holds(f, held, mixed)]
             if not bad:
                 return
@@ -387,7 +387,7 @@ class AxisAlgebra:
         it (another structure of the same items) makes that family unsound."""
         out: dict = {}
         for f in self.families:
-            for r in self._plain_tree(f.inner, set()):
+            for r in self.plain_tree(f.inner, set()):
                 out.setdefault(r, []).append(f)
         return out
 
@@ -466,12 +466,12 @@ class AxisAlgebra:
 
     def _family_holds(self, f: _Family, held: list, mixed: list) -> bool:
         inner, outer = self.find(f.inner), self.find(f.outer)
-        own = self._plain_tree(inner, set())
+        own = self.plain_tree(inner, set())
         if any(self.vars[r].pinned for r in own):
             return False
         if any(own & h and not self._holds(h, outer) for h in held):
             return False
-        groups = self._plain_tree(outer, set())
+        groups = self.plain_tree(outer, set())
         return not any(own & keep and groups & m for m, keep in mixed)
 
     def _holds(self, roots: set, r: int) -> bool:
@@ -479,12 +479,12 @@ class AxisAlgebra:
         v = self.vars[r]
         return r in roots or (v.kind == "prod" and all(self._holds(roots, self.find(c)) for c in v.children))
 
-    def _plain_tree(self, v: int, out: set) -> set:
+    def plain_tree(self, v: int, out: set) -> set:
         r = self.find(v)
         if r not in out:
             out.add(r)
             for c in self.vars[r].children:
-                self._plain_tree(c, out)
+                self.plain_tree(c, out)
         return out
 
     # ----------------------------------------------------------------- mirrored periods

@@ -858,8 +858,9 @@ def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> None:
             nest[r] -= across_all
 
 
-def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list) -> list:
-    """The members of a size-2 class per sound mirrored period (``AxisAlgebra.mirror_cells``): in
+def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, periods: list) -> list:
+    """The members of a size-2 class per mirrored period of ``periods`` (``(Mirror, cells)`` that
+    ``AxisAlgebra.mirror_cells`` accepted; ``others``: the occurrences of non-weight tensors): in
     every weight axis holding the period, cell ``i`` and cell ``n - 1 - i`` swap places (one member
     per pair of equal cells; the cells keep their channels' order, the per-cell classes permute
     those, also per index of another axis where they nest: the reflection is one permutation of
@@ -875,10 +876,7 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list) -> li
     """
     alg = cx.alg
     out = []
-    for m in alg.mirrors:
-        cells = alg.mirror_cells(m)
-        if cells is None:
-            continue
+    for m, cells in periods:
         leaves = {r for r, _ in cells}
         seen = [i for i, (_, n) in enumerate(cells) if n > 1]
         if not seen:
@@ -890,7 +888,7 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list) -> li
                 at.setdefault((tensor, axis), []).append((offset, r, unit))
         groups = alg.tree(m.outer) | alg.tree(m.other)
         ok = all((name, axis) in at for name, axes in cx.axes.items() for axis, v in enumerate(axes)
-                 if alg._plain_tree(v, set()) & leaves or name in weights and alg.tree(v) & groups)
+                 if alg.plain_tree(v, set()) & leaves or name in weights and alg.tree(v) & groups)
         mems = []
         for (tensor, axis), occ in at.items() if ok else ():
             occ.sort()
@@ -1009,12 +1007,13 @@ def _extract(cx: _Context, weights: dict) -> Spec:
             acts[k][Member(tensor, axis, offset, unit, unit)] = None
     out = [PermutationClass(f"P{i}", alg.size(k[0]), tuple(mems), tuple(acts.get(k, ())))
            for i, (k, mems) in enumerate(classes.items())]
-    if alg.mirrors:  # every tensor's cells, to check that each holds whole periods
+    periods = [(m, cells) for m in alg.mirrors if (cells := alg.mirror_cells(m)) is not None]
+    if periods:  # every other tensor's cells too, to check that each holds whole periods
         sink = []
         for name, axes in cx.axes.items():
             if name not in weights:
                 for axis, v in enumerate(axes):
                     expand(v, name, axis, 0, 1, [], [])
         out += [PermutationClass(f"P{len(out) + i}", 2, mems)
-                for i, mems in enumerate(_mirrors(cx, weights, occurrences, sink))]
+                for i, mems in enumerate(_mirrors(cx, weights, occurrences, sink, periods))]
     return Spec(tuple(out), tuple(blocked), shapes={k: tuple(v.shape) for k, v in weights.items()})

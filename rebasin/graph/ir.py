@@ -86,8 +86,8 @@ def replace_nodes(g: Graph, rewrite) -> Graph:
     """``g`` with each node for which ``rewrite(name, node, shapes, values)`` returns a list of
     ``(name, Node)`` pairs replaced by them (None keeps the node, an empty list drops it; the new
     tensors' shapes and values go into the dicts it is given). For analysis-only rewrites: where
-    shapes or attributes are missing
-    (``KeyError``, ``IndexError``, ``ValueError``, ``TypeError``) the node is kept."""
+    shapes or attributes are missing (``KeyError``, ``IndexError``, ``ValueError``, ``TypeError``)
+    the node is kept."""
     nodes, shapes, values, changed = [], dict(g.shapes), dict(g.values), False
     for name, n in g.nodes:
         try:
