@@ -261,3 +261,107 @@ def test_unused_weights_do_not_nest():
         spec = rebasin.infer_spec(model, x, tracer=tracer)
         assert not any(m.at for c in spec.classes for m in c.members), spec.table()
         assert sorted(c.size for c in spec.classes if any(m.tensor == "unused" for m in c.members)) == [5, 7]
+
+
+# ------------------------------------------------------------------ grouped convolutions
+
+
+class GroupedConv(nn.Module):
+    """8 channels in 2 groups of 4 read by ``Conv2d(8, 12, groups=2)``: each group's 4 input
+    channels move on their own (rows 0-5 of the weight read group 0's, rows 6-11 group 1's), as do
+    each group's 6 outputs. ``residual``: ``Conv2d(8, 8, groups=2)`` added to its input, so each
+    group's inputs and outputs share one permutation. ``transpose``: ``ConvTranspose2d(8, 12,
+    groups=2)``, weight ``[8, 6, k, k]``: each group's 6 outputs move on their own, in the
+    weight's columns of that group's rows."""
+
+    def __init__(self, kind="conv"):
+        super().__init__()
+        out = 8 if kind == "residual" else 12
+        layer = nn.ConvTranspose2d if kind == "transpose" else nn.Conv2d
+        self.a, self.bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.g = layer(8, out, 3, padding=1, groups=2)
+        self.bn2, self.o = nn.BatchNorm2d(out), nn.Conv2d(out, 3, 1)
+        self.kind = kind
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.a(x)))
+        y = self.g(h) + h if self.kind == "residual" else self.g(h)
+        return self.o(torch.relu(self.bn2(y)))
+
+
+def _grouped(kind):
+    torch.manual_seed(0)
+    model = GroupedConv(kind).eval()
+    with torch.no_grad():  # trained-like: random biases, norm weights and statistics
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        for b in (model.bn.running_var, model.bn2.running_var):
+            b.copy_(torch.rand_like(b) + 0.5)
+        for b in (model.bn.running_mean, model.bn2.running_mean):
+            b.copy_(torch.randn_like(b))
+    return model, (torch.randn(2, 3, 5, 5),)
+
+
+# hand counts: the 2 groups swap (2); each group's 4 input channels (2 x 4); without the residual
+# each group's 6 outputs (2 x 6), with it the outputs are the inputs
+GROUPED = {"conv": {2: 1, 4: 2, 6: 2}, "residual": {2: 1, 4: 2}, "transpose": {2: 1, 4: 2, 6: 2}}
+
+
+@pytest.mark.parametrize("kind", sorted(GROUPED))
+@pytest.mark.parametrize("frontend", ["fx", "export", "onnx"])
+def test_grouped_conv_channels_per_group(kind, frontend, tmp_path):
+    import collections
+
+    import onnx
+
+    from tests.corpus import export_script
+    from tests.test_rules import assert_sound as assert_sound_onnx
+
+    model, x = _grouped(kind)
+    if frontend == "onnx":
+        export_script(model, x, tmp_path / "m.onnx")
+        m = onnx.load(tmp_path / "m.onnx")
+        spec = assert_sound_onnx(m)
+        weight = next(i.name for i in m.graph.initializer if tuple(i.dims) == tuple(model.g.weight.shape))
+    else:
+        spec = rebasin.infer_spec(model, x, tracer=frontend)
+        assert_sound(model, x, spec)
+        weight = "g.weight"
+    assert dict(collections.Counter(c.size for c in spec.classes)) == GROUPED[kind], spec.table()
+    rows = model.g.weight.shape[0] // 2
+    per_group = sorted(tuple(m.at for m in c.members if m.tensor == weight and m.axis == 1)
+                       for c in spec.classes if c.size == (6 if kind == "transpose" else 4))
+    assert per_group == [tuple(((0, r),) for r in range(g * rows, (g + 1) * rows)) for g in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["conv", "residual"])
+def test_grouped_conv_rows_matter(kind):
+    """The check above can fail: group 0's input permutation applied to every row of the grouped
+    weight (not only group 0's rows) changes the output."""
+    import dataclasses
+
+    model, x = _grouped(kind)
+    spec = rebasin.infer_spec(model, x)
+    mine = next(c for c in spec.classes if c.size == 4 and any(m.at == ((0, 0),) for m in c.members))
+    spread = [m for m in mine.members if not (m.tensor == "g.weight" and m.axis == 1)]
+    spread.append(Member("g.weight", 1))
+    wrong = Spec((dataclasses.replace(mine, members=tuple(spread)),), shapes=spec.shapes)
+    sd = rebasin.apply_permutation(model.state_dict(), wrong, {mine.name: np.array([1, 0, 3, 2])})
+    assert not rebasin.verify_torch(model, sd, x).equal
+    sd = rebasin.apply_permutation(model.state_dict(), spec, {mine.name: np.array([1, 0, 3, 2])})
+    assert rebasin.verify_torch(model, sd, x).equal
+
+
+@pytest.mark.parametrize("solver", ["weight", "sinkhorn"])
+def test_grouped_conv_planted_permutation(solver):
+    """A planted permutation of every class, per-group input channels included, is recovered."""
+    model, x = _grouped("conv")
+    spec = rebasin.infer_spec(model, x)
+    a = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()
+         if v.dtype.is_floating_point}
+    b = permute_arrays(a, spec, spec.random_permutations(3))
+    opts = {"steps": 200, "lr": 0.5} if solver == "sinkhorn" else {}
+    res = rebasin.solvers.get(solver)(spec, a, b, **opts)
+    aligned = permute_arrays(b, spec, res.perms)
+    for k in a:
+        np.testing.assert_allclose(aligned[k], a[k], atol=1e-9)

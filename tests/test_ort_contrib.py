@@ -43,10 +43,11 @@ def _members(spec):
 
 def test_nhwc_conv_and_group_norm_move_channels_last():
     """6 hidden channels = 2 groups x 3 (GroupNorm; the grouped conv reads them in the same 2
-    groups): groups move, channels inside the groups (one permutation for both), and the grouped
-    conv's 2 outputs in each group (one class per group)."""
+    groups): groups move, the channels inside each group (one class per group: the grouped conv's
+    rows of that group read them), and the grouped conv's 2 outputs in each group (one class per
+    group)."""
     spec = assert_sound(_conv_gn_conv())
-    assert sizes(spec) == [2, 2, 2, 3]
+    assert sizes(spec) == [2, 2, 2, 3, 3]
     touched = set().union(*_members(spec))
     assert {("w1", 0), ("g1", 0), ("w2", 3), ("w2", 0), ("w3", 3)} <= touched
     assert not touched & {("w1", 1), ("w1", 2), ("w2", 1), ("w3", 1)}  # kernel axes stay

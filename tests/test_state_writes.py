@@ -181,3 +181,95 @@ def test_an_all_equal_computed_tensor_ties_nothing(fill, sizes):
     spec = assert_sound(_filled_graph(fill))
     hidden = sorted(c.size for c in spec.classes if any(mem.tensor in ("w1", "w2") for mem in c.members))
     assert hidden == sizes, spec.table()
+
+
+# ------------------------------------------------------------------ diagonal writes
+
+
+def _diagonal_graph(indices: str, kernel: str = "shared"):
+    """x [2, 3, 9] -> Conv (4 channels) -> ReLU -> Conv with the weight ``W = zeros([4, 4, 3]);
+    W[i, i] = k[i]`` (ScatterND of index tuples ``(i, i)``: a per-channel FIR filter, diffusers'
+    ``Downsample1d``) -> ReLU -> Conv (2 channels). ``kernel``: one row of 3 broadcast to every
+    channel (``shared``) or a learned ``[4, 3]`` (``own``). ``indices``: ``diagonal``; ``anti``
+    (``(i, 3 - i)``: channel i filtered into channel 3 - i); ``partial`` (the first 3 channels)."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype("f")  # noqa: E731
+    i = np.arange(4)
+    tuples = {"diagonal": np.stack([i, i], -1), "anti": np.stack([i, 3 - i], -1),
+              "partial": np.stack([i[:3], i[:3]], -1)}[indices].astype(np.int64)
+    n = len(tuples)
+    inits = [numpy_helper.from_array(a, name) for name, a in [
+        ("wa", f(4, 3, 1)), ("ba", f(4)), ("wb", f(2, 4, 1)), ("bb", f(2)), ("idx", tuples),
+        ("zeros", np.zeros((4, 4, 3), "f")), ("k", np.abs(f(1, 3)) if kernel == "shared" else f(n, 3)),
+        ("to", np.array([n, 3], np.int64))]]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Expand", ["k", "to"], ["upd"]),
+             helper.make_node("ScatterND", ["zeros", "idx", "upd"], ["W"]),
+             helper.make_node("Conv", ["r", "W"], ["g"], strides=[2], pads=[1, 1]),
+             helper.make_node("Relu", ["g"], ["s"]), helper.make_node("Conv", ["s", "wb", "bb"], ["y"])]
+    return model(nodes, inits, [2, 3, 9], [2, 2, 5], opset=18)
+
+
+@pytest.mark.parametrize("indices, kernel, classes", [
+    ("diagonal", "shared", [4]), ("diagonal", "own", [4]), ("anti", "shared", []), ("partial", "own", [])])
+def test_diagonal_write_moves_the_channels_through(indices, kernel, classes):
+    """A weight written on its diagonal at fixed indices filters each channel on its own: the 4
+    channels move through it, a learned per-channel kernel with them (the ScatterND rule ties both
+    diagonal axes to the updates' axis). The anti-diagonal (channel i into 3 - i) and a diagonal
+    that leaves a channel out are other functions: the write blocks there."""
+    spec = assert_sound(_diagonal_graph(indices, kernel))
+    assert sorted(c.size for c in spec.classes) == classes, spec.table()
+    if classes:
+        members = {(m.tensor, m.axis) for m in spec.classes[0].members}
+        assert ("k", 0) in members if kernel == "own" else ("k", 0) not in members
+    else:
+        assert any("ScatterND" in b.reason for b in spec.blocked)
+
+
+def test_diagonal_write_check_can_fail():
+    """The check above can fail: the class without the learned kernel's rows changes the output."""
+    m = _diagonal_graph("diagonal", "own")
+    spec = rebasin.infer_spec(m)
+    c, = spec.classes
+    wrong = rebasin.Spec((c.__class__(c.name, c.size, tuple(x for x in c.members if x.tensor != "k")),),
+                         shapes=spec.shapes)
+    res = rebasin.verify(m, rebasin.apply_permutation(m, wrong, {c.name: np.array([1, 2, 3, 0])}))
+    assert not res.equal
+
+
+class Downsample1d(nn.Module):
+    """diffusers' ``Downsample1d``: a fixed FIR kernel applied to every channel through a conv
+    weight written on its diagonal (``index_put`` with two index tensors); ``computed``: the
+    indices come from the input instead (an ``argmax``), which the analysis must not read as a
+    diagonal."""
+
+    def __init__(self, computed=False):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 4, 1), nn.Conv1d(4, 2, 1)
+        self.register_buffer("kernel", torch.tensor([1 / 8, 3 / 8, 3 / 8, 1 / 8]))
+        self.computed = computed
+
+    def forward(self, x):
+        h = torch.nn.functional.pad(torch.relu(self.a(x)), (1, 1), "reflect")
+        c = h.shape[1]
+        weight = h.new_zeros([c, c, self.kernel.shape[0]])
+        i = torch.arange(c, device=h.device)
+        j = (h.sum((0, 2)).argsort() if self.computed else i)
+        weight[i, j] = self.kernel.to(weight)[None, :].expand(c, -1)
+        return self.b(torch.relu(torch.nn.functional.conv1d(h, weight, stride=2)))
+
+
+@pytest.mark.parametrize("tracer", ["auto", "export"])
+@pytest.mark.parametrize("computed", [False, True])
+def test_index_put_of_a_diagonal(tracer, computed):
+    """``weight[arange(C), arange(C)] = kernel`` is a ScatterND at constant index tuples: the
+    channels move through the filter (one class of 4); computed indices block, naming the write.
+    (torch.fx's symbolic trace cannot assign into a traced tensor: "auto" falls back to export.)"""
+    from tests.test_torch_frontend import assert_sound as assert_sound_torch
+
+    torch.manual_seed(0)
+    model, x = Downsample1d(computed).eval(), (torch.randn(2, 3, 9),)
+    spec = rebasin.infer_spec(model, x, tracer=tracer)
+    assert_sound_torch(model, x, spec)
+    assert sorted(c.size for c in spec.classes) == ([] if computed else [4]), spec.table()
+    assert any("ScatterND" in b.reason for b in spec.blocked) == computed

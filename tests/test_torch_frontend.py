@@ -634,9 +634,10 @@ def _rows_picked(m, h):
 LOWERED = {  # body, extra modules, sizes of the classes holding a.weight's rows
     # roll of the hidden axis: the two pieces it cuts move on their own
     "roll": (lambda m, h: torch.roll(h, shifts=(-3, 1), dims=(1, 0)), {}, [3, 5]),
-    # weight-normed grouped conv in a residual (Wav2Vec2's positional conv): groups, and their channels
+    # weight-normed grouped conv in a residual (Wav2Vec2's positional conv): groups, and each
+    # group's channels
     "weight_norm": (lambda m, h: h + m.extra["conv"](h.unsqueeze(-1)).squeeze(-1),
-                    {"conv": nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 1, groups=2))}, [2, 4]),
+                    {"conv": nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 1, groups=2))}, [2, 4, 4]),
     # several index tensors (CLIP's pooled token): the hidden axis carries through
     "index_tuples": (_rows_picked, {}, [8]),
 }

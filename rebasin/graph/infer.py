@@ -629,20 +629,40 @@ def _held(alg, axes) -> collections.Counter:
 
 
 def _cross_candidates(cx: _Context, weights: dict) -> dict:
-    """(weight, axis) -> ``[(root, other axis)]``: the free plain or product variables on the weight's other
-    axes, under which the leaves of ``axis`` may nest (one permutation per index of the other axis).
-    Weights that no op reads get none: every permutation of their entries keeps the output, which
-    no spec can list, and one class per axis says enough."""
+    """(weight, axis) -> ``[(root, other axis)]``: the free plain or product variables on the
+    weight's other axes, and the free plain factors of such a product (the groups of a grouped
+    convolution's output channels), under which the leaves of ``axis`` may nest (one permutation
+    per index of the other variable: the rows of :func:`_rows_at`). Weights that no op reads get
+    none: every permutation of their entries keeps the output, which no spec can list, and one
+    class per axis says enough."""
     alg, out = cx.alg, {}
+
+    def free(r):
+        return alg.vars[r].pinned is None and alg.size(r) > 1
+
     for name in weights:
         if not cx.consumers(name):  # a weight no op reads (an unused head): nothing to nest under
             continue
         roots = [alg.find(v) for v in cx.axes.get(name, ())]
-        free = [(r, k) for k, r in enumerate(roots)
-                if alg.vars[r].kind in (None, "prod") and alg.vars[r].pinned is None and alg.size(r) > 1]
+        whole = [(r, k) for k, r in enumerate(roots) if alg.vars[r].kind in (None, "prod") and free(r)]
+        factors = [(c, k) for k, r in enumerate(roots) if alg.vars[r].kind == "prod"
+                   for c in map(alg.find, alg.vars[r].children) if alg.vars[c].kind is None and free(c)]
         for axis in range(len(roots)):
-            out[(name, axis)] = [(r, k) for r, k in free if k != axis and r != roots[axis]]
+            own = alg.tree(roots[axis], set())
+            out[(name, axis)] = [(r, k) for r, k in whole if k != axis and r != roots[axis]] + [
+                (c, k) for c, k in factors if k != axis and c not in own]
     return out
+
+
+def _rows_at(alg, v, h, e: int) -> list[int]:
+    """The indices of an axis of variable ``v`` at item ``e`` of ``h``: ``v`` itself, or a factor
+    of the product ``v`` (``[e]``, or the rows of group ``e`` of a grouped convolution)."""
+    r = alg.find(v)
+    if r == h:
+        return [e]
+    parts = [alg.find(c) for c in alg.vars[r].children]
+    rows = np.arange(alg.size(r)).reshape([alg.size(c) for c in parts])
+    return np.take(rows, e, axis=parts.index(h)).ravel().tolist()
 
 
 def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict]:
@@ -689,7 +709,7 @@ def _nesting(cx: _Context, weights: dict, occurrences: list) -> tuple[dict, dict
     _nest_in_cells(cx, nest, cells, holds)
     _unpaired(cx, nest)  # a leaf nested in cells: not under a variable its items are paired across
     _narrow(cx, holds, nest, cross)
-    _one_outer_axis(nest, candidates_of, occurrences)
+    _one_outer_axis(cx, nest, candidates_of, occurrences)
     return nest, candidates_of
 
 
@@ -839,23 +859,36 @@ def _nest_in_cells(cx: _Context, nest: dict, cells: dict, holds: dict) -> None:
         nest[r] = set(names)
 
 
-def _one_outer_axis(nest: dict, candidates_of: dict, occurrences: list) -> None:
-    """Narrow ``nest`` so each leaf nests under at most one cross candidate and each weight under
-    one outer axis (``Member.at`` fixes one axis): a leaf whose choice conflicts keeps one
-    permutation for every index instead (always sound)."""
-    across_all = {h for hs in candidates_of.values() for h, _ in hs}
+def _outer(alg, axes: dict, candidates_of: dict, nest: dict, r, tensor: str, axis: int) -> list:
+    """The cross candidates ``(h, other axis)`` that leaf ``r`` at ``axis`` of ``tensor`` nests
+    under: those in ``nest``, less the factors of a product that is itself one (nesting under every
+    index of the product covers them)."""
+    mine = [(h, k) for h, k in candidates_of.get((tensor, axis), ()) if h in nest.get(r, ())]
+    whole = {k for h, k in mine if h == alg.find(axes[tensor][k])}
+    return [(h, k) for h, k in mine if k not in whole or h == alg.find(axes[tensor][k])]
+
+
+def _one_outer_axis(cx: _Context, nest: dict, candidates_of: dict, occurrences: list) -> None:
+    """Narrow ``nest`` so each place of a leaf nests under at most one cross candidate and each
+    weight under one outer axis (``Member.at`` fixes one axis): a leaf whose choice conflicts keeps
+    one permutation for every index of its cross candidates instead (always sound); what it nests
+    under on its own axes stays."""
     while True:
         chosen: dict[str, dict[int, set]] = {}
+        crossing: dict[int, set] = {}
+        bad = set()
         for r, tensor, axis, _, _, _ in occurrences:
-            for h, k in candidates_of.get((tensor, axis), ()):
-                if h in nest.get(r, ()):
-                    chosen.setdefault(tensor, {}).setdefault(k, set()).add(r)
-        bad = {r for t in chosen.values() if len(t) > 1 for k in sorted(t)[1:] for r in t[k]}
-        bad |= {r for r, n in nest.items() if len(n & across_all) > 1}
+            mine = _outer(cx.alg, cx.axes, candidates_of, nest, r, tensor, axis)
+            if len(mine) > 1:
+                bad.add(r)
+            for _, k in mine:
+                chosen.setdefault(tensor, {}).setdefault(k, set()).add(r)
+                crossing.setdefault(r, set()).update(x for x, _ in candidates_of[(tensor, axis)])
+        bad |= {r for t in chosen.values() if len(t) > 1 for k in sorted(t)[1:] for r in t[k]}
         if not bad:
             return
         for r in bad:
-            nest[r] -= across_all
+            nest[r] -= crossing[r]
 
 
 def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, periods: list) -> list:
@@ -987,14 +1020,16 @@ def _extract(cx: _Context, weights: dict) -> Spec:
 
     classes: dict[tuple, dict[Member, None]] = {}  # insertion-ordered sets of members
     for r, tensor, axis, offset, unit, path in occurrences:
-        outer = [(h, k) for h, k in cross.get((tensor, axis), ()) if h in nest.get(r, ())]
+        outer = _outer(alg, cx.axes, cross, nest, r, tensor, axis)
         if not outer:
             classes.setdefault(key(r, path), {})[Member(tensor, axis, offset, unit, unit)] = None
             continue
-        (h, k), = outer  # nested in one index of another axis of the tensor: one member per index
+        (h, k), = outer  # nested in one index of another axis of the tensor: members per index
         for e in range(alg.size(h)):
-            classes.setdefault(key(r, [*path, (h, e)]), {})[
-                Member(tensor, axis, offset, unit, unit, at=((k, e),))] = None
+            at = _decompose(alg, h, e, []) if alg.vars[h].kind == "prod" else [(h, e)]
+            mine = classes.setdefault(key(r, [*path, *at]), {})
+            for row in _rows_at(alg, cx.axes[tensor][k], h, e):
+                mine[Member(tensor, axis, offset, unit, unit, at=((k, row),))] = None
     # where each class shows in activations the frontend can capture (for activation matching)
     sink = []
     for name in cx.g.capturable:

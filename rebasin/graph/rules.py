@@ -189,7 +189,7 @@ def _spatial_pin(cx, names, why):
 @rule("Conv")
 def conv(cx, node):
     """Output channels are W's rows; input channels are W's columns (per group: groups x channels in a
-    group).
+    group; each group's input channels may move on their own, W's columns in that group's rows).
 
     Pins: spatial axes of input, weight and output (the window is position dependent).
     """
@@ -222,7 +222,8 @@ def _conv_channels(cx, node, axes, m, per_group):
 
 @rule("ConvTranspose")
 def conv_transpose(cx, node):
-    """Input channels are W's rows; output channels are W's columns (per group).
+    """Input channels are W's rows; output channels are W's columns (per group; each group's output
+    channels may move on their own, W's columns in that group's rows).
 
     Pins: spatial axes (the window).
     """
@@ -804,6 +805,61 @@ def gather_elements(cx, node):
     data, idx, y = node.input[0], node.input[1], node.output[0]
     axis = _elements(cx, node, data, idx, y, "GatherElements reads")
     cx.tie(cx.ax(idx)[axis], cx.ax(y)[axis])
+
+
+@rule("ScatterND")
+def scatter_nd(cx, node):
+    """y = data, then y[idx[i]] = updates[i] (or combined with it, ``reduction``), for index tuples
+    the same for every input where each of their k components is the whole range of its data axis,
+    in order along one batch axis of the indices: components along one batch axis make a diagonal
+    (``w[arange(C), arange(C)] = v``: a joint permutation of those data axes moves the diagonal
+    onto itself, each update with its index), components along different ones a box written
+    whole. Data axes j < k are tied to y's and to their batch axis of the updates, the trailing
+    ones to the updates' trailing axes. Every position is written at most once, so any reduction
+    commutes with such a permutation. (Boxes cut from one axis are concatenations:
+    :mod:`rebasin.graph.writes`.)
+
+    Pins: every axis of the four tensors for other indices (computed, cut, repeated or out of order).
+    """
+    data, idx, upd, y = node.input[0], node.input[1], node.input[2], node.output[0]
+    along = _diagonal_along(cx, data, idx, upd)
+    tensors = [data, idx, upd, y]
+    if along is None:
+        for name in tensors:
+            cx.pin_tensor(name, "ScatterND writes where its indices say (not whole ranges in order)")
+        return
+    da, ia, ua, ya = (cx.ax(t) for t in tensors)
+    nb, k = len(ia) - 1, len(along)
+    for j in range(len(da)):
+        cx.tie(da[j], ya[j])
+        if j >= k or along[j] is not None:
+            cx.tie(ya[j], ua[along[j]] if j < k else ua[nb + j - k])
+    for b in range(nb):
+        if b not in along:
+            cx.pin(ia[b], "ScatterND index axis of size 1")
+    cx.pin(ia[nb], "ScatterND index components")
+
+
+def _diagonal_along(cx, data, idx, upd) -> list[int] | None:
+    """For :func:`scatter_nd`: the batch axis each index component runs along, or None."""
+    from rebasin.graph.writes import index_run
+
+    value, dshape, ushape = fixed_value(cx, idx), cx.shape(data), cx.shape(upd)
+    if value is None or dshape is None or ushape is None:
+        return None
+    value = np.asarray(value)
+    k, batch = value.shape[-1], value.shape[:-1]
+    if value.dtype.kind not in "iu" or k > len(dshape) or tuple(ushape) != tuple(batch) + tuple(dshape[k:]):
+        return None
+    along = []
+    for j in range(k):
+        run = index_run(np.where(value[..., j] < 0, value[..., j] + dshape[j], value[..., j]))
+        if run is None or run[:2] != (0, dshape[j]) or (run[2] is None and dshape[j] > 1):
+            return None
+        along.append(run[2])  # None: an axis of size 1
+    if any(n > 1 and b not in along for b, n in enumerate(batch)):
+        return None  # a batch axis no component runs along: positions written more than once
+    return along
 
 
 @rule("ScatterElements")

@@ -1362,6 +1362,8 @@ def _index_scatter(b, n, p, name):
     if name in ("index_put", "_index_put_impl", "_unsafe_index_put"):
         idx = [t for t in p["indices"]]
         used = [i for i, t in enumerate(idx) if t is not None]
+        if len(used) > 1 and used == list(range(len(used))) and not p.get("accumulate"):
+            return _put_tuples(b, n, p, [idx[i] for i in used])
         v = idx[used[0]].meta.get("val") if len(used) == 1 else None
         if v is None or v.dtype.is_floating_point or str(v.dtype) == "torch.bool" or v.dim() != 1:
             return _unknown(b, n, "index_put with several, boolean or multi-axis indices")
@@ -1383,6 +1385,52 @@ def _index_scatter(b, n, p, name):
     moved = b.tmp(xs)
     b.emit("Gather", [b.t(src), pos], [moved], axis=dim)
     b.emit("Add", [x, moved], [b.out()])
+
+
+def _put_tuples(b, n, p, idx):
+    """``x[i0, i1, ..] = v`` on the leading dims: ``ScatterND`` of the stacked index tuples (as
+    :func:`_index_tuples` reads them) and ``v`` broadcast to ``S + x.shape[k:]``, as ONNX exporters
+    write it. The tuples are constants where every index is a traced ``arange`` of fixed bounds or
+    a constant (``w[arange(C), arange(C)] = kernel``, a diagonal: the ScatterND rule ties its axes);
+    else they are computed, and the rule pins the write."""
+    xs = b.shape(p["self"])
+    vals = [_static_ints(b, t) for t in idx]
+    if any(v is None for v in vals):
+        shape = tuple(np.broadcast_shapes(*(b.shape(t) for t in idx)))
+        cols = []
+        for t in idx:
+            one = b.tmp(shape + (1,))
+            b.emit("Expand", [b.t(t), b.const(list(shape + (1,)))], [one])
+            cols.append(one)
+        tuples = b.tmp(shape + (len(idx),))
+        b.emit("Concat", cols, [tuples], axis=len(shape))
+    else:
+        vals = np.broadcast_arrays(*vals)
+        shape = vals[0].shape
+        tuples = b.const(np.stack(vals, axis=-1))
+    want = shape + tuple(xs[len(idx):])
+    src = b.t(p["values"])
+    if src is None:
+        return _unknown(b, n, "index_put of a value that is not a tensor")
+    if b.shape(p["values"]) != want:
+        wide = b.tmp(want)
+        b.emit("Expand", [src, b.const(list(want))], [wide])
+        src = wide
+    b.emit("ScatterND", [b.t(p["self"]), tuples, src], [b.out()])
+
+
+def _static_ints(b, t):
+    """The values of index tensor ``t`` where the trace fixes them (a constant, or ``arange`` with
+    constant bounds), else None."""
+    import torch
+
+    known = b.values.get(b.t(t)) if b.t(t) else None
+    if known is not None:
+        return np.asarray(known)
+    if getattr(t, "op", None) != "call_function" or getattr(t.target, "_overloadpacket", None) \
+            is not torch.ops.aten.arange or not all(isinstance(a, int) for a in t.args):
+        return None
+    return np.arange(*t.args)
 
 
 @lowering("scatter", "scatter_add", "scatter_reduce")

@@ -7,8 +7,8 @@ constants alone (the same for every input) and form such a box, cut from one axi
 the others, the scatter computes ``concat(state[.., :i], h, state[.., i + 1:])``: the graph is
 analysed that way, as the torch frontend lowers ``select_scatter``. The dynamo exporter writes the
 same as ``ScatterElements`` whose indices are ``i`` (or ``lo + j`` along the axis) everywhere: that
-is rewritten alike. Other scatters are left as they are (ScatterND has no rule: it blocks;
-ScatterElements follows its rule).
+is rewritten alike. Other scatters are left to their rules (ScatterND reads whole ranges and
+diagonals at fixed indices and blocks the rest).
 
 The rewrite only changes what the rules see: the weights are the model's, and the rewritten
 graph computes the same outputs.
@@ -71,7 +71,7 @@ def _as_concat(g, name, n, shapes, values):
     runs, used = [], []
     for a in range(k):
         col = np.where(idx[..., a] < 0, idx[..., a] + dshape[a], idx[..., a])
-        run = _run(col)
+        run = index_run(col)
         if run is None:
             return None
         lo, length, b = run
@@ -123,7 +123,7 @@ def _elements_as_concat(g, name, n, shapes, values):
     j += len(dshape) if j < 0 else 0
     if any(a != b for k, (a, b) in enumerate(zip(idx.shape, dshape)) if k != j):
         return None
-    run = _run(np.where(idx < 0, idx + dshape[j], idx))
+    run = index_run(np.where(idx < 0, idx + dshape[j], idx))
     if run is None or run[2] not in (None, j) or run[1] != idx.shape[j]:
         return None
     lo, hi = run[0], run[0] + run[1]
@@ -132,7 +132,7 @@ def _elements_as_concat(g, name, n, shapes, values):
     return _pieces_written(name, data, upd, n.output[0], j, lo, hi, dshape, idx.shape, shapes, values)
 
 
-def _run(col: np.ndarray):
+def index_run(col: np.ndarray):
     """``(start, length, batch axis)`` where ``col`` is one index everywhere (axis None) or
     ``start + arange`` along one batch axis and constant along the others; else None."""
     flat = col.ravel()
