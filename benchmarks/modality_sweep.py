@@ -9,6 +9,7 @@ checked to vary with its inputs (a constant output would make the soundness chec
 Run (from the repository root; one model at a time, about a minute a mode on 2 cores):
     python -m benchmarks.modality_sweep [name ...]            # torch path
     python -m benchmarks.modality_sweep --onnx [name ...]     # TorchScript ONNX export, onnxruntime
+    python -m benchmarks.modality_sweep --dynamo [name ...]   # the dynamo exporter's ONNX (optimized)
     python -m benchmarks.modality_sweep --compare [name ...]  # both paths' specs class by class
 
 ``--compare`` restricts both specs to the tensors both know (``tests.test_torch_frontend.signature``)
@@ -408,7 +409,8 @@ def main(names, mode: str = "torch"):
                 if mode == "compare":
                     spec, other, agree, note = compare(model, x, d)
                 else:
-                    spec, sound = _onnx_check(model, x, d) if mode == "onnx" else torch_check(model, x)
+                    spec, sound = (_onnx_check(model, x, d, "script" if mode == "onnx" else "dynamo")
+                                   if mode in ("onnx", "dynamo") else torch_check(model, x))
             if mode == "compare":
                 print(f"| {name} | {len(spec)} | {spec.log_symmetry:.1f} | {len(other)} | "
                       f"{other.log_symmetry:.1f} | {agree} | {note} |", flush=True)
@@ -427,7 +429,7 @@ def main(names, mode: str = "torch"):
 
 if __name__ == "__main__":
     warnings.simplefilter("ignore")
-    flags = {"--onnx": "onnx", "--compare": "compare"}
+    flags = {"--onnx": "onnx", "--dynamo": "dynamo", "--compare": "compare"}
     args = [a for a in sys.argv[1:] if a not in flags]
     mode = next((flags[a] for a in sys.argv[1:] if a in flags), "torch")
     main(args or list(BUILDERS), mode)

@@ -273,3 +273,21 @@ def test_index_put_of_a_diagonal(tracer, computed):
     assert_sound_torch(model, x, spec)
     assert sorted(c.size for c in spec.classes) == ([] if computed else [4]), spec.table()
     assert any("ScatterND" in b.reason for b in spec.blocked) == computed
+
+
+def test_index_put_of_a_diagonal_dynamo_export(tmp_path):
+    """The dynamo exporter writes the same diagonal as a ScatterND at constant tuples (the
+    TorchScript exporter cannot export the reflect pad): the ONNX path finds the torch path's class."""
+    torch.manual_seed(0)
+    model, x = Downsample1d().eval(), (torch.randn(2, 3, 9),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, x, str(tmp_path / "m.onnx"), dynamo=True, opset_version=18, verbose=False)
+    m = onnx.load(tmp_path / "m.onnx")
+    assert any(n.op_type == "ScatterND" for n in m.graph.node)
+    spec = assert_sound(m)
+    assert sorted(c.size for c in spec.classes) == [4], spec.table()
+    torch_spec = rebasin.infer_spec(model, x)
+    def axes(s):
+        return {(m.tensor, m.axis) for m in s.classes[0].members if m.tensor in ("a.weight", "b.weight")}
+    assert axes(torch_spec) == axes(spec)

@@ -84,10 +84,20 @@ class Layout:
 
     def axis_gather(self, ax: tuple[str, int], perms: list[np.ndarray],
                     lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Composed gather of the steps on ``ax`` whose class index lies in ``[lo, hi)``."""
+        """Composed gather of the steps on ``ax`` whose class index lies in ``[lo, hi)`` (each
+        step's gather kept for the permutation it was made for)."""
         n = self.shapes[ax[0]][ax[1]]
         hi = len(self.sizes) if hi is None else hi
-        return compose((self.step_gather(s, perms[s.cls], n) for s in self.steps[ax] if lo <= s.cls < hi), n)
+        steps = (s for s in self.steps[ax] if lo <= s.cls < hi)
+        return compose((self._step_gather(ax, s, perms[s.cls], n) for s in steps), n)
+
+    def _step_gather(self, ax, step: Step, perm, n: int) -> np.ndarray:
+        key, perm = (ax, step.cls), np.asarray(perm)
+        cache = self.__dict__.setdefault("_gathers", {})
+        hit = cache.get(key)
+        if hit is None or not np.array_equal(hit[0], perm):
+            hit = cache[key] = (perm.copy(), self.step_gather(step, perm, n))
+        return hit[1]
 
 
 def take(a: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:

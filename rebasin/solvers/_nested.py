@@ -47,12 +47,27 @@ class InnerType:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """Positions inside one item of outer member ``member`` where inner types ``rows`` and
+    ``cols`` cross (a grouped convolution's weight, viewed with its two channel axes merged: each
+    group's output channels are rows of its input channels): ``positions[r, c]`` holds row
+    ``r``'s item ``c``."""
+
+    member: int
+    rows: int
+    cols: int
+    positions: np.ndarray
+
+
+@dataclass(frozen=True)
 class Family:
-    """An outer class, its inner types, and the other classes on its axes (held fixed)."""
+    """An outer class, its inner types, the other classes on its axes (held fixed), and where two
+    inner types cross (:class:`Grid`: their permutations are then chosen together)."""
 
     outer: int
     types: tuple[InnerType, ...]
     fixed: frozenset[int]
+    grids: tuple[Grid, ...] = ()
 
 
 def _locate(member, size: int, outer_members, n: int):
@@ -104,16 +119,40 @@ def _classify(cls, outer_members, n: int):
     return None
 
 
-def _disjoint_inside(types, fixed_places, outer_members) -> bool:
-    """No position inside an item is claimed twice (inner types and uniform fixed classes)."""
-    seen = defaultdict(set)
-    for size, places in [(t.size, t.places) for t in types] + fixed_places:
+def _inside(types, fixed_places, outer_members) -> tuple[Grid, ...] | None:
+    """Where the inner types and uniform fixed classes lie inside an item: no position claimed
+    twice, except where exactly two inner types cross as rows and columns of one grid (every
+    position of either is one ``(row, column)`` pair, each pair once); those grids, or None."""
+    owners = defaultdict(dict)  # member -> position -> [(type or -1, item)]
+    for k, (size, places) in enumerate([(t.size, t.places) for t in types] + fixed_places):
         for j, rel, block, stride in places:
-            pos = set((rel + np.arange(size)[:, None] * stride + np.arange(block)).ravel().tolist())
-            if pos & seen[j] or max(pos) >= outer_members[j].block:
-                return False
-            seen[j] |= pos
-    return True
+            pos = rel + np.arange(size)[:, None] * stride + np.arange(block)
+            if pos.max() >= outer_members[j].block:
+                return None
+            for item, row in enumerate(pos):
+                for p in row.tolist():
+                    owners[j].setdefault(p, []).append((k if k < len(types) else -1, item))
+    grids = []
+    for j, at in owners.items():
+        shared = {p: o for p, o in at.items() if len(o) > 1}
+        if not shared:
+            continue
+        pair = {tuple(sorted(t for t, _ in o)) for o in shared.values()}
+        if len(pair) != 1 or len(next(iter(pair))) != 2 or -1 in next(iter(pair)):
+            return None
+        (a, b), = pair
+        if a == b or any(len({t for t, _ in o} & {a, b}) and len(o) == 1 for o in at.values()):
+            return None  # a position of one of the two outside the grid
+        cells = {tuple(i for t, i in sorted(o)): p for p, o in shared.items()}
+        grid = np.full((types[a].size, types[b].size), -1)
+        for (r, c), p in cells.items():
+            grid[r, c] = p
+        if len(cells) != len(shared) or (grid < 0).any():
+            return None
+        grids.append(Grid(j, a, b, grid))
+    if len({(g.rows, g.cols) for g in grids}) > 1:
+        return None  # two different crossings: left to plain steps
+    return tuple(grids)
 
 
 def find_family(spec, layout: Layout, h: int) -> Family | None:
@@ -142,11 +181,12 @@ def find_family(spec, layout: Layout, h: int) -> Family | None:
         if -1 in classes or len(sides) != 1:
             return None
         types.append(InnerType(classes, places, size, sides.pop()))
-    if not types or not _disjoint_inside(types, fixed_places, outer.members):
+    grids = _inside(types, fixed_places, outer.members) if types else None
+    if grids is None:
         return None
     if any(outer.size ** 2 * t.size ** 2 > JOINT_LIMIT for t in types):
         return None  # too large for a joint step: plain steps (see JOINT_LIMIT)
-    return Family(h, tuple(types), frozenset(fixed))
+    return Family(h, tuple(types), frozenset(fixed), grids)
 
 
 def find_families(spec, layout: Layout) -> dict[int, Family]:

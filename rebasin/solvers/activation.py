@@ -70,28 +70,37 @@ def coupled_components(spec, layout: Layout) -> list[list[int]]:
     return [sorted(cc) for cc in nx.connected_components(g)]
 
 
-def _source_items(spec, layout: Layout, ci: int, gather: np.ndarray, group: list[int]):
+def _item_places(spec, group: list[int]) -> dict:
+    """``(tensor, axis, size)`` -> ``[(class, {item positions: item})]`` for the members of the
+    classes of ``group``, in group order (what :func:`_source_items` looks up)."""
+    out: dict = {}
+    for cj in group:
+        size = spec.classes[cj].size
+        for m in spec.classes[cj].members:
+            where = {tuple(row): k for k, row in enumerate(item_positions(m, size).tolist())}
+            out.setdefault((m.tensor, m.axis, size), []).append((cj, where))
+    return out
+
+
+def _source_items(spec, ci: int, gather: np.ndarray, places: dict):
     """Which class's items a position map ``gather`` sends class ``ci``'s items to.
 
     Returns ``(cj, sigma)`` with item ``i`` of ``ci`` read from item ``sigma[i]`` of ``cj``, or
-    raises if no class of ``group`` has items exactly there. Items are compared as sets of
-    positions: classes nested inside an item reorder its positions, not its identity.
+    raises if no class of the group (``places``: :func:`_item_places`) has items exactly there.
+    Items are compared as sets of positions: classes nested inside an item reorder its
+    positions, not its identity.
     """
     m = spec.classes[ci].members[0]
-    src = np.sort(gather[item_positions(m, spec.classes[ci].size)], axis=1)
-    for cj in group:
-        for m2 in spec.classes[cj].members:
-            if (m2.tensor, m2.axis) != (m.tensor, m.axis) or spec.classes[cj].size != len(src):
-                continue
-            where = {tuple(row): k for k, row in enumerate(item_positions(m2, len(src)))}
-            sigma = [where.get(tuple(row)) for row in src]
-            if None not in sigma:
-                return cj, np.asarray(sigma)
+    src = np.sort(gather[item_positions(m, spec.classes[ci].size)], axis=1).tolist()
+    for cj, where in places.get((m.tensor, m.axis, len(src)), ()):
+        sigma = [where.get(tuple(row)) for row in src]
+        if None not in sigma:
+            return cj, np.asarray(sigma)
     raise SolverError(f"class {spec.classes[ci].name}: earlier classes move its items onto positions "
                       "no class of its group covers; activations cannot be compared")
 
 
-def _group_cost(spec, layout, feats, perms, ci, group, metric):
+def _group_cost(spec, layout, feats, perms, ci, places, metric):
     """Similarity of A's and B's items of class ``ci`` in the frame the spec's order implies.
 
     With the classes on the axis before ``ci`` applied to B (``before``) and those after it
@@ -100,8 +109,8 @@ def _group_cost(spec, layout, feats, perms, ci, group, metric):
     """
     m = spec.classes[ci].members[0]
     ax = (m.tensor, m.axis)
-    ca, sa = _source_items(spec, layout, ci, inverse(layout.axis_gather(ax, perms, lo=ci + 1)), group)
-    cb, sb = _source_items(spec, layout, ci, layout.axis_gather(ax, perms, hi=ci), group)
+    ca, sa = _source_items(spec, ci, inverse(layout.axis_gather(ax, perms, lo=ci + 1)), places)
+    cb, sb = _source_items(spec, ci, layout.axis_gather(ax, perms, hi=ci), places)
     fa = feats[spec.classes[ca].name][0][:, sa]
     fb = feats[spec.classes[cb].name][1][:, sb]
     return similarity(fa, fb, metric)
@@ -110,10 +119,11 @@ def _group_cost(spec, layout, feats, perms, ci, group, metric):
 def _match_group(spec, layout, feats, perms, group, metric, max_iter):
     """Assign the classes of one coupled group until none changes; return per-class objectives."""
     values = {}
+    places = _item_places(spec, group)
     for _ in range(max_iter):
         changed = False
         for ci in group:
-            cost = _group_cost(spec, layout, feats, perms, ci, group, metric)
+            cost = _group_cost(spec, layout, feats, perms, ci, places, metric)
             _, p = scipy_assignment()(cost, maximize=True)
             rows = np.arange(len(p))
             if cost[rows, p].sum() > cost[rows, perms[ci]].sum() + 1e-12 * np.abs(cost).sum():

@@ -606,8 +606,9 @@ class WeightMatcher:
                 gain += dot64(a, b[self._idx(where)]) - dot64(a, b)
         return gain
 
-    def family_cost(self, fam: Family) -> tuple[np.ndarray, list[np.ndarray]]:
-        """``base[i, k]`` and, per inner type, ``C[i, k, j, j']`` for the joint step (``_nested``).
+    def family_cost(self, fam: Family) -> tuple[np.ndarray, list[np.ndarray], list[tuple]]:
+        """``base[i, k]``, per inner type ``C[i, k, j, j']``, and per grid (``_nested.Grid``) A's
+        and B's items as ``[n, rows, cols, rest]`` arrays, for the joint step (``_nested``).
 
         B is taken with every class outside the family applied (they commute with it).
         """
@@ -618,6 +619,8 @@ class WeightMatcher:
         base = torch.zeros((n, n), dtype=torch.float64, device=self.device)
         corr = [torch.zeros((n, n, t.size, t.size), dtype=torch.float64, device=self.device)
                 for t in fam.types]
+        grids = {g.member: g for g in fam.grids}
+        crossed = []
         for ax in self.layout.class_axes[fam.outer]:
             tensor, axis = ax
             g = compose((self._gather(s.cls, ax)[0] for s in self.layout.steps[ax] if s.cls in fam.fixed),
@@ -629,9 +632,16 @@ class WeightMatcher:
                     continue
                 ai, bi = self._items(a, om, n), self._items(b, om, n)
                 covered = np.zeros(om.block, bool)
-                for t, c in zip(fam.types, corr):
+                grid = grids.get(j)
+                if grid is not None:
+                    covered[grid.positions.ravel()] = True
+                    p = self._idx(grid.positions.ravel())
+                    shape = (n, *grid.positions.shape, -1)
+                    crossed.append((grid, ai[:, p].reshape(shape).double().cpu().numpy(),
+                                    bi[:, p].reshape(shape).double().cpu().numpy()))
+                for k, (t, c) in enumerate(zip(fam.types, corr)):
                     for jj, rel, block, stride in t.places:
-                        if jj != j:
+                        if jj != j or (grid is not None and k in (grid.rows, grid.cols)):
                             continue
                         pos = (rel + np.arange(t.size)[:, None] * stride + np.arange(block)).ravel()
                         covered[pos] = True
@@ -642,7 +652,7 @@ class WeightMatcher:
                 if not covered.all():
                     rest = self._idx(np.flatnonzero(~covered))
                     base += _mm(ai[:, rest].reshape(n, -1), bi[:, rest].reshape(n, -1)).double()
-        return base.cpu().numpy(), [c.cpu().numpy() for c in corr]
+        return base.cpu().numpy(), [c.cpu().numpy() for c in corr], crossed
 
     def _items(self, x2d, member, size: int):
         """The member's items of a framed tensor as ``(size, block, rest)``."""
@@ -723,7 +733,7 @@ class WeightMatcher:
 
     def family_step(self, fam: Family) -> bool:
         """Best joint permutation of an outer class and its inner classes (``_nested``)."""
-        base, corr = self.family_cost(fam)
+        base, corr, crossed = self.family_cost(fam)
         n = len(base)
         total = base.copy()
         best = []
@@ -735,6 +745,8 @@ class WeightMatcher:
                     _, sigma[i, k] = solve(c[i, k], maximize=True)
                     total[i, k] += c[i, k][np.arange(c.shape[-1]), sigma[i, k]].sum()
             best.append(sigma)
+        if crossed:
+            total += self._crossed(fam, corr, crossed, best)
         outer = assign(total)
         new = {fam.outer: outer}
         for t, sigma in zip(fam.types, best):
@@ -743,6 +755,40 @@ class WeightMatcher:
         if all(np.array_equal(p, self.perms[k]) for k, p in new.items()):
             return False
         return self._commit(new, fam.outer)
+
+    @staticmethod
+    def _crossed(fam: Family, corr: list, crossed: list, best: list, rounds: int = 3) -> np.ndarray:
+        """Where two inner types cross (``_nested.Grid``), the pair ``(i, k)`` of outer items
+        gains ``sum_{r, c} <A_i[r, c], B_k[sr(r), sc(c)]>`` besides each type's own correlations:
+        a bilinear assignment. From each type's best permutation on its own correlations (already
+        in ``best``), each is re-solved with the other fixed, ``rounds`` times (each round never
+        lowers the pair's sum); ``best`` is updated, and the gain over the types' own sums is
+        returned as ``[n, n]``."""
+        solve = scipy_assignment()
+        rt, ct = crossed[0][0].rows, crossed[0][0].cols
+        cr, cc = corr[rt], corr[ct]
+        n = cr.shape[0]
+        extra = np.zeros((n, n))
+        flat = [(a.reshape(*a.shape[:2], -1), a.transpose(0, 2, 1, 3).reshape(n, a.shape[2], -1), b)
+                for _, a, b in crossed]  # A's items by rows, and by columns
+
+        def own(i, k, sr, sc):
+            return cr[i, k][np.arange(len(sr)), sr].sum() + cc[i, k][np.arange(len(sc)), sc].sum()
+
+        for i in range(n):
+            for k in range(n):
+                sr, sc = best[rt][i, k], best[ct][i, k]
+                before = own(i, k, sr, sc)
+                for _ in range(rounds):  # (matrix products: einsum is slow per call)
+                    g = sum(rows[i] @ b[k][:, sc].reshape(len(sr), -1).T for rows, _, b in flat)
+                    _, sr = solve(cr[i, k] + g, maximize=True)
+                    g = sum(cols[i] @ b[k][sr].transpose(1, 0, 2).reshape(len(sc), -1).T
+                            for _, cols, b in flat)
+                    _, sc = solve(cc[i, k] + g, maximize=True)
+                best[rt][i, k], best[ct][i, k] = sr, sc
+                both = sum(float((a[i] * b[k][sr][:, sc]).sum()) for _, a, b in crossed)
+                extra[i, k] = both + own(i, k, sr, sc) - before
+        return extra
 
     def perms_dict(self) -> dict[str, np.ndarray]:
         return {c.name: np.asarray(p, dtype=np.int64).copy() for c, p in zip(self.spec.classes, self.perms)}
