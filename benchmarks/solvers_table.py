@@ -5,6 +5,7 @@ noise level when the planted permutation is undone; before alignment in brackets
 the aligned B verified equal to B (it always must).
 
     .venv/bin/python benchmarks/solvers_table.py [--models mlp resnet18 vit gpt2] [--noise 0.1]
+        [--methods weight activation]
 
 Sinkhorn (mid) and STE need a differentiable model and labels: the torch model, or the ONNX model
 converted by onnx2torch; labels are random (the point here is that they run and what they cost,
@@ -71,7 +72,10 @@ def main():
     p.add_argument("--models", nargs="*", default=["mlp", "resnet18", "vit", "gpt2"])
     p.add_argument("--noise", type=float, default=0.1)
     p.add_argument("--samples", type=int, default=32, help="data batch for activation / loss methods")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="only these solvers (weight, activation, sinkhorn, ste)")
     args = p.parse_args()
+    methods = [(m, o) for m, o in METHODS if args.methods is None or m in args.methods]
     print("| model | frontend | method | s | objective first -> last | rel. distance B'-A (B-A before) "
           "| verified |")
     print("|---|---|---|---:|---|---:|---|")
@@ -96,7 +100,7 @@ def main():
                                      {"do_constant_folding": False}))
         onnx_spec = rebasin.infer_spec(pa)
         for frontend in ("torch", "onnx"):
-            for method, opts in METHODS:
+            for method, opts in methods:
                 label = method + (f" ({opts['cost']})" if "cost" in opts else "")
                 t0 = time.perf_counter()
                 try:
