@@ -410,8 +410,8 @@ def merge(models, *, example_inputs=None, seed: int = 0, max_iter: int = 100, pr
     if verify:
         for i, (m, p) in enumerate(zip(ms, res.perms)):
             m.checked_permutation(spec, p, f"model {i}")
-    mean = {k: np.mean([permute_arrays(m.params, spec, p)[k] for m, p in zip(ms, res.perms)], axis=0)
-            for k in ms[0].params}
+    permuted = [permute_arrays(m.params, spec, p) for m, p in zip(ms, res.perms)]  # once per model
+    mean = {k: np.mean([q[k] for q in permuted], axis=0) for k in ms[0].params}
     return MergedModel(ms[0].with_params(mean), res.perms, res)
 
 

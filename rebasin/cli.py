@@ -495,8 +495,12 @@ def cmd_export_spec(args) -> int:
     data, skipped = (to_gitrebasin if args.format == "gitrebasin" else to_mergekit)(spec)
     _write_atomic(args.output, lambda tmp: open(tmp, "w").write(json.dumps(data, indent=1) + "\n"))
     print(f"wrote {args.output}: {len(spec) - len(skipped)} of {len(spec)} classes")
-    for name, why in skipped.items():
+    shown = 20  # the first few reasons, then a count: a grouped model has one class per group
+    for name, why in list(skipped.items())[:shown]:
         print(f"  not expressible in {args.format}: {name}: {why}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"  ... and {len(skipped) - shown} more classes not expressible in {args.format}",
+              file=sys.stderr)
     return 0
 
 
