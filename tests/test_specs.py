@@ -231,3 +231,25 @@ def test_cli_export_import_and_canonicalize(tmp_path, mha):
     assert code == 0 and "EQUAL" in out, err
     fps = {run("fingerprint", p)[1].strip() for p in (permuted, tmp_path / "c.onnx")}
     assert fps == {fingerprint(path)}
+
+
+def test_cli_export_spec_counts_what_it_leaves_out(tmp_path):
+    """A grouped convolution has a class per group: export-spec names the first 20 it cannot
+    express and counts the rest, in one line."""
+    from onnx import helper, numpy_helper
+
+    from tests.test_fused_rules import model
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype("f"), n)
+             for n, s in [("w1", (64, 3, 1, 1)), ("w2", (64, 2, 1, 1)), ("w3", (2, 64, 1, 1))]]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "w2"], ["c"], group=32), helper.make_node("Relu", ["c"], ["d"]),
+             helper.make_node("Conv", ["d", "w3"], ["y"])]
+    path = tmp_path / "g.onnx"
+    onnx.save(model(nodes, inits, [1, 3, 4, 4], [1, 2, 4, 4]), path)
+    code, out, err = run("export-spec", path, "--format", "gitrebasin", "-o", tmp_path / "g.json")
+    lines = err.strip().splitlines()
+    assert code == 0 and len(lines) == 21 and "not expressible in gitrebasin" in lines[0], err
+    assert lines[-1].startswith("  ... and ") and lines[-1].endswith("more classes not expressible in "
+                                                                     "gitrebasin")
