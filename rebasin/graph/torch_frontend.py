@@ -1399,8 +1399,9 @@ def _put_tuples(b, n, p, idx):
         shape = tuple(np.broadcast_shapes(*(b.shape(t) for t in idx)))
         cols = []
         for t in idx:
-            one = b.tmp(shape + (1,))
-            b.emit("Expand", [b.t(t), b.const(list(shape + (1,)))], [one])
+            wide, one = b.tmp(shape), b.tmp(shape + (1,))
+            b.emit("Expand", [b.t(t), b.const(list(shape))], [wide])
+            b.emit("Reshape", [wide], [one])
             cols.append(one)
         tuples = b.tmp(shape + (len(idx),))
         b.emit("Concat", cols, [tuples], axis=len(shape))
