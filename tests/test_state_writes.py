@@ -243,14 +243,18 @@ class Downsample1d(nn.Module):
     indices come from the input instead (an ``argmax``), which the analysis must not read as a
     diagonal."""
 
-    def __init__(self, computed=False):
+    def __init__(self, computed=False, reflect=True):
         super().__init__()
         self.a, self.b = nn.Conv1d(3, 4, 1), nn.Conv1d(4, 2, 1)
         self.register_buffer("kernel", torch.tensor([1 / 8, 3 / 8, 3 / 8, 1 / 8]))
-        self.computed = computed
+        self.computed, self.reflect = computed, reflect
 
     def forward(self, x):
-        h = torch.nn.functional.pad(torch.relu(self.a(x)), (1, 1), "reflect")
+        h = torch.relu(self.a(x))
+        if self.reflect:
+            h = torch.nn.functional.pad(h, (1, 1), "reflect")
+        else:  # edge padding: the TorchScript exporter cannot export Pad here
+            h = torch.cat([h[..., :1], h, h[..., -1:]], -1)
         c = h.shape[1]
         weight = h.new_zeros([c, c, self.kernel.shape[0]])
         i = torch.arange(c, device=h.device)
@@ -275,14 +279,20 @@ def test_index_put_of_a_diagonal(tracer, computed):
     assert any("ScatterND" in b.reason for b in spec.blocked) == computed
 
 
-def test_index_put_of_a_diagonal_dynamo_export(tmp_path):
-    """The dynamo exporter writes the same diagonal as a ScatterND at constant tuples (the
-    TorchScript exporter cannot export the reflect pad): the ONNX path finds the torch path's class."""
+@pytest.mark.parametrize("exporter", ["dynamo", "script"])
+def test_index_put_of_a_diagonal_export(tmp_path, exporter):
+    """The dynamo exporter writes the same diagonal as a ScatterND at constant tuples, the
+    TorchScript exporter at tuples computed from shapes (it cannot export the reflect pad: edge
+    padding by concatenation here): the ONNX path finds the torch path's class."""
     torch.manual_seed(0)
-    model, x = Downsample1d().eval(), (torch.randn(2, 3, 9),)
+    model, x = Downsample1d(reflect=exporter == "dynamo").eval(), (torch.randn(2, 3, 9),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, x, str(tmp_path / "m.onnx"), dynamo=True, opset_version=18, verbose=False)
+        if exporter == "dynamo":
+            torch.onnx.export(model, x, str(tmp_path / "m.onnx"), dynamo=True, opset_version=18,
+                              verbose=False)
+        else:
+            export_script(model, x, tmp_path / "m.onnx")
     m = onnx.load(tmp_path / "m.onnx")
     assert any(n.op_type == "ScatterND" for n in m.graph.node)
     spec = assert_sound(m)

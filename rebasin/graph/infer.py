@@ -23,7 +23,7 @@ from rebasin.graph.onnx_frontend import build_graph
 from rebasin.graph.picked_rows import dense_label_picks
 from rebasin.graph.rules import BROADCAST, PACKED_INPUTS, RULES, UNARY, reads_shape_only
 from rebasin.graph.slots import nd_row_gathers, read_pieces, readers_before_transposes, split_slots
-from rebasin.graph.writes import scatter_writes
+from rebasin.graph.writes import scatter_writes, shape_determined
 from rebasin.spec import BlockedAxis, Member, PermutationClass, Spec
 
 
@@ -44,6 +44,14 @@ class _Context:
         self.unread = _unread(g)  # nodes no output depends on: no rule runs, no reader counts
         self.uniform = _uniform_axes(g)  # tensor -> axes along which its values are all equal
         self._views: dict[tuple[str, str], list[int]] = {}
+        self._determined: set | None = None
+
+    def determined(self) -> set:
+        """Tensors computed from shapes and constants alone, the same for every input
+        (:func:`rebasin.graph.writes.shape_determined`); found once."""
+        if self._determined is None:
+            self._determined = shape_determined(self.g)
+        return self._determined
 
     def consumers(self, name):
         """The nodes that read tensor ``name`` (each once)."""

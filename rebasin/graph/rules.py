@@ -810,8 +810,9 @@ def gather_elements(cx, node):
 @rule("ScatterND")
 def scatter_nd(cx, node):
     """y = data, then y[idx[i]] = updates[i] (or combined with it, ``reduction``), for index tuples
-    the same for every input where each of their k components is the whole range of its data axis,
-    in order along one batch axis of the indices: components along one batch axis make a diagonal
+    the same for every input (constants, or computed from shapes and constants alone) where each
+    of their k components is the whole range of its data axis, in order along one batch axis of
+    the indices: components along one batch axis make a diagonal
     (``w[arange(C), arange(C)] = v``: a joint permutation of those data axes moves the diagonal
     onto itself, each update with its index), components along different ones a box written
     whole. Data axes j < k are tied to y's and to their batch axis of the updates, the trailing
@@ -845,6 +846,8 @@ def _diagonal_along(cx, data, idx, upd) -> list[int] | None:
     from rebasin.graph.writes import index_run
 
     value, dshape, ushape = fixed_value(cx, idx), cx.shape(data), cx.shape(upd)
+    if value is None and idx in cx.determined():  # computed from shapes (the TorchScript export)
+        value = cx.value(idx)
     if value is None or dshape is None or ushape is None:
         return None
     value = np.asarray(value)

@@ -33,7 +33,7 @@ def scatter_writes(g: Graph) -> Graph:
     replaced by slices of its data and a concatenation."""
     if not any(n.op_type in ("ScatterND", "ScatterElements") for _, n in g.nodes):
         return g
-    fixed = _shape_determined(g)
+    fixed = shape_determined(g)
 
     def rewrite(name, n, shapes, values):
         if n.op_type in ("ScatterND", "ScatterElements") and n.domain in ("", "ai.onnx") \
@@ -45,7 +45,7 @@ def scatter_writes(g: Graph) -> Graph:
     return replace_nodes(g, rewrite)
 
 
-def _shape_determined(g: Graph) -> set:
+def shape_determined(g: Graph) -> set:
     """Tensors whose values are the same for every input: non-float constants, ``Shape`` / ``Size``
     outputs (shapes are static in this analysis, as everywhere in the ONNX path), and deterministic
     ops of such tensors."""
