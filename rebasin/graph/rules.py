@@ -843,26 +843,17 @@ def scatter_nd(cx, node):
 
 def _diagonal_along(cx, data, idx, upd) -> list[int] | None:
     """For :func:`scatter_nd`: the batch axis each index component runs along, or None."""
-    from rebasin.graph.writes import index_run
+    from rebasin.graph.writes import nd_runs
 
     value, dshape, ushape = fixed_value(cx, idx), cx.shape(data), cx.shape(upd)
     if value is None and idx in cx.determined():  # computed from shapes (the TorchScript export)
         value = cx.value(idx)
     if value is None or dshape is None or ushape is None:
         return None
-    value = np.asarray(value)
-    k, batch = value.shape[-1], value.shape[:-1]
-    if value.dtype.kind not in "iu" or k > len(dshape) or tuple(ushape) != tuple(batch) + tuple(dshape[k:]):
-        return None
-    along = []
-    for j in range(k):
-        run = index_run(np.where(value[..., j] < 0, value[..., j] + dshape[j], value[..., j]))
-        if run is None or run[:2] != (0, dshape[j]) or (run[2] is None and dshape[j] > 1):
-            return None
-        along.append(run[2])  # None: an axis of size 1
-    if any(n > 1 and b not in along for b, n in enumerate(batch)):
-        return None  # a batch axis no component runs along: positions written more than once
-    return along
+    runs = nd_runs(np.asarray(value), tuple(dshape), tuple(ushape))
+    if runs is None or any((lo, length) != (0, dshape[j]) for j, (lo, length, _) in enumerate(runs)):
+        return None  # a component cut from its axis
+    return [b for _, _, b in runs]  # None: an axis of size 1
 
 
 @rule("ScatterElements")

@@ -997,6 +997,13 @@ def _index_tuples(b, n, p, idx, used):
     of their own) are left unknown."""
     if used != list(range(len(used))):
         return _unknown(b, n, "advanced indexing of several dims that are not the leading ones")
+    tuples, _ = _stacked(b, idx)
+    b.emit("GatherND", [b.t(p["self"]), tuples], [b.out()], batch_dims=0)
+
+
+def _stacked(b, idx) -> tuple[str, tuple]:
+    """Index tensors ``idx`` broadcast to one shape ``S`` and stacked along a new last axis: the
+    tuples tensor ``S + (len(idx),)`` (computed), and ``S``."""
     shape = tuple(np.broadcast_shapes(*(b.shape(t) for t in idx)))
     cols = []
     for t in idx:
@@ -1009,7 +1016,7 @@ def _index_tuples(b, n, p, idx, used):
         cols.append(one)
     tuples = b.tmp(shape + (len(idx),))
     b.emit("Concat", cols, [tuples], axis=len(shape))
-    b.emit("GatherND", [b.t(p["self"]), tuples], [b.out()], batch_dims=0)
+    return tuples, shape
 
 
 @lowering("gather")
@@ -1396,15 +1403,7 @@ def _put_tuples(b, n, p, idx):
     xs = b.shape(p["self"])
     vals = [_static_ints(b, t) for t in idx]
     if any(v is None for v in vals):
-        shape = tuple(np.broadcast_shapes(*(b.shape(t) for t in idx)))
-        cols = []
-        for t in idx:
-            wide, one = b.tmp(shape), b.tmp(shape + (1,))
-            b.emit("Expand", [b.t(t), b.const(list(shape))], [wide])
-            b.emit("Reshape", [wide], [one])
-            cols.append(one)
-        tuples = b.tmp(shape + (len(idx),))
-        b.emit("Concat", cols, [tuples], axis=len(shape))
+        tuples, shape = _stacked(b, idx)
     else:
         vals = np.broadcast_arrays(*vals)
         shape = vals[0].shape

@@ -62,35 +62,44 @@ def shape_determined(g: Graph) -> set:
 
 def _as_concat(g, name, n, shapes, values):
     """The nodes computing ``n`` (ScatterND) as slices of its data and a concatenation, or None."""
-    data, idx_name, upd = n.input
-    idx = np.asarray(g.values[idx_name])
-    dshape, ushape = tuple(g.shapes[data]), tuple(g.shapes[upd])
-    k, batch = idx.shape[-1], idx.shape[:-1]
-    if idx.dtype.kind not in "iu" or k > len(dshape) or ushape != tuple(batch) + dshape[k:]:
+    data, upd = n.input[0], n.input[2]
+    dshape = tuple(g.shapes[data])
+    found = nd_runs(np.asarray(g.values[n.input[1]]), dshape, tuple(g.shapes[upd]))
+    if found is None:
         return None
-    runs, used = [], []
-    for a in range(k):
-        col = np.where(idx[..., a] < 0, idx[..., a] + dshape[a], idx[..., a])
-        run = index_run(col)
-        if run is None:
-            return None
-        lo, length, b = run
-        if lo < 0 or lo + length > dshape[a]:
-            return None
-        runs.append((lo, lo + length))
-        if b is not None:
-            used.append(b)
-    if used != sorted(set(used)) or any(s > 1 and b not in used for b, s in enumerate(batch)):
-        return None  # the update's axes in another order than the data's, or a batch axis unused
+    used = [b for _, _, b in found if b is not None]
+    if used != sorted(set(used)):
+        return None  # the update's axes in another order than the data's (or a diagonal)
+    runs = [(lo, lo + length) for lo, length, _ in found]
     cut = [a for a, (lo, hi) in enumerate(runs) if (lo, hi) != (0, dshape[a])]
     if len(cut) > 1:
         return None
-    box = tuple(hi - lo for lo, hi in runs) + dshape[k:]
+    box = tuple(hi - lo for lo, hi in runs) + dshape[len(runs):]
     y = n.output[0]
     if not cut:  # every position written
         return [(f"{name}::write", Node("Reshape", [upd], [y]))]
     j = cut[0]
     return _pieces_written(name, data, upd, y, j, *runs[j], dshape, box, shapes, values)
+
+
+def nd_runs(idx: np.ndarray, dshape: tuple, ushape: tuple) -> list[tuple] | None:
+    """A ScatterND's index tuples ``idx`` (``[..batch, k]``) into data of shape ``dshape`` with
+    updates of shape ``ushape``, read per component: ``(start, length, batch axis)`` of
+    :func:`index_run` (negative indices counted from the end), each inside its data axis, every
+    batch axis longer than 1 run along by some component (else positions are written more than
+    once); else None."""
+    k, batch = idx.shape[-1], idx.shape[:-1]
+    if idx.dtype.kind not in "iu" or k > len(dshape) or tuple(ushape) != tuple(batch) + tuple(dshape[k:]):
+        return None
+    runs = []
+    for a in range(k):
+        run = index_run(np.where(idx[..., a] < 0, idx[..., a] + dshape[a], idx[..., a]))
+        if run is None or run[0] < 0 or run[0] + run[1] > dshape[a]:
+            return None
+        runs.append(run)
+    if any(s > 1 and b not in [r[2] for r in runs] for b, s in enumerate(batch)):
+        return None
+    return runs
 
 
 def _pieces_written(name, data, upd, y, j, lo, hi, dshape, box, shapes, values):

@@ -77,6 +77,7 @@ class Layout:
             for s in st:
                 self.class_axes[s.cls].append(ax)
         self.class_tensors = [list(dict.fromkeys(t for t, _ in axes)) for axes in self.class_axes]
+        self._gathers: dict = {}  # (axis, class) -> (permutation, its step gather): axis_gather
 
     def step_gather(self, step: Step, perm: np.ndarray, axis_len: int) -> np.ndarray:
         """Gather of one class on one axis (its members there applied in member order)."""
@@ -93,10 +94,9 @@ class Layout:
 
     def _step_gather(self, ax, step: Step, perm, n: int) -> np.ndarray:
         key, perm = (ax, step.cls), np.asarray(perm)
-        cache = self.__dict__.setdefault("_gathers", {})
-        hit = cache.get(key)
+        hit = self._gathers.get(key)
         if hit is None or not np.array_equal(hit[0], perm):
-            hit = cache[key] = (perm.copy(), self.step_gather(step, perm, n))
+            hit = self._gathers[key] = (perm.copy(), self.step_gather(step, perm, n))
         return hit[1]
 
 
