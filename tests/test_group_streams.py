@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import rebasin
 from rebasin.execute import make_inputs, run_model
-from tests.corpus import export_script
+from tests.corpus import export_script, shuffled_nodes
 from tests.test_torch_frontend import assert_sound
 
 
@@ -167,9 +167,9 @@ CASES = {
     # swap (2), each group's channels (2 x 6).
     "overlapping_groups": (OverlappingGroups, {4: 2, 2: 2 + 1 + 1, 6: 2}, None),
     # two periods of 12, each cut like S above: the periods swap (2), each cell's channels (2 x (2
-    # x 4, 2 x 2)) and each period's swap of its 6-blocks (2). The analysis reflects both periods
-    # at once (one class: the period is one variable), not each on its own.
-    "two_layouts_repeating": (TwoLayoutsRepeating, {4: 4, 2: 1 + 4 + 2}, {4: 4, 2: 1 + 4 + 1}),
+    # x 4, 2 x 2)) and each period's swap of its 6-blocks (2: the cells nest under the periods,
+    # so each period reflects on its own, infer._mirrors).
+    "two_layouts_repeating": (TwoLayoutsRepeating, {4: 4, 2: 1 + 4 + 2}, None),
     # D and B share one channel permutation (8): the sum over groups meets D's channel j and B's
     "groups_summed": (GroupsSummed, {8: 1}, None),
     # D, B and the scale share one channel permutation (8)
@@ -181,14 +181,9 @@ CASES = {
     # of group 5 (4). Blocks 2 to 7 nest under the cells of the two layouts (infer._cell_names);
     # the swap of groups 6 and 7 is the reflection of their period (infer._mirrors).
     "three_layouts": (ThreeLayouts, {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5}, None),
-    # The same model, its own GroupNorm read last: its 4-blocks refine the 8-blocks' channels after
-    # the concatenations gave each run of 8-blocks its instance (AxisAlgebra._distribute); the
-    # families' check then finds the own GroupNorm combining the 4-blocks' channels across the
-    # 8-blocks' groups, so A keeps one permutation per position in a 4-block (2 classes of 4, no
-    # swaps). Counting an instance as held by its inner variable only reached the order above, but
-    # was unsound elsewhere (two head layouts over a padded axis: test_property's fuzz found it).
-    "three_layouts_own_last": (lambda: ThreeLayouts(own_last=True), {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5},
-                               {4: 2 + 1 + 1, 8: 4, 5: 1, 12: 5}),
+    # The same model, its own GroupNorm read last: the same maximum, whatever the order of reads.
+    "three_layouts_own_last": (lambda: ThreeLayouts(own_last=True),
+                               {4: 8 + 1 + 1, 2: 4, 8: 4, 5: 1, 12: 5}, None),
 }
 
 
@@ -235,6 +230,16 @@ def test_onnx_frontend_reaches_hand_count(case):
         assert res.equal, res
     a, b = (run_model(m, make_inputs(m, seed=s)) for s in (0, 1))
     assert any(not np.allclose(a[k], b[k]) for k in a)
+    # the nodes in other topological orders (the order the GroupNorms are read in): the same class
+    # sizes, each sound. (A reflection may come out as another generator of the same group: in
+    # ThreeLayouts, 8-cells moved whole where the 4-blocks are read first, 4-blocks reversed where
+    # they are read last; the two differ by the classes that swap a cell's 4-blocks.)
+    for seed in range(6):
+        other = rebasin.infer_spec(shuffled_nodes(m, seed))
+        assert _sizes(other) == _sizes(spec), (seed, other.table())
+        res = rebasin.verify(m, rebasin.apply_permutation(m, other, other.random_permutations(seed)),
+                             seeds=(0,))
+        assert res.equal, (seed, res)
 
 
 class RandomStreams(nn.Module):
@@ -534,3 +539,50 @@ def test_mirror_needs_every_reader_to_hold_the_period(extra):
     alone = rebasin.Spec((swap,), (), shapes={k: tuple(v.shape) for k, v in model.state_dict().items()})
     sd = rebasin.apply_permutation(model.state_dict(), alone, {swap.name: [1, 0]})
     assert not rebasin.verify_torch(model, sd, x).equal
+
+
+class PeriodsSummed(TwoLayoutsRepeating):
+    """TwoLayoutsRepeating whose two periods are also summed position for position: channel j of
+    one period meets channel j of the other, so the periods cannot reflect one without the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.o3 = _conv(12, 3)
+
+    def forward(self, x):
+        a = self.a(x)
+        z = a.view(a.shape[0], 2, 12, *a.shape[2:]).sum(1)
+        return super().forward(x) + self.o3(torch.tanh(z))
+
+
+def _period_of(c, tensor="a.weight"):
+    return {m.offset // 12 for m in c.members if m.tensor == tensor}
+
+
+def test_each_period_reflects_on_its_own():
+    """Two GroupNorm layouts repeating every 12 channels of 24: each period's reflection is a class
+    of its own (members in its own period only), and each alone keeps the output. Where the
+    periods are summed position for position, one reflection covers both (a class per period
+    would be unsound there: the first model's reflection of one period changes that model's
+    output)."""
+    model, x = _build("two_layouts_repeating")
+    spec = rebasin.infer_spec(model, x)
+    swaps = _swap(spec)
+    assert sorted(map(_period_of, swaps), key=sorted) == [{0}, {1}], spec.table()
+    for c in swaps:
+        perms = {k.name: np.arange(k.size) for k in spec.classes}
+        perms[c.name] = np.array([1, 0])
+        sd = rebasin.apply_permutation(model.state_dict(), spec, perms)
+        assert rebasin.verify_torch(model, sd, x).equal
+    torch.manual_seed(0)
+    summed = PeriodsSummed().eval()
+    with torch.no_grad():
+        for p in summed.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    spec2 = rebasin.infer_spec(summed, x)
+    assert all(_period_of(c) != {0} and _period_of(c) != {1} for c in _swap(spec2)), spec2.table()
+    assert_sound(summed, x, spec2)
+    first = min(swaps, key=lambda c: sorted(_period_of(c)))
+    alone = rebasin.Spec((first,), (), shapes={k: tuple(v.shape) for k, v in summed.state_dict().items()})
+    sd = rebasin.apply_permutation(summed.state_dict(), alone, {first.name: [1, 0]})
+    assert not rebasin.verify_torch(summed, sd, x).equal

@@ -202,9 +202,10 @@ def _head(cin: int, cout: int = 2, pool: str = "none") -> dict:
 
 # architectures the fuzz profile found unsound (or the frontends disagreeing) once, checked on every run
 REGRESSIONS = {
-    # per-head LayerNorm (2 x 12) then per-head softmax (8 x 3) over a padded axis: the torch
-    # path's families let 3-blocks move across the 12-heads (an instance counted as held by its
-    # inner variable only)
+    # per-head LayerNorm (2 x 12) then per-head softmax (8 x 3) over a padded model input: the
+    # pinned input's instance of the 12 channels was given its 4 x 3 layout after the pins had
+    # spread (AxisAlgebra._distribute), so its 3-blocks were free (the mixing check once hid this
+    # by dissolving the families); only the padding's 3-block may move
     "two_head_layouts_padded": Arch("vec", (21,), (
         {"op": "pad", "before": 0, "after": 3},
         {"op": "heads", "heads": 2, "head_dim": 12, "kind": "layernorm"},

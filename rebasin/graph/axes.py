@@ -344,6 +344,8 @@ class AxisAlgebra:
                 self._derived[self.families[-1]] = f
             changed = True
         self._index = None
+        if changed:  # a pinned instance pins the factors or pieces it was just given
+            self.propagate_pins()
         return changed
 
     def stand_in(self, factors, k: int, index: int, path) -> int:
@@ -424,7 +426,8 @@ class AxisAlgebra:
     def combined(self, v: int) -> set:
         """Roots whose items an op combining items of ``v`` combines: ``v``'s :meth:`tree` and
         every sum or product holding any of them, to the top (two items of a factor lie in two
-        items of the product; an instance is held by its family's inner and outer variables)."""
+        items of the product; two items of an instance lie in one group, so the instance is held
+        by its family's inner variable, not by the outer one)."""
         out = self.tree(v)
         stack = list(out)
         while stack:
@@ -446,7 +449,7 @@ class AxisAlgebra:
 
     def holders(self, r: int) -> list[int]:
         """Roots holding root ``r``: every sum holding it as a piece, every product holding it as a
-        factor, and where ``r`` is a family's instance, the family's inner and outer variables."""
+        factor, and where ``r`` is a family's instance, the family's inner variable."""
         return self._indexed()[2].get(r, [])
 
     def _indexed(self) -> tuple:
@@ -456,7 +459,7 @@ class AxisAlgebra:
                 fams.setdefault(self.find(f.inner), []).append(f)
                 insts.setdefault(self.find(f.inner), []).extend(inst for _, _, inst in f.spans)
                 for _, _, inst in f.spans:
-                    encl.setdefault(self.find(inst), []).extend([self.find(f.inner), self.find(f.outer)])
+                    encl.setdefault(self.find(inst), []).append(self.find(f.inner))
             for i, v in enumerate(self.vars):
                 if v.parent == i and v.kind is not None:
                     for c in v.children:

@@ -899,7 +899,8 @@ def _one_outer_axis(cx: _Context, nest: dict, candidates_of: dict, occurrences: 
             nest[r] -= crossing[r]
 
 
-def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, periods: list) -> list:
+def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, periods: list,
+             nest: dict) -> list:
     """The members of a size-2 class per mirrored period of ``periods`` (``(Mirror, cells)`` that
     ``AxisAlgebra.mirror_cells`` accepted; ``others``: the occurrences of non-weight tensors): in
     every weight axis holding the period, cell ``i`` and cell ``n - 1 - i`` swap places (one member
@@ -909,7 +910,9 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, perio
     holds whole periods, each in order and contiguous, and no weight axis reads either layout's
     groups without their cells (a per-group weight would have to move with them): otherwise no
     class. A cell of one item shows in no occurrence: the cells around it place it, and a tensor
-    whose own structure holds it (a slice of it) must show the period.
+    whose own structure holds it (a slice of it) must show the period. Where every cell nests
+    under an outer variable (``nest``: the periods of a stream two layouts repeat along, each
+    cell's channels moving per period), each item of it reflects on its own: a class per item.
 
     The swap of groups 6 and 7 in a diffusers UNet stream: groups of 8 (``cat(32, A)`` under
     ``GroupNorm(8, 64)``) and of 12 (``cat(64, A)`` under ``GroupNorm(8, 96)``) cut the last 24
@@ -923,16 +926,17 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, perio
         if not seen:
             continue
         before = [sum(n for _, n in cells[:i]) for i in range(len(cells) + 1)]
+        within = set.intersection(*(set(nest.get(cells[i][0], ())) for i in seen))
         at: dict = {}
-        for r, tensor, axis, offset, unit, _ in [*occurrences, *others]:
+        for r, tensor, axis, offset, unit, path in [*occurrences, *others]:
             if r in leaves:
-                at.setdefault((tensor, axis), []).append((offset, r, unit))
+                at.setdefault((tensor, axis), []).append((offset, r, unit, path))
         groups = alg.tree(m.outer) | alg.tree(m.other)
         ok = all((name, axis) in at for name, axes in cx.axes.items() for axis, v in enumerate(axes)
                  if alg.plain_tree(v, set()) & leaves or name in weights and alg.tree(v) & groups)
-        mems = []
+        mems: dict = {}  # the items of ``within`` a period lies in -> its members
         for (tensor, axis), occ in at.items() if ok else ():
-            occ.sort()
+            occ.sort(key=lambda o: o[:3])
             if len(occ) % len(seen):
                 ok = False
                 break
@@ -941,16 +945,21 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, perio
                 unit = run[0][2]
                 base = run[0][0] - unit * before[seen[0]]
                 starts = [base + unit * b for b in before[:-1]]
-                if run != [(starts[i], cells[i][0], unit) for i in seen]:
+                if [o[:3] for o in run] != [(starts[i], cells[i][0], unit) for i in seen]:
                     ok = False
                     break
                 if tensor in weights:
-                    mems += [Member(tensor, axis, starts[i], cells[i][1] * unit, starts[-1 - i] - starts[i])
-                             for i in range(len(cells) // 2)]
+                    where = frozenset((o, i) for *_, path in run for o, i in path if o in within)
+                    mems.setdefault(where, []).extend(
+                        Member(tensor, axis, starts[i], cells[i][1] * unit, starts[-1 - i] - starts[i])
+                        for i in range(len(cells) // 2))
             if not ok:
                 break
-        if ok and mems:
-            out.append(tuple(dict.fromkeys(mems)))
+        split = all(len({o for o, _ in where}) == len(where) == len(within) for where in mems)
+        if ok and not split:  # a period across items of an outer variable: one reflection for all
+            mems = {frozenset(): [x for ms in mems.values() for x in ms]}
+        if ok:
+            out += [tuple(dict.fromkeys(ms)) for ms in mems.values() if ms]
     return out
 
 
@@ -1058,5 +1067,5 @@ def _extract(cx: _Context, weights: dict) -> Spec:
                 for axis, v in enumerate(axes):
                     expand(v, name, axis, 0, 1, [], [])
         out += [PermutationClass(f"P{len(out) + i}", 2, mems)
-                for i, mems in enumerate(_mirrors(cx, weights, occurrences, sink, periods))]
+                for i, mems in enumerate(_mirrors(cx, weights, occurrences, sink, periods, nest))]
     return Spec(tuple(out), tuple(blocked), shapes={k: tuple(v.shape) for k, v in weights.items()})
