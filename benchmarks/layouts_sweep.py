@@ -4,7 +4,10 @@ TorchScript export on onnxruntime with the class sizes compared to the torch pat
 specs holding a mirrored period (a class with two members of different layouts on one axis:
 infer._mirrors).
 
-Run (from the repository root; about 15 minutes on 2 cores with the defaults):
+The layouts run twice: with GroupNorms, then with S's own GroupNorms written out with a scale and
+shift per group (tests.test_group_streams.GroupAffineNorm), which a reflection must move.
+
+Run (from the repository root; about 5 minutes on 2 cores with the defaults):
     python -m benchmarks.layouts_sweep [--layouts 1500] [--programs 400] [--onnx 300]
 """
 
@@ -69,6 +72,10 @@ def main():
     a = p.parse_args()
     m, f = _torch(a.layouts, streams._random_layouts, streams._sound_layouts, 90000)
     print(f"layouts (torch): {a.layouts}, with a mirrored period {m}, not sound {f}", flush=True)
+    m, f = _torch(a.layouts, streams._random_layouts,
+                  lambda width, plan, seed: streams._sound_layouts(width, plan, seed, affine=True), 90000)
+    print(f"layouts with per-group weights (torch): {a.layouts}, with a mirrored period {m}, not sound {f}",
+          flush=True)
     m, f = _torch(a.programs, streams._random_program, streams._sound_program, 70000)
     print(f"programs (torch): {a.programs}, with a mirrored period {m}, not sound {f}", flush=True)
     m, f, d = _onnx(a.onnx, 50000)

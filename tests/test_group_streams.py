@@ -11,6 +11,7 @@ parameter randomized) and the reference output varies with the input.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import tempfile
 
 import numpy as np
@@ -419,17 +420,37 @@ def test_random_programs_sound():
         _sound_program(*_random_program(random.Random(4000 + k)), seed=k)
 
 
+class GroupAffineNorm(nn.Module):
+    """GroupNorm written out as deployment graphs keep it: the channels viewed as their groups,
+    normalized over each, a learned scale and shift per group (an InstanceNormalization's), then
+    the per-channel affine."""
+
+    def __init__(self, groups, width):
+        super().__init__()
+        self.groups = groups
+        self.gw, self.gb = nn.Parameter(torch.ones(groups, 1)), nn.Parameter(torch.zeros(groups, 1))
+        self.weight, self.bias = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width))
+
+    def forward(self, h):
+        g = h.view(h.shape[0], self.groups, -1)
+        g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, keepdim=True) + 1e-5) * self.gw + self.gb
+        return g.view(h.shape) * self.weight.view(-1, 1, 1) + self.bias.view(-1, 1, 1)
+
+
 class Layouts(nn.Module):
     """Stream S read in ``plan`` order by ``("own", groups)`` (its own GroupNorm) or ``("cat", width,
     groups, first)`` (a GroupNorm over S concatenated with another stream of ``width``, that one
-    first where ``first``): S's channels meet several group layouts, as the UNet's first stream."""
+    first where ``first``): S's channels meet several group layouts, as the UNet's first stream.
+    ``affine``: S's own GroupNorms written out with a scale and shift per group
+    (:class:`GroupAffineNorm`)."""
 
-    def __init__(self, width, plan):
+    def __init__(self, width, plan, affine=False):
         super().__init__()
         self.s, self.plan, self.mods = _conv(3, width), plan, nn.ModuleList()
         for op in plan:
             w = width + (op[1] if op[0] == "cat" else 0)
-            norm = nn.GroupNorm(op[1] if op[0] == "own" else op[2], w)
+            norm = (GroupAffineNorm if op[0] == "own" and affine else nn.GroupNorm)(
+                op[1] if op[0] == "own" else op[2], w)
             other = _conv(3, w - width, 3) if w > width else nn.Identity()
             self.mods.append(nn.ModuleList([norm, _conv(w, 2), other]))
 
@@ -463,8 +484,8 @@ LAYOUTS_FOUND = {
 }
 
 
-def _sound_layouts(width, plan, seed):
-    return _sound_built(Layouts, (width, plan), (2, 3, 4, 4), seed)
+def _sound_layouts(width, plan, seed, affine=False):
+    return _sound_built(Layouts, (width, plan, affine), (2, 3, 4, 4), seed)
 
 
 @pytest.mark.parametrize("case", sorted(LAYOUTS_FOUND))
@@ -488,6 +509,38 @@ def test_random_layouts_sound(monkeypatch):
     for k in range(40):
         _sound_layouts(*_random_layouts(random.Random(KEEP + k)), seed=k)
     assert sum(nested) > 0
+
+
+# plans whose per-group weights (affine=True) a reflection moved unsoundly once: the groups of S's
+# own GroupNorm (12 of 2 channels; 8 of 2) refine the period's groups, and were moved as blocks in
+# order where the reflection reverses them (infer._group_places now takes whole groups only); S's
+# two own GroupNorms of 2 groups, each a family of its own, the second one's weights not reached
+# from the period (AxisAlgebra.mirror_cells: everything the period's channels lie in, the groups
+# of every family included, must be free)
+AFFINE_FOUND = {
+    "second_own_groups": (12, [("own", 2), ("cat", 8, 5, True), ("own", 2), ("cat", 2, 7, True)]),
+    "own_groups_inside_period_groups": (24, [("cat", 12, 3, True), ("own", 2), ("cat", 16, 5, True),
+                                             ("own", 12)]),
+    "own_groups_inside_period_groups_2": (16, [("cat", 4, 10, False), ("own", 8), ("cat", 4, 5, False),
+                                               ("cat", 2, 3, True)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AFFINE_FOUND))
+def test_found_per_group_weight_layouts_sound(case):
+    assert _sound_layouts(*AFFINE_FOUND[case], seed=1, affine=True).classes
+
+
+def test_random_layouts_with_per_group_weights_sound():
+    """The sweep's first 40 plans with S's own GroupNorms written out with a scale and shift per
+    group: every spec is sound, and in some a reflection moves such weights with the groups."""
+    import random
+
+    moved = 0
+    for k in range(40):
+        spec = _sound_layouts(*_random_layouts(random.Random(KEEP + k)), seed=k, affine=True)
+        moved += any(m.tensor.endswith(".gw") for c in _swap(spec) for m in c.members)
+    assert moved
 
 
 # --------------------------------------------------------------------------- mirrored periods
@@ -523,9 +576,12 @@ def _swap(spec):
 @pytest.mark.parametrize("extra", ["cell", "group_scale"])
 def test_mirror_needs_every_reader_to_hold_the_period(extra):
     """The reflection of S's period (cells 4, 2, 2, 4 reversed) is a class in OverlappingGroups;
-    a reader of one cell, or a weight on the 6-groups alone, would have to move with it but cannot:
-    no such class, the spec sound, and the base model's reflection applied to this model changes
-    its output (so the class would have been unsound)."""
+    a reader of one cell would have to move with it but cannot: no such class, the spec sound,
+    and the base model's reflection applied to this model changes its output (so the class would
+    have been unsound). ``group_scale`` (a weight on the 6-groups of a second concatenation of S
+    and U, viewed by groups): no reflection either, as the second concatenation's groups make a
+    family apart from the GroupNorm's, and the two are dissolved (a gap: a per-group weight can
+    move with the reflection, test_per_group_weights_move_with_the_reflection)."""
     base, x = _build("overlapping_groups")
     swap, = _swap(rebasin.infer_spec(base, x))
     torch.manual_seed(0)
@@ -586,3 +642,52 @@ def test_each_period_reflects_on_its_own():
     alone = rebasin.Spec((first,), (), shapes={k: tuple(v.shape) for k, v in summed.state_dict().items()})
     sd = rebasin.apply_permutation(summed.state_dict(), alone, {first.name: [1, 0]})
     assert not rebasin.verify_torch(summed, sd, x).equal
+
+
+class PerGroupAffine(OverlappingGroups):
+    """OverlappingGroups with S's own GroupNorm written out as deployment graphs write it: S viewed
+    as its 3 groups, normalized over each, then a learned scale and shift per group (what an
+    InstanceNormalization over the groups keeps) before the per-channel affine."""
+
+    def __init__(self):
+        super().__init__()
+        self.gw, self.gb = nn.Parameter(torch.randn(3, 1)), nn.Parameter(torch.randn(3, 1))
+
+    def forward(self, x):
+        s, f = self.s(x), torch.tanh
+        g = s.view(s.shape[0], 3, -1)
+        g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, keepdim=True) + 1e-5) * self.gw + self.gb
+        y = self.out1(f(g.view(s.shape) * self.gn1.weight.view(12, 1, 1) + self.gn1.bias.view(12, 1, 1)))
+        return y + self.out2(f(self.gn2(torch.cat([s, self.u(x)], 1))))
+
+
+def test_per_group_weights_move_with_the_reflection():
+    """A weight per group of one layout (S's 4-groups' scale and shift) moves with the period's
+    reflection: groups 0 and 2 swap (members of one item at distance 2), on both frontends, and
+    the class is sound; the same reflection without them changes the output."""
+    torch.manual_seed(0)
+    model = PerGroupAffine().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    x = (torch.randn(2, 3, 4, 4),)
+    spec = rebasin.infer_spec(model, x)
+    swap, = _swap(spec)
+    assert {(m.tensor, m.offset, m.block, m.stride) for m in swap.members if m.tensor in ("gw", "gb")} == \
+        {("gw", 0, 1, 2), ("gb", 0, 1, 2)}, spec.table()
+    assert_sound(model, x, spec)
+    perms = {c.name: np.arange(c.size) for c in spec.classes}
+    perms[swap.name] = np.array([1, 0])
+    assert rebasin.verify_torch(model, rebasin.apply_permutation(model.state_dict(), spec, perms), x).equal
+    kept = dataclasses.replace(swap, members=tuple(m for m in swap.members if m.tensor not in ("gw", "gb")))
+    alone = rebasin.Spec((kept,), (), shapes={k: tuple(v.shape) for k, v in model.state_dict().items()})
+    sd = rebasin.apply_permutation(model.state_dict(), alone, {kept.name: [1, 0]})
+    assert not rebasin.verify_torch(model, sd, x).equal
+    with tempfile.TemporaryDirectory() as d:
+        export_script(model, x, f"{d}/m.onnx")
+        m = onnx.load(f"{d}/m.onnx")
+    ospec = rebasin.infer_spec(m)
+    assert _sizes(ospec) == _sizes(spec), ospec.table()
+    for seed in (0, 1, 2):
+        permuted = rebasin.apply_permutation(m, ospec, ospec.random_permutations(seed))
+        assert rebasin.verify(m, permuted, seeds=(0,)).equal

@@ -5,8 +5,8 @@ export with an attention mask, and a BERT written out in its original layout (wh
 optimizer fuses into com.microsoft Attention) are optimized with
 ``onnxruntime.transformers.optimizer`` (``optimize_model``), which fuses Attention,
 SkipLayerNormalization, (Fast/Bias)Gelu ... (com.microsoft).
-The optimized graph must keep at least 0.95 of the unoptimized graph's symmetry (sum of
-log size!), and random permutations of every class must leave its outputs unchanged.
+The optimized graph must keep all of the unoptimized graph's symmetry (sum of log size!; the bar
+was 0.95), and random permutations of every class must leave its outputs unchanged.
 Optimized exports are cached next to the corpus exports ($REBASIN_CACHE).
 """
 
@@ -260,7 +260,7 @@ def test_optimized_graph_keeps_symmetry(name, level):
     ratio = s1.log_symmetry / s0.log_symmetry
     print(f"\n{name} opt_level={level}: fused {sorted(fused)}; log_sym {s0.log_symmetry:.1f} -> "
           f"{s1.log_symmetry:.1f} ({ratio:.3f})")
-    assert ratio >= 0.95
+    assert s1.log_symmetry >= s0.log_symmetry - 1e-6, s1.table()  # all of it (0.95 was the bar)
     for seed in (0, 1):
         p = rebasin.apply_permutation(m, s1, s1.random_permutations(seed))
         for f in (_feeds(m, 0), _feeds(m, 1)):

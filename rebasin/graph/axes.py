@@ -423,15 +423,18 @@ class AxisAlgebra:
         """Root of a family's inner variable -> its groups' instances."""
         return self._indexed()[1]
 
-    def combined(self, v: int) -> set:
+    def combined(self, v: int, groups: bool = False) -> set:
         """Roots whose items an op combining items of ``v`` combines: ``v``'s :meth:`tree` and
         every sum or product holding any of them, to the top (two items of a factor lie in two
         items of the product; two items of an instance lie in one group, so the instance is held
-        by its family's inner variable, not by the outer one)."""
+        by its family's inner variable, not by the outer one). ``groups``: the outer variables of
+        the families too (everything whose items a permutation of ``v``'s items may move: the
+        groups an instance's channels lie in)."""
         out = self.tree(v)
         stack = list(out)
         while stack:
-            for parent in self.holders(stack.pop()):
+            r = stack.pop()
+            for parent in self.holders(r) + (self._indexed()[3].get(r, []) if groups else []):
                 if parent not in out:
                     out.add(parent)
                     stack.append(parent)
@@ -454,17 +457,18 @@ class AxisAlgebra:
 
     def _indexed(self) -> tuple:
         if self._index is None:
-            fams, insts, encl = {}, {}, {}
+            fams, insts, encl, groups = {}, {}, {}, {}
             for f in self.families:
                 fams.setdefault(self.find(f.inner), []).append(f)
                 insts.setdefault(self.find(f.inner), []).extend(inst for _, _, inst in f.spans)
                 for _, _, inst in f.spans:
                     encl.setdefault(self.find(inst), []).append(self.find(f.inner))
+                    groups.setdefault(self.find(inst), []).append(self.find(f.outer))
             for i, v in enumerate(self.vars):
                 if v.parent == i and v.kind is not None:
                     for c in v.children:
                         encl.setdefault(self.find(c), []).append(i)
-            self._index = fams, insts, encl
+            self._index = fams, insts, encl, groups
         return self._index
 
     def _family_holds(self, f: _Family, held: list, mixed: list) -> bool:
@@ -498,7 +502,9 @@ class AxisAlgebra:
         maps each cell onto its mirror image, so it needs: both families still held (each group's
         channels independent of the other groups', no op mixing groups), both layouts as they were
         made (no structure added to a group or a cell since), and nothing pinned in them or in any
-        structure holding them but the overlap's own pin. The extraction checks the tensors: each
+        structure holding them, the groups of every family included (:meth:`combined` with
+        ``groups``: another family's pinned groups over the same channels), but the overlap's own
+        pin. The extraction checks the tensors: each
         that holds a cell must hold the whole period in order (:func:`rebasin.graph.infer._mirrors`).
         """
         if m.fixed not in self.families or m.cut not in self.families:
@@ -526,7 +532,8 @@ class AxisAlgebra:
         period = self.size(m.outer) * self.size(m.pieces[0])
         if len(cells) < 2 or sizes != sizes[::-1] or sum(sizes) != period:
             return None
-        near = set().union(*(self.combined(r) for r, _ in cells), self.combined(oo), self.combined(fo))
+        near = set().union(*(self.combined(r, groups=True) for r, _ in cells), self.combined(oo, groups=True),
+                           self.combined(fo, groups=True))
         if any(self.vars[r].pinned for r in near - {fo}) or any(self.vars[r].pinned for r, _ in cells):
             return None
         return cells

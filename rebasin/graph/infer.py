@@ -907,12 +907,14 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, perio
     per pair of equal cells; the cells keep their channels' order, the per-cell classes permute
     those, also per index of another axis where they nest: the reflection is one permutation of
     the period wherever it is held). Sound where every tensor, weight or not, that holds a cell
-    holds whole periods, each in order and contiguous, and no weight axis reads either layout's
-    groups without their cells (a per-group weight would have to move with them): otherwise no
-    class. A cell of one item shows in no occurrence: the cells around it place it, and a tensor
-    whose own structure holds it (a slice of it) must show the period. Where every cell nests
-    under an outer variable (``nest``: the periods of a stream two layouts repeat along, each
-    cell's channels moving per period), each item of it reflects on its own: a class per item.
+    holds whole periods, each in order and contiguous, and every weight axis that reads either
+    layout's groups without their cells reads them as whole items in order (a per-group scale,
+    as an InstanceNormalization over the groups keeps: group ``j`` and group ``q - 1 - j`` swap,
+    :func:`_group_places`): otherwise no class. A cell of one item shows in no occurrence: the
+    cells around it place it, and a tensor whose own structure holds it (a slice of it) must show
+    the period. Where every cell nests under an outer variable (``nest``: the periods of a stream
+    two layouts repeat along, each cell's channels moving per period), each item of it reflects
+    on its own: a class per item.
 
     The swap of groups 6 and 7 in a diffusers UNet stream: groups of 8 (``cat(32, A)`` under
     ``GroupNorm(8, 64)``) and of 12 (``cat(64, A)`` under ``GroupNorm(8, 96)``) cut the last 24
@@ -932,9 +934,23 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, perio
             if r in leaves:
                 at.setdefault((tensor, axis), []).append((offset, r, unit, path))
         groups = alg.tree(m.outer) | alg.tree(m.other)
-        ok = all((name, axis) in at for name, axes in cx.axes.items() for axis, v in enumerate(axes)
-                 if alg.plain_tree(v, set()) & leaves or name in weights and alg.tree(v) & groups)
         mems: dict = {}  # the items of ``within`` a period lies in -> its members
+        ok = True
+        for name, axes in cx.axes.items():
+            for axis, v in enumerate(axes):
+                if (name, axis) in at or not (alg.plain_tree(v, set()) & leaves or
+                                              name in weights and alg.tree(v) & groups):
+                    continue
+                places = _group_places(alg, v, m, groups) if not alg.plain_tree(v, set()) & leaves else None
+                if not places:  # a reader of cells without the period, or of groups without their own items
+                    ok = False
+                    break
+                for offset, unit, q, path in places:  # a per-group weight: group j <-> group q - 1 - j
+                    where = frozenset((o, i) for o, i in path if o in within)
+                    mems.setdefault(where, []).extend(Member(name, axis, offset + j * unit, unit,
+                                                             (q - 1 - 2 * j) * unit) for j in range(q // 2))
+            if not ok:
+                break
         for (tensor, axis), occ in at.items() if ok else ():
             occ.sort(key=lambda o: o[:3])
             if len(occ) % len(seen):
@@ -961,6 +977,44 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, perio
         if ok:
             out += [tuple(dict.fromkeys(ms)) for ms in mems.values() if ms]
     return out
+
+
+def _group_places(alg, v, m, groups: set) -> list | None:
+    """Where axis variable ``v`` holds the groups of mirror ``m``'s period as whole items (a
+    per-group weight: a GroupNorm decomposed into InstanceNormalization keeps one scale per
+    group): ``(offset, unit, groups in the period, path)`` per place, the groups of one layout in
+    order (``m.outer`` or ``m.other``), each one item of ``v`` (unit 1); None where ``v`` reaches
+    anything else of ``groups`` (a part of a layout's groups), splits a group into several items
+    (the reflection reverses those too, in an order the groups alone do not say), or holds none."""
+    targets = {alg.find(m.outer), alg.find(m.other)}
+    out: list = []
+
+    def walk(w, offset, unit, path) -> bool:
+        r = alg.find(w)
+        var = alg.vars[r]
+        if r in targets:  # its items whole: a factor after it would split them into items it reverses
+            out.append((offset, unit, var.size, tuple(path)))
+            return unit == 1
+        if r in groups:
+            return False
+        if var.kind == "sum":
+            for c in var.children:
+                if not walk(c, offset, unit, path):
+                    return False
+                offset += alg.size(c) * unit
+        elif var.kind == "prod":
+            sizes = [alg.size(c) for c in var.children]
+            for k, c in enumerate(var.children):
+                stride = unit * int(np.prod(sizes[k + 1:]))
+                for o in range(int(np.prod(sizes[:k]))):
+                    sub = list(path)
+                    for j in range(k):
+                        sub.append((alg.find(var.children[j]), o // int(np.prod(sizes[j + 1:k])) % sizes[j]))
+                    if not walk(c, offset + o * stride * sizes[k], stride, sub):
+                        return False
+        return True
+
+    return out if walk(v, 0, 1, []) and out else None
 
 
 def _extract(cx: _Context, weights: dict) -> Spec:
