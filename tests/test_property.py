@@ -41,6 +41,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 import rebasin
 from tests import archgen
 from tests.archgen import Arch, architectures, build
+from tests.corpus import shuffled_nodes
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 FUZZ_EXAMPLES = int(os.environ.get("REBASIN_FUZZ_EXAMPLES", "2000"))
@@ -87,11 +88,16 @@ def torch_check(model, inputs, seed: int):
 
 
 def onnx_check(model, inputs, seed: int):
-    """Spec from the ONNX export, a random permutation of every class, and the comparison."""
+    """Spec from the ONNX export, a random permutation of every class, and the comparison. The
+    export's nodes in another topological order (``seed``) must give the same classes, member for
+    member: any order a tool writes is the same graph."""
     with tempfile.TemporaryDirectory(prefix="rebasin-prop-") as d:
         path = os.path.join(d, "model.onnx")
         export_onnx(model, inputs, path)
         spec = rebasin.infer_spec(path)
+        other = rebasin.infer_spec(shuffled_nodes(onnx.load(path), seed))
+        assert _members(other) == _members(spec), "node order changes the spec:\n" + \
+            spec.table() + "\nshuffled:\n" + other.table()
         permuted = rebasin.apply_permutation(path, spec, nontrivial_permutations(spec, seed))
         # the example inputs, as the torch check: build() sees that the outputs are not all tiny there
         graph = onnx.load(path, load_external_data=False).graph
@@ -153,6 +159,10 @@ def check_sound(arch: Arch, seed: int, test: str) -> None:
         assert len(spec_t), "torch path: no class despite hidden units:" + explain(arch, spec_t, res_t)
     assert class_sets(spec_t) == class_sets(spec_o), "the frontends disagree:" + \
         explain(arch, spec_t, res_t) + "\nONNX path:\n" + spec_o.table()
+
+
+def _members(spec: rebasin.Spec) -> collections.Counter:
+    return collections.Counter((c.size, frozenset(c.members)) for c in spec.classes)
 
 
 def class_sets(spec: rebasin.Spec) -> collections.Counter:
