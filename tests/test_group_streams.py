@@ -549,7 +549,8 @@ def test_random_layouts_with_per_group_weights_sound():
 class OverlapRead(OverlappingGroups):
     """OverlappingGroups with one more reader of the stream S or of the 6-groups of cat(S, U):
     ``"cell"`` a conv of S's channels 4 and 5 (one cell of the period), ``"group_scale"`` a learned
-    scale per 6-group of the concatenation (a weight on the groups' axis alone)."""
+    scale per 6-group of the concatenation, computed a second time (a weight on the groups' axis
+    alone)."""
 
     def __init__(self, extra):
         super().__init__()
@@ -575,13 +576,13 @@ def _swap(spec):
 
 @pytest.mark.parametrize("extra", ["cell", "group_scale"])
 def test_mirror_needs_every_reader_to_hold_the_period(extra):
-    """The reflection of S's period (cells 4, 2, 2, 4 reversed) is a class in OverlappingGroups;
-    a reader of one cell would have to move with it but cannot: no such class, the spec sound,
-    and the base model's reflection applied to this model changes its output (so the class would
-    have been unsound). ``group_scale`` (a weight on the 6-groups of a second concatenation of S
-    and U, viewed by groups): no reflection either, as the second concatenation's groups make a
-    family apart from the GroupNorm's, and the two are dissolved (a gap: a per-group weight can
-    move with the reflection, test_per_group_weights_move_with_the_reflection)."""
+    """The reflection of S's period (cells 4, 2, 2, 4 reversed) is a class in OverlappingGroups.
+    A reader of one cell would have to move with it but cannot: no such class. A weight on the
+    6-groups of a second concatenation of S and U, viewed by groups, moves with it, its S groups
+    swapping (``more`` rows 0 and 1), and the other classes are OverlappingGroups' (the two
+    concatenations of the same pieces are one variable: AxisAlgebra.sum). Either spec is sound,
+    and the base model's reflection applied to this model changes its output (so it alone would
+    be unsound)."""
     base, x = _build("overlapping_groups")
     swap, = _swap(rebasin.infer_spec(base, x))
     torch.manual_seed(0)
@@ -590,7 +591,12 @@ def test_mirror_needs_every_reader_to_hold_the_period(extra):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape) * 0.5)
     spec = rebasin.infer_spec(model, x)
-    assert not _swap(spec), spec.table()
+    if extra == "cell":
+        assert not _swap(spec), spec.table()
+    else:
+        moved, = _swap(spec)
+        assert {(m.offset, m.block, m.stride) for m in moved.members if m.tensor == "more"} == {(0, 1, 1)}
+        assert _sizes(spec) == CASES["overlapping_groups"][1], spec.table()
     assert_sound(model, x, spec)
     alone = rebasin.Spec((swap,), (), shapes={k: tuple(v.shape) for k, v in model.state_dict().items()})
     sd = rebasin.apply_permutation(model.state_dict(), alone, {swap.name: [1, 0]})

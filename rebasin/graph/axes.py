@@ -72,6 +72,7 @@ class AxisAlgebra:
         self._index: tuple | None = None  # (families and instances by inner, holders)
         self.mirrors: list[Mirror] = []
         self._repinned: set = set()  # variables pinned again, or united while both pinned
+        self._sums: dict = {}  # roots of the pieces -> the concatenation made of them
 
     # ----------------------------------------------------------------- basics
     def new(self, size: int) -> int:
@@ -111,14 +112,20 @@ class AxisAlgebra:
         return v
 
     def sum(self, pieces: list[int]) -> int:
-        """A fresh variable equal to the concatenation of ``pieces`` (empty pieces dropped)."""
+        """A variable equal to the concatenation of ``pieces`` (empty pieces dropped): the one made
+        before of the same pieces in the same order (a concatenation computed twice holds the same
+        items, permuted alike), else a fresh one."""
         ps = [p for p in pieces if self.size(p) > 0]
         if len(ps) == 1:
             return ps[0]
-        v = self.new(sum(self.size(p) for p in ps))
-        if ps:
+        if not ps:
+            return self.new(0)
+        key = tuple(self.find(p) for p in ps)
+        if key not in self._sums:
+            v = self.new(sum(self.size(p) for p in ps))
             self.vars[v].kind, self.vars[v].children = "sum", tuple(ps)
-        return v
+            self._sums[key] = v
+        return self._sums[key]
 
     def union(self, a: int, b: int, reason: str) -> None:
         """Make ``a`` and ``b`` carry the same permutation. ``reason`` names the node."""
