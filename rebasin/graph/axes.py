@@ -511,8 +511,8 @@ class AxisAlgebra:
         made (no structure added to a group or a cell since), and nothing pinned in them or in any
         structure holding them, the groups of every family included (:meth:`combined` with
         ``groups``: another family's pinned groups over the same channels), but the overlap's own
-        pin. The extraction checks the tensors: each
-        that holds a cell must hold the whole period in order (:func:`rebasin.graph.infer._mirrors`).
+        pin. The extraction checks the tensors: each that holds a cell must hold the whole period
+        in order (:func:`rebasin.graph.infer._mirrors`).
         """
         if m.fixed not in self.families or m.cut not in self.families:
             return None
