@@ -947,8 +947,8 @@ def has_hidden_units(arch: Arch) -> bool:
     (offset/block/stride) can express, an incompleteness of the spec format, not unsoundness.
     """
     blocks = arch.blocks
-    if any(b["op"] in _INNER_HIDDEN for b in blocks):
-        return True
+    if any(b["op"] in _INNER_HIDDEN and not (b["op"] == "mha" and b["d"] < 2) for b in blocks):
+        return True  # (attention of width 1: one head of one dim, nothing to permute)
     for i, b in enumerate(blocks):
         rest = [r for r in blocks[i + 1:] if not _channelwise(r)]
         if _plain_dense(b) and b["cout"] >= 2 and (not rest or _plain_dense(rest[0])):
