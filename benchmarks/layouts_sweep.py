@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import random
 import tempfile
 
@@ -72,8 +73,8 @@ def main():
     a = p.parse_args()
     m, f = _torch(a.layouts, streams._random_layouts, streams._sound_layouts, 90000)
     print(f"layouts (torch): {a.layouts}, with a mirrored period {m}, not sound {f}", flush=True)
-    m, f = _torch(a.layouts, streams._random_layouts,
-                  lambda width, plan, seed: streams._sound_layouts(width, plan, seed, affine=True), 90000)
+    m, f = _torch(a.layouts, streams._random_layouts, functools.partial(streams._sound_layouts, affine=True),
+                  90000)
     print(f"layouts with per-group weights (torch): {a.layouts}, with a mirrored period {m}, not sound {f}",
           flush=True)
     m, f = _torch(a.programs, streams._random_program, streams._sound_program, 70000)

@@ -10,7 +10,6 @@ Run (from the repository root; about 0.1 s per architecture on 2 cores):
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import tempfile
@@ -20,12 +19,8 @@ import onnx
 
 import rebasin
 from tests.archgen import Arch, build  # noqa: F401  (Arch: the logged descriptions name it)
-from tests.corpus import shuffled_nodes
+from tests.corpus import member_classes, shuffled_nodes
 from tests.test_property import export_onnx
-
-
-def _classes(spec) -> collections.Counter:
-    return collections.Counter((c.size, frozenset(c.members)) for c in spec.classes)
 
 
 def main() -> int:
@@ -42,13 +37,13 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as d:
                 export_onnx(model, inputs, f"{d}/m.onnx")
                 m = onnx.load(f"{d}/m.onnx")
-            base = _classes(rebasin.infer_spec(m))
+            base = member_classes(rebasin.infer_spec(m))
         except Exception:  # an architecture the exporter or the analysis refused (the log says which)
             skipped += 1
             continue
         done += 1
         for seed in (0, 1):
-            if _classes(rebasin.infer_spec(shuffled_nodes(m, seed))) != base:
+            if member_classes(rebasin.infer_spec(shuffled_nodes(m, seed))) != base:
                 differ += 1
                 print(f"  differs (order seed {seed}): {r['arch']}\n    {r['desc']}", flush=True)
                 break

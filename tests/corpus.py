@@ -452,6 +452,14 @@ def export_fresh_bert_dynamo(path) -> tuple:
     return module, ids
 
 
+def member_classes(spec):
+    """The classes of ``spec`` as a multiset of ``(size, members)``: what a spec says, names aside
+    (to compare the specs of one graph written in two node orders)."""
+    import collections
+
+    return collections.Counter((c.size, frozenset(c.members)) for c in spec.classes)
+
+
 def shuffled_nodes(model, seed: int):
     """A copy of ONNX ``model`` with its nodes in another topological order (random, seeded): the
     same graph as a tool that re-sorts nodes would write it."""

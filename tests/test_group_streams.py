@@ -651,20 +651,13 @@ def test_each_period_reflects_on_its_own():
 
 
 class PerGroupAffine(OverlappingGroups):
-    """OverlappingGroups with S's own GroupNorm written out as deployment graphs write it: S viewed
-    as its 3 groups, normalized over each, then a learned scale and shift per group (what an
-    InstanceNormalization over the groups keeps) before the per-channel affine."""
+    """OverlappingGroups with S's own GroupNorm written out as deployment graphs write it
+    (:class:`GroupAffineNorm`: a learned scale and shift per group, what an InstanceNormalization
+    over the groups keeps, before the per-channel affine)."""
 
     def __init__(self):
         super().__init__()
-        self.gw, self.gb = nn.Parameter(torch.randn(3, 1)), nn.Parameter(torch.randn(3, 1))
-
-    def forward(self, x):
-        s, f = self.s(x), torch.tanh
-        g = s.view(s.shape[0], 3, -1)
-        g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, keepdim=True) + 1e-5) * self.gw + self.gb
-        y = self.out1(f(g.view(s.shape) * self.gn1.weight.view(12, 1, 1) + self.gn1.bias.view(12, 1, 1)))
-        return y + self.out2(f(self.gn2(torch.cat([s, self.u(x)], 1))))
+        self.gn1 = GroupAffineNorm(3, 12)
 
 
 def test_per_group_weights_move_with_the_reflection():
@@ -679,13 +672,14 @@ def test_per_group_weights_move_with_the_reflection():
     x = (torch.randn(2, 3, 4, 4),)
     spec = rebasin.infer_spec(model, x)
     swap, = _swap(spec)
-    assert {(m.tensor, m.offset, m.block, m.stride) for m in swap.members if m.tensor in ("gw", "gb")} == \
-        {("gw", 0, 1, 2), ("gb", 0, 1, 2)}, spec.table()
+    per_group = ("gn1.gw", "gn1.gb")
+    assert {(m.tensor, m.offset, m.block, m.stride) for m in swap.members if m.tensor in per_group} == \
+        {("gn1.gw", 0, 1, 2), ("gn1.gb", 0, 1, 2)}, spec.table()
     assert_sound(model, x, spec)
     perms = {c.name: np.arange(c.size) for c in spec.classes}
     perms[swap.name] = np.array([1, 0])
     assert rebasin.verify_torch(model, rebasin.apply_permutation(model.state_dict(), spec, perms), x).equal
-    kept = dataclasses.replace(swap, members=tuple(m for m in swap.members if m.tensor not in ("gw", "gb")))
+    kept = dataclasses.replace(swap, members=tuple(m for m in swap.members if m.tensor not in per_group))
     alone = rebasin.Spec((kept,), (), shapes={k: tuple(v.shape) for k, v in model.state_dict().items()})
     sd = rebasin.apply_permutation(model.state_dict(), alone, {kept.name: [1, 0]})
     assert not rebasin.verify_torch(model, sd, x).equal

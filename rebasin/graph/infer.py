@@ -938,10 +938,10 @@ def _mirrors(cx: _Context, weights: dict, occurrences: list, others: list, perio
         ok = True
         for name, axes in cx.axes.items():
             for axis, v in enumerate(axes):
-                if (name, axis) in at or not (alg.plain_tree(v, set()) & leaves or
-                                              name in weights and alg.tree(v) & groups):
+                cells_here = alg.plain_tree(v, set()) & leaves
+                if (name, axis) in at or not (cells_here or name in weights and alg.tree(v) & groups):
                     continue
-                places = _group_places(alg, v, m, groups) if not alg.plain_tree(v, set()) & leaves else None
+                places = None if cells_here else _group_places(alg, v, m, groups)
                 if not places:  # a reader of cells without the period, or of groups without their own items
                     ok = False
                     break
